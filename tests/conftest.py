@@ -1,0 +1,52 @@
+"""Shared fixtures: tiny generated MVTec-layout datasets and fast defaults for CPU tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Never let a test reach the Hugging Face hub; every model in the tests uses pre_trained=False.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from anomalib_kd.synthetic import make_mvtec_like_dataset  # noqa: E402
+
+CATEGORY = "widget"
+
+
+@pytest.fixture(scope="session")
+def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small RGB dataset, 64 px: 12 train, 4 good + 2 per defect type in test."""
+    root = tmp_path_factory.mktemp("synthetic_rgb")
+    make_mvtec_like_dataset(root, category=CATEGORY, image_size=64, n_train=12, n_test_good=4, n_test_per_defect=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def make_dataset(tmp_path_factory: pytest.TempPathFactory):
+    """Factory for datasets with other settings (grayscale, RGBA, empty train set, ...)."""
+
+    def _make(name: str, **kwargs) -> Path:
+        root = tmp_path_factory.mktemp(name)
+        params = {"category": CATEGORY, "image_size": 64, "n_train": 8, "n_test_good": 2, "n_test_per_defect": 1}
+        params.update(kwargs)
+        return make_mvtec_like_dataset(root, **params)
+
+    return _make
+
+
+def mvtec_datamodule(root: Path, batch_size: int = 4, **kwargs):
+    """anomalib's own MVTecAD datamodule on a generated folder (no download: the folder exists)."""
+    from anomalib.data import MVTecAD
+
+    params = {
+        "root": root,
+        "category": CATEGORY,
+        "train_batch_size": batch_size,
+        "eval_batch_size": batch_size,
+        "num_workers": 0,
+        "seed": 0,
+    }
+    params.update(kwargs)
+    return MVTecAD(**params)
