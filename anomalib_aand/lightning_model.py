@@ -226,6 +226,16 @@ class Aand(AnomalibModule):
             )
             raise ValueError(msg)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore anomalib's components, then size the anomaly map like the restored pre-processor.
+
+        ``load_from_checkpoint`` builds the module with the default pre-processor (256 px) before
+        anomalib restores the saved one, so the model's input size is re-synchronised here.
+        """
+        super().on_load_checkpoint(checkpoint)
+        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
+            self.model.set_input_size(tuple(self.input_size))
+
     def on_train_epoch_start(self) -> None:
         stage = self.stage
         self._set_trainable(stage)

@@ -99,6 +99,13 @@ class AandModel(nn.Module):
             mode=AnomalyMapGenerationMode.ADD,
         )
 
+    def set_input_size(self, input_size: tuple[int, int]) -> None:
+        """Change the size of the produced anomaly map (the pre-processed image size)."""
+        input_size = tuple(int(v) for v in input_size)
+        check_image_size(*input_size, self.backbone)
+        self.input_size = input_size
+        self.anomaly_map_generator.image_size = input_size
+
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Vanilla (frozen, ImageNet) teacher features ``F_T`` of the three levels."""
         self.encoder.eval()

@@ -23,18 +23,59 @@ _TARGET = "anomalib.models"
 _GROUP = "anomalib.models"
 
 
-def register(module=None):
-    """Load the ``anomalib.models`` entry points and expose them on ``anomalib.models``."""
+def _entry_points():
     from importlib.metadata import entry_points
 
+    return entry_points(group=_GROUP)
+
+
+def _is_initialising(module_name):
+    """True while ``module_name`` is part-way through its own import (a circular import)."""
+    module = sys.modules.get(module_name)
+    spec = getattr(module, "__spec__", None)
+    return module is not None and bool(getattr(spec, "_initializing", False))
+
+
+def _install_lazy_getattr(module):
+    """PEP 562 fallback: ``anomalib.models.<Name>`` loads the entry point on first access."""
+    previous = module.__dict__.get("__getattr__")
+
+    def __getattr__(name):  # noqa: N807
+        if not (name.startswith("__") and name.endswith("__")):
+            for entry_point in _entry_points():
+                if entry_point.name == name:
+                    cls = entry_point.load()
+                    setattr(module, name, cls)
+                    return cls
+        if previous is not None:
+            return previous(name)
+        msg = f"module {module.__name__!r} has no attribute {name!r}"
+        raise AttributeError(msg)
+
+    module.__getattr__ = __getattr__
+
+
+def register(module=None):
+    """Load the ``anomalib.models`` entry points and expose them on ``anomalib.models``.
+
+    A plugin whose own import is what triggered ``import anomalib.models`` (e.g. a user who
+    imports ``anomalib_aand`` first) cannot be loaded yet; it is picked up on first attribute
+    access through a module ``__getattr__``, and by ``get_model``/``list_models`` because by then
+    its class exists as a subclass of ``AnomalibModule``.
+    """
     if module is None:
         module = sys.modules.get(_TARGET)
         if module is None:
             import anomalib.models as module  # noqa: PLC0415 (re-enters this hook once)
+    if "__getattr__" not in module.__dict__ or not getattr(module.__getattr__, "_anomalib_kd", False):
+        _install_lazy_getattr(module)
+        module.__getattr__._anomalib_kd = True
     loaded = {}
-    for entry_point in entry_points(group=_GROUP):
-        if hasattr(module, entry_point.name):
+    for entry_point in _entry_points():
+        if entry_point.name in module.__dict__:
             continue
+        if _is_initialising(entry_point.module.split(".")[0]):
+            continue  # circular: resolved lazily, see above
         try:
             cls = entry_point.load()
         except Exception as exc:  # a broken plugin must not break anomalib itself

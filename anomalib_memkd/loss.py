@@ -1,0 +1,147 @@
+"""Losses of MemKD (Gu et al., ICCV 2023), Eq. 1-2, 7, 10 and 11.
+
+``L = L_KD + lambda_1 * L_NM + lambda_2 * L_Orth``                                (Eq. 11)
+
+* ``L_KD`` (Eq. 1-2): anomalib's :class:`ReverseDistillationLoss`, i.e. for every level the
+  batch mean of ``1 - cos(flat(F_S), flat(F_T))`` over the whole flattened feature map,
+  summed over the three levels.
+* ``L_NM`` (Eq. 10), :func:`normality_memorization_loss`: for every memory,
+  ``(1/N) sum_n ||F^{E_n} - F_bar^{E_n}||_2^2`` where the norm runs over the whole
+  flattened ``C*H*W`` exemplar feature (a *sum* of squared errors, not a mean), summed over
+  the three memories. Implemented exactly as written, so it is large in magnitude (tens of
+  thousands at 256 px with WideResNet50, hundreds at 64 px with ResNet18) compared with
+  ``L_KD`` (at most 6). Its reconstruction ``F_bar^E`` addresses the *values* only (Eq. 8-9)
+  and its targets carry no gradient, so ``L_NM`` reaches the value parameters only; the
+  optimiser (Adam) is invariant to the scale of a parameter's gradient.
+* ``L_Orth`` (Eq. 7), :func:`orthogonality_loss`: the paper writes the *signed* mean
+  ``(1/L^2) sum_i sum_j cos(k_i, v_j)`` while stating that every key should be "as
+  independent as possible" from every value. A signed mean is minimised (to -1) by
+  anti-aligning keys and values, not by making them orthogonal, so this implementation uses
+  the mean *absolute* cosine ``(1/L^2) sum_i sum_j |cos(k_i, v_j)|``: 0 iff every key is
+  orthogonal to every value, 1 for aligned or anti-aligned pairs. Summed over memories.
+  It reaches both keys and values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+
+from .components.memory import NRMemory
+
+
+class MemKDLossOutput(NamedTuple):
+    """Total loss (Eq. 11) and its three terms (unweighted)."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    nm: torch.Tensor
+    orth: torch.Tensor
+
+
+def normality_memorization_loss(
+    targets: Sequence[torch.Tensor],
+    reconstructions: Sequence[torch.Tensor],
+) -> torch.Tensor:
+    """Eq. 10 summed over memories: ``sum_i (1/N) sum_n ||F_i^{E_n} - F_bar_i^{E_n}||_2^2``.
+
+    Args:
+        targets (Sequence[torch.Tensor]): Per memory, the ``(N, C, H, W)`` normality embedding.
+        reconstructions (Sequence[torch.Tensor]): Per memory, its value-addressed
+            reconstruction (Eq. 9), same shape.
+
+    Returns:
+        torch.Tensor: Scalar loss.
+    """
+    if len(targets) != len(reconstructions):
+        msg = f"Got {len(targets)} targets but {len(reconstructions)} reconstructions."
+        raise ValueError(msg)
+    if len(targets) == 0:
+        msg = "normality_memorization_loss needs at least one memory."
+        raise ValueError(msg)
+    total = targets[0].new_zeros(())
+    for target, reconstruction in zip(targets, reconstructions, strict=True):
+        squared_norm = (target - reconstruction).pow(2).flatten(1).sum(dim=1)  # ||.||_2^2 per exemplar
+        total = total + squared_norm.mean()
+    return total
+
+
+def orthogonality_loss(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Eq. 7 with absolute cosines, summed over memories: ``sum_m mean_{i,j} |cos(k_i, v_j)|``.
+
+    Args:
+        keys (Sequence[torch.Tensor]): Per memory, ``(L, C)`` keys.
+        values (Sequence[torch.Tensor]): Per memory, ``(L, C)`` values.
+
+    Returns:
+        torch.Tensor: Scalar loss in ``[0, number of memories]``.
+    """
+    if len(keys) != len(values):
+        msg = f"Got {len(keys)} key sets but {len(values)} value sets."
+        raise ValueError(msg)
+    if len(keys) == 0:
+        msg = "orthogonality_loss needs at least one memory."
+        raise ValueError(msg)
+    total = keys[0].new_zeros(())
+    for key, value in zip(keys, values, strict=True):
+        cosine = torch.matmul(F.normalize(key, dim=-1), F.normalize(value, dim=-1).t())  # (L, L)
+        total = total + cosine.abs().mean()
+    return total
+
+
+class MemKDLoss(nn.Module):
+    """Total MemKD loss, Eq. 11: ``L_KD + lambda_nm * L_NM + lambda_orth * L_Orth``.
+
+    Args:
+        lambda_nm (float): Weight ``lambda_1`` of ``L_NM``. Defaults to ``0.1`` (paper).
+        lambda_orth (float): Weight ``lambda_2`` of ``L_Orth``. Defaults to ``0.1`` (paper).
+    """
+
+    def __init__(self, lambda_nm: float = 0.1, lambda_orth: float = 0.1) -> None:
+        super().__init__()
+        if lambda_nm < 0 or lambda_orth < 0:
+            msg = f"Loss weights must be non-negative, got lambda_nm={lambda_nm}, lambda_orth={lambda_orth}."
+            raise ValueError(msg)
+        self.lambda_nm = lambda_nm
+        self.lambda_orth = lambda_orth
+        self.kd_loss = ReverseDistillationLoss()
+
+    def forward(
+        self,
+        teacher_features: Sequence[torch.Tensor],
+        student_features: Sequence[torch.Tensor],
+        memories: Sequence[NRMemory],
+        exemplar_features: Sequence[torch.Tensor] | None = None,
+    ) -> MemKDLossOutput:
+        """Compute the loss.
+
+        Args:
+            teacher_features (Sequence[torch.Tensor]): Teacher ``[layer1, layer2, layer3]`` of the batch.
+            student_features (Sequence[torch.Tensor]): Student features aligned with them.
+            memories (Sequence[NRMemory]): The NR memories ``(M0, M1, M2)``.
+            exemplar_features (Sequence[torch.Tensor] | None): One normality-embedding target
+                per memory (same order as ``memories``). ``None`` gives ``L_NM = 0``.
+
+        Returns:
+            MemKDLossOutput: ``loss`` (Eq. 11) and the unweighted ``kd``, ``nm`` and ``orth`` terms.
+        """
+        kd = self.kd_loss(list(teacher_features), list(student_features))
+        if exemplar_features is None:
+            nm = kd.new_zeros(())
+        else:
+            if len(exemplar_features) != len(memories):
+                msg = f"Got {len(exemplar_features)} exemplar targets for {len(memories)} memories."
+                raise ValueError(msg)
+            reconstructions = [
+                memory.reconstruct(target) for memory, target in zip(memories, exemplar_features, strict=True)
+            ]
+            nm = normality_memorization_loss(list(exemplar_features), reconstructions)
+        orth = orthogonality_loss([memory.keys for memory in memories], [memory.values for memory in memories])
+        loss = kd + self.lambda_nm * nm + self.lambda_orth * orth
+        return MemKDLossOutput(loss=loss, kd=kd, nm=nm, orth=orth)
