@@ -44,10 +44,9 @@ def _train_and_test(name: str, data_root: Path, output: Path, args: argparse.Nam
         model = MemKD(
             **common,
             num_exemplars=args.exemplars,
+            epochs=args.memkd_epochs,
             pre_processor=MemKD.configure_pre_processor(image_size=image_size),
         )
-        steps_per_epoch = -(-args.n_train // args.batch_size)
-        engine_kwargs["max_steps"] = args.memkd_epochs * steps_per_epoch  # MemKD pins max_epochs=100
     datamodule = MVTecAD(
         root=data_root,
         category=args.category,

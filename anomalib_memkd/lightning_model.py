@@ -78,6 +78,7 @@ class MemKD(AnomalibModule):
             Eq. 8; ``1.0`` is the paper. Defaults to ``1.0``.
         lr (float): Adam learning rate. Defaults to ``0.005`` (paper).
         betas (tuple[float, float]): Adam betas. Defaults to ``(0.5, 0.999)``.
+        epochs (int): Training epochs (``max_epochs`` of the trainer). Defaults to ``100`` (paper).
         pre_processor (PreProcessor | bool): Pre-processor (resize + ImageNet normalisation;
             256x256 by default). Its output size must be a multiple of 32. Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor. Defaults to ``True``.
@@ -91,9 +92,9 @@ class MemKD(AnomalibModule):
     transforms ``batch.image``). Training therefore needs a datamodule:
     ``engine.fit(model, datamodule=...)`` or the CLI.
 
-    ``trainer_arguments`` set ``max_epochs=100`` (the paper's schedule). anomalib's
-    ``Engine`` lets a model's trainer arguments override the user's, so to train for fewer
-    iterations pass ``max_steps``.
+    ``trainer_arguments`` set ``max_epochs=epochs`` (the paper's 100 by default). anomalib's
+    ``Engine`` lets a model's trainer arguments override the user's, so the schedule length is
+    the ``epochs`` argument (``--model.epochs`` on the CLI); ``max_steps`` still bounds it further.
     """
 
     def __init__(
@@ -108,6 +109,7 @@ class MemKD(AnomalibModule):
         temperature: float = 1.0,
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.999),
+        epochs: int = 100,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -129,6 +131,9 @@ class MemKD(AnomalibModule):
         if num_exemplars < 1:
             msg = f"num_exemplars must be at least 1, got {num_exemplars}."
             raise ValueError(msg)
+        if epochs < 1:
+            msg = f"epochs must be at least 1, got {epochs}."
+            raise ValueError(msg)
         if lr <= 0:
             msg = f"lr must be positive, got {lr}."
             raise ValueError(msg)
@@ -138,6 +143,7 @@ class MemKD(AnomalibModule):
         self.pre_trained = pre_trained
         self.memory_size = memory_size
         self.num_exemplars = num_exemplars
+        self.epochs = int(epochs)
         self.lr = lr
         self.betas = (float(betas[0]), float(betas[1]))
 
@@ -268,8 +274,8 @@ class MemKD(AnomalibModule):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation, the paper's 100 epochs."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": 100}
+        """No gradient clipping, no sanity validation, ``epochs`` epochs (the paper's 100 by default)."""
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": self.epochs}
 
     @property
     def learning_type(self) -> LearningType:

@@ -297,9 +297,10 @@ def test_lightning_module_contract() -> None:
         memory_size=7,
         lr=0.01,
         betas=(0.6, 0.9),
+        epochs=7,
         pre_processor=MemKD.configure_pre_processor(image_size=(SIZE, SIZE)),
     )
-    assert model.trainer_arguments == {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": 100}
+    assert model.trainer_arguments == {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": 7}
     assert model.learning_type.value == "one_class"
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam)
