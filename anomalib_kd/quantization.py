@@ -1,0 +1,172 @@
+"""INT8 post-training quantization (NNCF) that keeps anomaly maps meaningful.
+
+anomalib 2.7's ``CompressionType.INT8_PTQ`` calls ``nncf.quantize`` on the whole exported graph, calibrated on the
+datamodule's *validation* loader. For feature-discrepancy models (RD, AAND, MemKD) that breaks twice:
+
+* the anomaly-map head (per-level ``1 - cos``, up-sampling, Gaussian blur) and anomalib's post-processor
+  (normalisation, thresholds) get activation quantizers: the map is a small difference of two large feature maps, so
+  8-bit steps wipe it out (measured on a tiny trained AAND/MemKD: anomaly-map error 104-117 % of the map's range,
+  every image label flipped). Quantizing only the networks and keeping the head in floating point brings the error
+  down to a few percent of the range with identical labels (see the README's export section for the figures);
+* the validation split of anomalib's MVTec datamodules is the test split by default, and it holds anomalous images:
+  calibrating on it uses test data and non-normal statistics. Here the calibration set is the training split
+  (normal images only), resized to the exported graph's static input size.
+
+:class:`AnomalyMapPTQMixin` routes ``to_openvino(..., compression_type=INT8_PTQ)`` through :func:`quantize_model`;
+every other export goes to anomalib unchanged. The functions also work on any anomalib model's ONNX file (the edge
+benchmark uses them for ReverseDistillation and Patchcore so all models get the same recipe).
+"""
+
+from __future__ import annotations
+
+import ast
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F  # noqa: N812
+
+if TYPE_CHECKING:
+    from anomalib.data import AnomalibDataModule
+
+logger = logging.getLogger(__name__)
+
+#: sub-modules of an AnomalibModule whose ops stay in floating point (matched against the ONNX name scopes)
+FLOAT_SCOPES: tuple[str, ...] = ("anomaly_map_generator", "post_processor")
+
+#: name-scope metadata the torch dynamo ONNX exporter writes on every node
+_SCOPE_KEY = "pkg.torch.onnx.name_scopes"
+
+
+def float_node_names(onnx_path: str | Path, scopes: Sequence[str] = FLOAT_SCOPES) -> list[str]:
+    """Names of the ONNX nodes that belong to any of the sub-modules ``scopes`` (kept out of INT8).
+
+    The dynamo exporter records each node's module path (e.g. ``['', 'model', 'model.anomaly_map_generator', 'sub_3']``);
+    OpenVINO keeps the node names as friendly names, so these names can go straight into ``nncf.IgnoredScope``.
+    """
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    names = []
+    for node in graph.node:
+        metadata = {prop.key: prop.value for prop in node.metadata_props}
+        raw = metadata.get(_SCOPE_KEY)
+        if not raw:
+            continue
+        try:
+            path = ast.literal_eval(raw)
+        except (SyntaxError, ValueError):
+            path = [raw]
+        # entries are qualified module names: '', 'model', 'model.anomaly_map_generator', ..., then the op
+        modules = {part for entry in path for part in str(entry).split(".")}
+        if any(scope in modules for scope in scopes):
+            names.append(node.name)
+    return names
+
+
+def calibration_batches(
+    images: Iterable[torch.Tensor],
+    input_size: tuple[int, int],
+    max_images: int = 300,
+) -> list[np.ndarray]:
+    """Single-image ``float32`` NCHW arrays in [0, 1], resized to the exported graph's static ``input_size``."""
+    batches: list[np.ndarray] = []
+    for batch in images:
+        batch = batch.detach().float().cpu()
+        if batch.ndim == 3:
+            batch = batch.unsqueeze(0)
+        if tuple(batch.shape[-2:]) != tuple(input_size):
+            batch = F.interpolate(batch, size=tuple(input_size), mode="bilinear", align_corners=False, antialias=True)
+        for image in batch:
+            batches.append(image.unsqueeze(0).numpy())
+            if len(batches) >= max_images:
+                return batches
+    return batches
+
+
+def training_images(datamodule: AnomalibDataModule) -> Iterable[torch.Tensor]:
+    """Images of the datamodule's training split (normal images only, never the test split)."""
+    datamodule.setup("fit")
+    if getattr(datamodule, "train_data", None) is None or len(datamodule.train_data) == 0:
+        msg = (
+            "INT8 post-training quantization calibrates on the datamodule's training images (normal images), "
+            "but its training split is empty."
+        )
+        raise ValueError(msg)
+    for batch in datamodule.train_dataloader():
+        yield batch.image
+
+
+def quantize_model(
+    onnx_path: str | Path,
+    calibration: Sequence[np.ndarray],
+    float_scopes: Sequence[str] = FLOAT_SCOPES,
+    ov_kwargs: dict[str, Any] | None = None,
+    **nncf_kwargs: Any,  # noqa: ANN401
+) -> Any:  # noqa: ANN401 - openvino.Model
+    """Convert ``onnx_path`` to OpenVINO and quantize it to INT8, leaving ``float_scopes`` in floating point."""
+    import nncf
+    import openvino as ov
+
+    if not calibration:
+        msg = "INT8 post-training quantization needs at least one calibration image."
+        raise ValueError(msg)
+    if len(calibration) < 300:
+        logger.info("INT8 calibration on %d training images (NNCF's default subset is 300).", len(calibration))
+    ignored = float_node_names(onnx_path, float_scopes)
+    model = ov.convert_model(str(onnx_path), **(ov_kwargs or {}))
+    nncf_kwargs.setdefault("subset_size", len(calibration))
+    if ignored:
+        nncf_kwargs.setdefault("ignored_scope", nncf.IgnoredScope(names=ignored, validate=False))
+    return nncf.quantize(model, nncf.Dataset(list(calibration)), **nncf_kwargs)
+
+
+class AnomalyMapPTQMixin:
+    """``to_openvino`` with ``CompressionType.INT8_PTQ`` -> :func:`quantize_model` on the training images.
+
+    Put it before ``AnomalibModule`` in the bases. Other compression types (none, FP16, weight-only INT8, INT8_ACQ)
+    are anomalib's own.
+    """
+
+    def to_openvino(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        compression_type: Any = None,  # noqa: ANN401 - anomalib.deploy.CompressionType | None
+        datamodule: AnomalibDataModule | None = None,
+        *args: Any,  # noqa: ANN401
+        **kwargs: Any,  # noqa: ANN401
+    ) -> Path:
+        from anomalib.deploy import CompressionType, ExportType
+        from anomalib.models.components.base.export_mixin.utils import create_export_root
+
+        if compression_type != CompressionType.INT8_PTQ:
+            return super().to_openvino(  # type: ignore[misc]
+                export_root, model_file_name, input_size, compression_type, datamodule, *args, **kwargs
+            )
+        if datamodule is None:
+            msg = "INT8_PTQ needs a datamodule: its training images (normal ones) calibrate the quantization."
+            raise ValueError(msg)
+        import openvino as ov
+
+        size = tuple(input_size) if input_size is not None else tuple(getattr(self, "input_size", None) or ())
+        if len(size) != 2:
+            msg = "INT8_PTQ needs a static input size: pass input_size=(H, W) (CLI: --input_size '[256,256]')."
+            raise ValueError(msg)
+        onnx_kwargs = kwargs.get("onnx_kwargs") or {}
+        calibration = calibration_batches(training_images(datamodule), size)
+        with TemporaryDirectory() as onnx_directory:
+            onnx_path = self.to_onnx(onnx_directory, model_file_name, size, **onnx_kwargs)  # type: ignore[attr-defined]
+            model = quantize_model(onnx_path, calibration, ov_kwargs=kwargs.get("ov_kwargs"))
+        root = create_export_root(export_root, ExportType.OPENVINO)
+        xml_path = root / f"{model_file_name}.xml"
+        ov.save_model(model, xml_path, compress_to_fp16=False)
+        return xml_path
+
+
+__all__ = ["FLOAT_SCOPES", "AnomalyMapPTQMixin", "calibration_batches", "float_node_names", "quantize_model"]
