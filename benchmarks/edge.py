@@ -1,0 +1,314 @@
+"""Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side.
+
+For each of Aand, MemKD, ReverseDistillation and Patchcore (same backbone, same generated data, same seed) the
+script trains briefly, exports the *whole* AnomalibModule (pre-processing + model + post-processing) to ONNX and
+OpenVINO, and measures on this machine's CPU:
+
+* latency at batch size 1 (p50 / p95 over ``--runs`` timed calls after warm-up) and throughput at batch size
+  ``--throughput-batch`` (images/s), and
+* image AUROC on the generated test split,
+
+for these back-ends: ``torch`` (eager fp32, ``torch.inference_mode``), ``ov-fp32`` (OpenVINO FP32 IR run with
+``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF post-training
+quantization calibrated on the training images with the anomaly-map head kept in float,
+:func:`anomalib_kd.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
+with OpenVINO's default precision hint: bf16 on CPUs that support it - what a user gets without asking).
+
+It prints a markdown table (also written to ``--output``/edge.md with a CSV next to it) with the ratios the export
+issue targets: latency of Aand and MemKD relative to RD in the same back-end, and INT8 speed-up and AUROC drop
+relative to OpenVINO FP32. Results on generated data with random-init backbones measure speed and numerical
+agreement, not detection quality.
+
+Examples::
+
+    python benchmarks/edge.py                                   # 256 px, wide_resnet50_2, random init
+    python benchmarks/edge.py --quick --output /tmp/edge        # tiny smoke run (resnet18, 64 px)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
+BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--backbone", default="wide_resnet50_2", help="same architecture for all four models")
+    parser.add_argument("--pre-trained", action="store_true", help="ImageNet weights (needs them locally or network)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=24)
+    parser.add_argument("--n-test-good", type=int, default=10)
+    parser.add_argument("--n-test-per-defect", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="RD and MemKD epochs; AAND gets 1 + (epochs - 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=20, help="timed bs1 calls per back-end")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--throughput-batch", type=int, default=16)
+    parser.add_argument("--throughput-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("results/edge"))
+    parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, tiny data and few runs (smoke test)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbone, args.image_size, args.n_train, args.n_test_good, args.n_test_per_defect = "resnet18", 64, 8, 4, 2
+        args.epochs, args.batch_size, args.runs, args.warmup = 2, 4, 3, 1
+        args.throughput_batch, args.throughput_runs = 4, 1
+    return args
+
+
+def hardware() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def build_model(name: str, args: argparse.Namespace):
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    size = (args.image_size, args.image_size)
+    pre_processor = PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    common = {"backbone": args.backbone, "pre_trained": args.pre_trained, "pre_processor": pre_processor}
+    if name == "Aand":
+        from anomalib_aand import Aand
+
+        return Aand(**common, stage1_epochs=1, stage2_epochs=max(1, args.epochs - 1)), {}
+    if name == "MemKD":
+        from anomalib_memkd import MemKD
+
+        return MemKD(**common, epochs=args.epochs, num_exemplars=min(16, args.n_train)), {}
+    if name == "ReverseDistillation":
+        from anomalib.models import ReverseDistillation
+
+        return ReverseDistillation(**common), {"max_epochs": args.epochs}
+    from anomalib.models import Patchcore
+
+    layers = ("layer2", "layer3")
+    return Patchcore(**common, layers=layers, coreset_sampling_ratio=0.1), {}
+
+
+def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
+    paths = sorted((root / category / split).rglob("*.png"))
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 for p in paths])
+    labels = np.array([p.parent.name != "good" for p in paths])
+    return images, labels
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def time_calls(call, batch: np.ndarray, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(call, scores_of, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    from sklearn.metrics import roc_auc_score
+
+    single = images[:1]
+    latencies = time_calls(call, single, args.runs, args.warmup)
+    batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
+    batch_times = time_calls(call, batch, args.throughput_runs, 1)
+    scores = np.concatenate([scores_of(call(images[i : i + 1])) for i in range(len(images))])
+    return {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "throughput": args.throughput_batch / statistics.median(batch_times),
+        "image_auroc": float(roc_auc_score(labels, scores)),
+    }
+
+
+def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> list[dict]:
+    import openvino as ov
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    from anomalib_kd.quantization import calibration_batches, quantize_model
+
+    seed_everything(args.seed, workers=True)
+    model, engine_kwargs = build_model(name, args)
+    datamodule = MVTecAD(
+        root=data_root,
+        category="widget",
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=0,
+        seed=args.seed,
+    )
+    engine = Engine(
+        accelerator="cpu",
+        devices=1,
+        default_root_dir=work / name,
+        logger=False,
+        enable_progress_bar=False,
+        **engine_kwargs,
+    )
+    start = time.perf_counter()
+    engine.fit(model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    model.eval()
+    images, labels = load_split(data_root, "widget", "test")
+    train_images, _ = load_split(data_root, "widget", "train")
+    size = (args.image_size, args.image_size)
+    params = sum(p.numel() for p in model.model.parameters())
+    rows = []
+
+    def record(backend: str, call, scores_of) -> None:
+        metrics = measure(call, scores_of, images, labels, args)
+        rows.append({"model": name, "backend": backend, "params_M": params / 1e6, "fit_s": fit_s, **metrics})
+        print(f"  {name:<20} {backend:<10} p50 {metrics['p50_ms']:8.1f} ms  {metrics['throughput']:7.1f} img/s  "
+              f"AUROC {metrics['image_auroc']:.3f}", flush=True)  # fmt: skip
+
+    if "torch" in args.backends:
+
+        @torch.inference_mode()
+        def torch_call(batch: np.ndarray):
+            return model(torch.from_numpy(batch))
+
+        record("torch", torch_call, lambda out: out.pred_score.reshape(-1).float().numpy())
+
+    ov_backends = [b for b in args.backends if b.startswith("ov-")]
+    if ov_backends:
+        with tempfile.TemporaryDirectory() as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_path = model.to_onnx(tmp, input_size=size)
+            core = ov.Core()
+            variants = {}
+            if {"ov-fp32", "ov-default"} & set(ov_backends):
+                variants["fp32"] = ov.convert_model(str(onnx_path))
+            if "ov-fp16" in ov_backends:
+                fp16_path = Path(tmp) / "fp16.xml"
+                ov.save_model(ov.convert_model(str(onnx_path)), fp16_path, compress_to_fp16=True)
+                variants["fp16"] = core.read_model(str(fp16_path))
+            if "ov-int8" in ov_backends:
+                calibration = calibration_batches([torch.from_numpy(train_images)], size)
+                variants["int8"] = quantize_model(onnx_path, calibration)
+            for backend in ov_backends:
+                variant = "fp32" if backend == "ov-default" else backend[3:]
+                config = {} if backend == "ov-default" else {"INFERENCE_PRECISION_HINT": "f32"}
+                compiled = core.compile_model(variants[variant], "CPU", config)
+                score_output = next(o for o in compiled.outputs if o.any_name == "pred_score")
+                record(backend, lambda batch, c=compiled: c(batch), lambda out, o=score_output: out[o].reshape(-1))
+    return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by_key = {(r["model"], r["backend"]): r for r in rows}
+    for row in rows:
+        rd = by_key.get(("ReverseDistillation", row["backend"]))
+        row["latency_vs_rd"] = row["p50_ms"] / rd["p50_ms"] if rd else float("nan")
+        fp32 = by_key.get((row["model"], "ov-fp32"))
+        row["speedup_vs_ov_fp32"] = fp32["p50_ms"] / row["p50_ms"] if fp32 else float("nan")
+        row["auroc_drop_vs_ov_fp32"] = fp32["image_auroc"] - row["image_auroc"] if fp32 else float("nan")
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("backend", "back-end", "{}"),
+    ("p50_ms", "bs1 p50 ms", "{:.1f}"),
+    ("p95_ms", "bs1 p95 ms", "{:.1f}"),
+    ("throughput", "img/s (bs{tb})", "{:.1f}"),
+    ("latency_vs_rd", "latency / RD", "{:.2f}"),
+    ("speedup_vs_ov_fp32", "speed-up vs ov-fp32", "{:.2f}"),
+    ("image_auroc", "image AUROC", "{:.3f}"),
+    ("auroc_drop_vs_ov_fp32", "AUROC drop vs ov-fp32", "{:+.3f}"),
+    ("params_M", "params (M)", "{:.1f}"),
+    ("fit_s", "fit s", "{:.0f}"),
+]
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, header: str) -> str:
+    names = [title.format(tb=args.throughput_batch) for _, title, _ in COLUMNS]
+    lines = [header, "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from anomalib_kd.synthetic import make_mvtec_like_dataset
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    data_root = args.output / "data"
+    if not (data_root / "widget").exists():
+        make_mvtec_like_dataset(
+            data_root,
+            category="widget",
+            image_size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test_good,
+            n_test_per_defect=args.n_test_per_defect,
+            seed=args.seed,
+        )
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.models:
+            print(f"[{name}] training and measuring ...", flush=True)
+            rows.extend(benchmark_model(name, args, data_root, Path(work)))
+    add_ratios(rows)
+    weights = "ImageNet" if args.pre_trained else "random init"
+    n_test = len(list((data_root / "widget" / "test").rglob("*.png")))
+    header = (
+        f"Edge benchmark {dt.date.today().isoformat()} - {hardware()}; {args.backbone} ({weights}), "
+        f"{args.image_size} px, generated data ({args.n_train} train / {n_test} test images), seed {args.seed}; "
+        f"bs1 over {args.runs} runs; command: python benchmarks/edge.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    )
+    table = markdown(rows, args, header)
+    print("\n" + table)
+    (args.output / "edge.md").write_text(table)
+    with (args.output / "edge.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    (args.output / "edge.json").write_text(json.dumps({"header": header, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""Smoke test of ``benchmarks/edge.py`` on tiny settings: it runs, and its table is internally consistent."""
+
+from __future__ import annotations
+
+import csv
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.integration
+pytest.importorskip("openvino")
+pytest.importorskip("nncf")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "edge.py"
+
+
+def test_edge_benchmark_quick_run(tmp_path: Path) -> None:
+    command = [
+        sys.executable, str(SCRIPT), "--quick",
+        "--models", "Aand", "ReverseDistillation",
+        "--backends", "torch", "ov-fp32", "ov-int8",
+        "--output", str(tmp_path),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with (tmp_path / "edge.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {(r["model"], r["backend"]) for r in rows} == {
+        (m, b) for m in ("Aand", "ReverseDistillation") for b in ("torch", "ov-fp32", "ov-int8")
+    }
+    by_key = {(r["model"], r["backend"]): r for r in rows}
+    for (model, backend), row in by_key.items():
+        p50, p95 = float(row["p50_ms"]), float(row["p95_ms"])
+        assert 0 < p50 <= p95
+        assert float(row["throughput"]) > 0
+        assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        rd = by_key[("ReverseDistillation", backend)]
+        assert math.isclose(float(row["latency_vs_rd"]), p50 / float(rd["p50_ms"]), rel_tol=1e-6)
+        fp32 = by_key[(model, "ov-fp32")]
+        assert math.isclose(float(row["speedup_vs_ov_fp32"]), float(fp32["p50_ms"]) / p50, rel_tol=1e-6)
+    table = (tmp_path / "edge.md").read_text()
+    assert "generated data" in table and "random init" in table
+    assert table.count("\n| Aand |") == 3
