@@ -38,6 +38,9 @@ from torch import optim
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize
 
+from anomalib_kd.export import ProvenanceExportMixin
+from anomalib_kd.quantization import AnomalyMapPTQMixin
+
 from .components.synthesis import AnomalySynthesizer, foreground_mask
 from .loss import AandAmplificationLoss, AandDistillationLoss
 from .torch_model import AandModel
@@ -58,14 +61,14 @@ def _find_normalize(transform: Any) -> Normalize | None:
     return None
 
 
-class Aand(AnomalibModule):
+class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """AAND anomaly detector (two-stage knowledge distillation with an advanced teacher).
 
     Args:
         backbone: teacher backbone (timm name, optionally with a weights tag). Default: torchvision's
             ImageNet-V1 WideResNet50-2 (``wide_resnet50_2.tv_in1k``), the weights the paper used.
         layers: three teacher levels.
-        pre_trained: load ImageNet weights into the teacher.
+        pre_trained: load ImageNet weights into the teacher (through timm: hub or local cache).
         memory_size: ``L`` normal and ``L`` anomaly memory items of each residual gate (50).
         gate_temperature: softmax temperature of the gate's cosine matching (0.2).
         margin: ``alpha`` of the dynamic margin of ``L_A``, Eq. (8) (0.3).
@@ -85,6 +88,12 @@ class Aand(AnomalibModule):
         blend_range: opacity range of the synthetic perturbation (0.2, 1.0), i.e. ``beta in [0, 0.8)``.
         foreground: foreground strategy for synthesis: ``"none"`` (whole image), ``"bright"``, ``"dark"``.
         foreground_threshold: grey-level threshold in [0, 1] for the foreground; ``None`` = Otsu.
+        backbone_weights: local ``.safetensors`` / ``.pth`` file with the teacher's weights (written by
+            ``anomalib-kd-weights export``), for machines without network: loaded instead of downloading, whatever
+            ``pre_trained`` says; every teacher tensor must be in it with the right shape. ``load_from_checkpoint``
+            does not need the file (the checkpoint holds the teacher). Provenance: ``model.teacher_provenance``.
+        fast_inference: opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on CPU) with
+            channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``); exports are unaffected.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
     """
 
@@ -115,6 +124,8 @@ class Aand(AnomalibModule):
         blend_range: Sequence[float] = (0.2, 1.0),
         foreground: str = "none",
         foreground_threshold: float | None = None,
+        backbone_weights: str | None = None,
+        fast_inference: bool = False,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -150,7 +161,9 @@ class Aand(AnomalibModule):
             pre_trained=pre_trained,
             memory_size=memory_size,
             gate_temperature=gate_temperature,
+            backbone_weights=backbone_weights,
         )
+        self.model.set_fast_inference(fast_inference)
         self.amplification_loss = AandAmplificationLoss(
             margin=margin,
             focal_alpha=focal_alpha,

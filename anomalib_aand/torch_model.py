@@ -12,11 +12,14 @@ from collections.abc import Sequence
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.components.backbone import get_decoder
 from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode, AnomalyMapGenerator
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
 from torch import nn
+
+from anomalib_kd.weights import build_teacher
+
+from anomalib_kd.fast import inference_autocast, set_channels_last
 
 from .components.raa import ResidualAnomalyAmplification
 
@@ -66,6 +69,12 @@ class AandModel(nn.Module):
         memory_size: ``L`` normal and ``L`` anomaly memory items per gate.
         gate_temperature: ``tau`` of the gate's softmax over cosine similarities.
         sigma: Gaussian smoothing of the anomaly map.
+        backbone_weights: local ``.safetensors`` / ``.pth`` file with the teacher's weights; loaded instead of
+            downloading (no network access), checked tensor by tensor (see :func:`anomalib_kd.weights.build_teacher`).
+
+    Attributes:
+        teacher_provenance: ``backbone``, ``weights_source``, ``weights_tag``, ``weights_file``, ``weights_sha256``
+            (of the file, or of the loaded state dict: ``weights_sha256_of``) and ``teacher_sha256``.
     """
 
     def __init__(
@@ -77,6 +86,7 @@ class AandModel(nn.Module):
         memory_size: int = 50,
         gate_temperature: float = 0.2,
         sigma: int = 4,
+        backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
         if len(layers) != 3:
@@ -87,7 +97,7 @@ class AandModel(nn.Module):
         arch = architecture_name(backbone)
         self.backbone = backbone
         self.input_size = input_size
-        self.encoder = TimmFeatureExtractor(backbone=backbone, layers=list(layers), pre_trained=pre_trained)
+        self.encoder, self.teacher_provenance = build_teacher(backbone, list(layers), pre_trained, backbone_weights)
         self.raa = nn.ModuleList(
             ResidualAnomalyAmplification(channels, memory_size, gate_temperature) for channels in self.encoder.out_dims
         )
@@ -98,6 +108,12 @@ class AandModel(nn.Module):
             sigma=sigma,
             mode=AnomalyMapGenerationMode.ADD,
         )
+        self.fast_inference = False
+
+    def set_fast_inference(self, enabled: bool) -> None:
+        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd.fast`."""
+        self.fast_inference = bool(enabled)
+        set_channels_last(self, self.fast_inference)
 
     def set_input_size(self, input_size: tuple[int, int]) -> None:
         """Change the size of the produced anomaly map (the pre-processed image size)."""
@@ -131,11 +147,15 @@ class AandModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
         """Training mode: ``(F_A, F_S)`` of normal images (stage 2); eval mode: ``InferenceBatch``."""
-        vanilla = self.teacher_features(images)
-        advanced = self.amplify(vanilla)[0]
         if self.training:
+            advanced = self.amplify(self.teacher_features(images))[0]
             return advanced, self.student_features(advanced)
-        student = self.student_features(advanced)
-        anomaly_map = self.anomaly_map_generator(student, advanced)
+        with inference_autocast(self.fast_inference, images.device):
+            if self.fast_inference:
+                images = images.contiguous(memory_format=torch.channels_last)
+            advanced = self.amplify(self.teacher_features(images))[0]
+            student = self.student_features(advanced)
+        # the map head stays in float32 (a no-op unless the fast path produced half-precision features)
+        anomaly_map = self.anomaly_map_generator([s.float() for s in student], [a.float() for a in advanced])
         pred_score = torch.amax(anomaly_map, dim=(-2, -1))
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

@@ -40,6 +40,9 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
+from anomalib_kd.export import ProvenanceExportMixin
+from anomalib_kd.quantization import AnomalyMapPTQMixin
+
 from .loss import MemKDLoss
 from .torch_model import MemKDModel, check_input_size
 
@@ -58,7 +61,7 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
             raise RuntimeError(msg)
 
 
-class MemKD(AnomalibModule):
+class MemKD(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """Memory-guided Knowledge Distillation (MemKD) anomaly detector.
 
     Args:
@@ -79,6 +82,14 @@ class MemKD(AnomalibModule):
         lr (float): Adam learning rate. Defaults to ``0.005`` (paper).
         betas (tuple[float, float]): Adam betas. Defaults to ``(0.5, 0.999)``.
         epochs (int): Training epochs (``max_epochs`` of the trainer). Defaults to ``100`` (paper).
+        backbone_weights (str | None): Local ``.safetensors`` / ``.pth`` file with the teacher's
+            weights (written by ``anomalib-kd-weights export``), for machines without network: loaded
+            instead of downloading, whatever ``pre_trained`` says; every teacher tensor must be in it
+            with the right shape. ``load_from_checkpoint`` does not need the file (the checkpoint holds
+            the teacher). Provenance: ``model.teacher_provenance``. Defaults to ``None``.
+        fast_inference (bool): Opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on
+            CPU) with channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``);
+            exports are unaffected. Defaults to ``False``.
         pre_processor (PreProcessor | bool): Pre-processor (resize + ImageNet normalisation;
             256x256 by default). Its output size must be a multiple of 32. Defaults to ``True``.
         post_processor (PostProcessor | bool): Post-processor. Defaults to ``True``.
@@ -110,6 +121,8 @@ class MemKD(AnomalibModule):
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.999),
         epochs: int = 100,
+        fast_inference: bool = False,
+        backbone_weights: str | None = None,
         pre_processor: PreProcessor | bool = True,
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
@@ -154,7 +167,9 @@ class MemKD(AnomalibModule):
             pre_trained=pre_trained,
             memory_size=memory_size,
             temperature=temperature,
+            backbone_weights=backbone_weights,
         )
+        self.model.set_fast_inference(fast_inference)
         self.loss = MemKDLoss(lambda_nm=lambda_nm, lambda_orth=lambda_orth)
         self._exemplar_iterator: Iterator[Any] | None = None
 

@@ -39,9 +39,11 @@ import torch
 from torch import nn
 
 from anomalib.data import InferenceBatch
-from anomalib.models.components import TimmFeatureExtractor
 from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode, AnomalyMapGenerator
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
+
+from anomalib_kd.fast import inference_autocast, set_channels_last
+from anomalib_kd.weights import build_teacher
 
 from .components import NRMemory, get_memory_decoder
 
@@ -106,6 +108,14 @@ class MemKDModel(nn.Module):
         pre_trained (bool): Load pretrained teacher weights. Defaults to ``True``.
         memory_size (int): Items ``L`` per memory. Defaults to ``50``.
         temperature (float): Softmax temperature of Eq. 5/8. Defaults to ``1.0`` (paper).
+        backbone_weights (str | None): Local ``.safetensors`` / ``.pth`` file with the teacher's
+            weights, loaded instead of downloading (no network access) and checked tensor by tensor
+            (see :func:`anomalib_kd.weights.build_teacher`). Defaults to ``None``.
+
+    Attributes:
+        teacher_provenance (dict[str, str]): Where the teacher's weights came from: ``backbone``,
+            ``weights_source``, ``weights_tag``, ``weights_file``, ``weights_sha256`` (of the file, or of
+            the loaded state dict: ``weights_sha256_of``) and ``teacher_sha256``.
 
     Example:
         >>> model = MemKDModel("resnet18", input_size=(64, 64), pre_trained=False).eval()
@@ -122,6 +132,7 @@ class MemKDModel(nn.Module):
         pre_trained: bool = True,
         memory_size: int = 50,
         temperature: float = 1.0,
+        backbone_weights: str | None = None,
     ) -> None:
         super().__init__()
         layers = list(layers)
@@ -132,7 +143,7 @@ class MemKDModel(nn.Module):
         check_input_size(*input_size)
         arch = backbone.split(".")[0]
 
-        self.encoder = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=pre_trained)
+        self.encoder, self.teacher_provenance = build_teacher(backbone, layers, pre_trained, backbone_weights)
         self.bottleneck = get_bottleneck_layer(arch)
         self.decoder = get_memory_decoder(arch)
 
@@ -149,6 +160,12 @@ class MemKDModel(nn.Module):
             NRMemory(memory_size, channels, temperature) for channels in self.decoder.memory_channels
         )
         self.anomaly_map_generator = AnomalyMapGenerator(image_size=input_size, mode=AnomalyMapGenerationMode.ADD)
+        self.fast_inference = False
+
+    def set_fast_inference(self, enabled: bool) -> None:
+        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd.fast`."""
+        self.fast_inference = bool(enabled)
+        set_channels_last(self, self.fast_inference)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -200,11 +217,20 @@ class MemKDModel(nn.Module):
             ]
             return MemKDTrainOutput(teacher_features, student_features, exemplar_features)
 
-        teacher_features = list(self.encoder(images).values())
-        student_features = self.decoder(self.bottleneck(teacher_features), self.memories)
         if self.training:
+            teacher_features = list(self.encoder(images).values())
+            student_features = self.decoder(self.bottleneck(teacher_features), self.memories)
             return MemKDTrainOutput(teacher_features, student_features, None)
 
-        anomaly_map = self.anomaly_map_generator(student_features, teacher_features)
+        with inference_autocast(self.fast_inference, images.device):
+            if self.fast_inference:
+                images = images.contiguous(memory_format=torch.channels_last)
+            teacher_features = list(self.encoder(images).values())
+            student_features = self.decoder(self.bottleneck(teacher_features), self.memories)
+        # the map head stays in float32 (a no-op unless the fast path produced half-precision features)
+        anomaly_map = self.anomaly_map_generator(
+            [feature.float() for feature in student_features],
+            [feature.float() for feature in teacher_features],
+        )
         pred_score = torch.amax(anomaly_map, dim=(-3, -2, -1))  # (B,): maximum of the map
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)

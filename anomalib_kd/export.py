@@ -1,0 +1,194 @@
+"""Teacher provenance in checkpoints and exported models (shared by ``Aand`` and ``MemKD``).
+
+:class:`ProvenanceExportMixin` goes *before* ``AnomalibModule`` in the bases
+(``class Aand(ProvenanceExportMixin, AnomalibModule)``; ``AnomalibModule`` stays a direct base, anomalib's model
+lookup walks ``AnomalibModule.__subclasses__()``). It expects the torch model at ``self.model`` with the teacher at
+``self.model.encoder`` and its record at ``self.model.teacher_provenance`` (see :mod:`anomalib_kd.weights`), and:
+
+* stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them;
+* makes ``load_from_checkpoint`` build the teacher without downloading or reading ``backbone_weights`` (the
+  checkpoint holds the teacher's tensors), so a checkpoint reloads and exports on an offline machine;
+* writes the record into exported models, every key prefixed ``anomalib_kd.`` in ONNX/torch and under the
+  ``anomalib_kd`` section in OpenVINO:
+
+  - ONNX: ``metadata_props`` (``{p.key: p.value for p in onnx.load(path).metadata_props}``);
+  - OpenVINO: ``rt_info`` (``ov.Core().read_model(xml).get_rt_info(["anomalib_kd", "weights_tag"]).astype(str)``);
+    the IR is re-serialised once with ``compress_to_fp16=False``, which keeps the precision of every constant as
+    anomalib saved it (FP16 stays FP16, INT8 stays INT8);
+  - torch: a ``"metadata"`` dict next to ``"model"`` in the saved ``.pt`` (``TorchInferencer`` reads ``["model"]``).
+
+Keys: ``model`` (class name) plus those of :data:`anomalib_kd.weights.PROVENANCE_KEYS`; ``teacher_sha256`` is
+recomputed from the teacher being exported.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .weights import PROVENANCE_KEYS, restoring_from_checkpoint, state_dict_sha256
+
+logger = logging.getLogger(__name__)
+
+METADATA_NAMESPACE = "anomalib_kd"
+CHECKPOINT_KEY = "anomalib_kd_teacher"
+#: where the teacher's tensors live in the Lightning state dict of both models
+TEACHER_STATE_PREFIX = "model.encoder.feature_extractor."
+
+
+class ProvenanceExportMixin:
+    """Teacher provenance for checkpoints and ``to_torch`` / ``to_onnx`` / ``to_openvino`` exports."""
+
+    # ------------------------------------------------------------------ the record
+    @property
+    def teacher_provenance(self) -> dict[str, str]:
+        """The teacher's provenance record, with ``teacher_sha256`` of the teacher as it is now."""
+        record = dict.fromkeys(PROVENANCE_KEYS, "")
+        record.update(getattr(self.model, "teacher_provenance", None) or {})
+        encoder = getattr(self.model, "encoder", None)
+        if encoder is not None and hasattr(encoder, "feature_extractor"):
+            record["teacher_sha256"] = state_dict_sha256(encoder.feature_extractor.state_dict())
+        return {key: str(value) for key, value in record.items()}
+
+    def export_metadata(self) -> dict[str, str]:
+        """``{"anomalib_kd.<key>": value}`` written into exported models."""
+        record = {"model": type(self).__name__, **self.teacher_provenance}
+        return {f"{METADATA_NAMESPACE}.{key}": value for key, value in record.items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_KEY] = self.teacher_provenance
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        state = checkpoint.get("state_dict") or {}
+        size = len(TEACHER_STATE_PREFIX)
+        teacher = {key[size:]: value for key, value in state.items() if key.startswith(TEACHER_STATE_PREFIX)}
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        if saved:
+            record = {str(key): str(value) for key, value in saved.items()}
+        else:  # a checkpoint written before provenance was recorded
+            hparams = checkpoint.get("hyper_parameters") or {}
+            record = dict.fromkeys(PROVENANCE_KEYS, "")
+            record.update(backbone=str(hparams.get("backbone", "")), weights_source="checkpoint")
+            if teacher:
+                record["teacher_sha256"] = state_dict_sha256(teacher)
+        if not teacher:
+            logger.warning(
+                "The checkpoint holds no teacher tensors (%s*): the teacher keeps the weights it was built with.",
+                TEACHER_STATE_PREFIX,
+            )
+        self.model.teacher_provenance = record
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        """anomalib's ``load_from_checkpoint``, with the teacher taken from the checkpoint only.
+
+        The model is constructed without downloading pretrained weights or reading the ``backbone_weights`` file
+        named in the checkpoint's hyper-parameters (neither needs to be reachable any more); the checkpoint's state
+        dict then sets the teacher, and its provenance record is restored.
+        """
+        with restoring_from_checkpoint():
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+
+    # ------------------------------------------------------------------ exports
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """anomalib's torch export (``{"model": self}`` in ``weights/torch/<name>.pt``) plus ``"metadata"``."""
+        from anomalib.deploy.export import ExportType
+        from anomalib.models.components.base.export_mixin.utils import create_export_root
+
+        export_root = create_export_root(export_root, ExportType.TORCH)
+        pt_model_path = export_root / (model_file_name + ".pt")
+        torch.save(obj={"model": self, "metadata": self.export_metadata()}, f=pt_model_path)
+        return pt_model_path
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's ONNX export, then the provenance in the model's ``metadata_props``."""
+        onnx_path = super().to_onnx(*args, **kwargs)
+        write_onnx_metadata(onnx_path, self.export_metadata())
+        return onnx_path
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Path:
+        """anomalib's OpenVINO export (any compression), then the provenance in the IR's ``rt_info``."""
+        xml_path = super().to_openvino(*args, **kwargs)
+        write_openvino_metadata(xml_path, self.export_metadata())
+        return xml_path
+
+
+def write_onnx_metadata(onnx_path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Set ``metadata_props`` of an ONNX file in place (external data files are left as they are)."""
+    import onnx
+
+    onnx_path = Path(onnx_path)
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    existing = {prop.key: prop for prop in model.metadata_props}
+    for key, value in metadata.items():
+        prop = existing.get(key) or model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(onnx_path))
+
+
+def read_onnx_metadata(onnx_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``anomalib_kd.*`` entries of an ONNX file's ``metadata_props``."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    prefix = METADATA_NAMESPACE + "."
+    return {prop.key: prop.value for prop in model.metadata_props if prop.key.startswith(prefix)}
+
+
+def write_openvino_metadata(xml_path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
+    """Add ``rt_info`` entries ``[anomalib_kd, <key>]`` to an OpenVINO IR, keeping every constant's precision."""
+    import openvino as ov
+
+    xml_path = Path(xml_path)
+    bin_path = xml_path.with_suffix(".bin")
+    model = ov.Core().read_model(str(xml_path))
+    prefix = METADATA_NAMESPACE + "."
+    for key, value in metadata.items():
+        model.set_rt_info(value, [METADATA_NAMESPACE, key.removeprefix(prefix)])
+    with tempfile.TemporaryDirectory(dir=xml_path.parent) as scratch:
+        scratch_xml = Path(scratch) / xml_path.name
+        # compress_to_fp16=False: constants are written in the precision they have (FP16 IRs stay FP16)
+        ov.save_model(model, str(scratch_xml), compress_to_fp16=False)
+        del model
+        shutil.move(str(scratch_xml.with_suffix(".bin")), str(bin_path))
+        shutil.move(str(scratch_xml), str(xml_path))
+
+
+def read_openvino_metadata(xml_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``anomalib_kd`` section of an OpenVINO IR's ``rt_info`` as ``{"anomalib_kd.<key>": value}``."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml_path))
+    if not model.has_rt_info([METADATA_NAMESPACE]):
+        return {}
+    section = model.get_rt_info([METADATA_NAMESPACE])
+    keys = section.astype(dict).keys() if hasattr(section, "astype") else []
+    return {
+        f"{METADATA_NAMESPACE}.{key}": model.get_rt_info([METADATA_NAMESPACE, key]).astype(str) for key in keys
+    }
+
+
+def read_torch_metadata(pt_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The ``"metadata"`` dict of a ``to_torch`` export (unpickles the file: only for files you trust)."""
+    return dict(torch.load(pt_path, map_location="cpu", weights_only=False).get("metadata") or {})
+
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "METADATA_NAMESPACE",
+    "ProvenanceExportMixin",
+    "read_onnx_metadata",
+    "read_openvino_metadata",
+    "read_torch_metadata",
+    "write_onnx_metadata",
+    "write_openvino_metadata",
+]

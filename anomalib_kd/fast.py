@@ -1,0 +1,42 @@
+"""Opt-in fast inference path shared by the two models.
+
+``fast_inference=True`` runs the networks (teacher, RAA / memories, student) of the eval-mode forward under
+``torch.autocast`` - float16 on CUDA, bfloat16 on CPU - with channels-last weights, and computes the anomaly-map head
+(per-level ``1 - cos``, up-sampling, Gaussian blur) in float32: ``1 - cos`` of two nearly equal feature vectors
+is a small difference that half precision would quantise away. Training is never affected, and export
+(``torch.onnx`` / ``torch.export``) always sees the float32 graph, so exported models do not depend on the option.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+
+def _exporting() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and getattr(compiler, "is_exporting", None) is not None and compiler.is_exporting():
+        return True
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def fast_dtype(device: torch.device) -> torch.dtype:
+    """Autocast dtype of the fast path on ``device``: float16 on CUDA, bfloat16 elsewhere."""
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def inference_autocast(enabled: bool, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for the fast path, or a no-op when disabled or while exporting."""
+    if not enabled or _exporting():
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=fast_dtype(device))
+
+
+def set_channels_last(module: nn.Module, enabled: bool) -> None:
+    """Convolution weights in channels-last (NHWC) layout for the fast path, back to contiguous otherwise."""
+    module.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+
+
+__all__ = ["fast_dtype", "inference_autocast", "set_channels_last"]
