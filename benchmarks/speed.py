@@ -1,0 +1,421 @@
+"""Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run.
+
+Training (one process per configuration, so that each peak-memory figure is its own):
+
+* ``rd``            anomalib ReverseDistillation training step (KD loss, Adam on bottleneck + decoder)
+* ``aand-s1``       AAND stage 1, exact ``L_A`` over every (anomalous, normal) patch pair of the batch (streamed)
+* ``aand-s1-sub``   AAND stage 1, ``amplification_pairs="subsample"`` (1000 x 5000 patches, the reference's caps)
+* ``aand-s2``       AAND stage 2 (KD + hard KD)
+* ``memkd``         MemKD step including the teacher forward of the N exemplar images
+
+Per configuration: median step time over ``--steps`` steps after one warm-up step, and peak memory - on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set size (``ru_maxrss``) minus the resident
+size just before the first step, i.e. what the training step itself adds (weights and libraries excluded). The AAND
+stage-1 rows also give the share of the step spent in anomaly synthesis, and the exact vs subsampled ``L_A`` values on
+the same features.
+
+Derived, with the targets of the speed issue:
+
+* AAND stage-1 peak memory / RD (target <= 1.5)
+* whole AAND schedule (100 stage-1 + 120 stage-2 epochs) / RD's 200 epochs, from per-step times (target <= 1.3)
+* MemKD epoch / RD epoch (target <= 1.5)
+
+Inference (eval mode, the torch model = what runs between pre- and post-processing): latency at bs1 and bs16 for
+RD, AAND, MemKD in eager float32 (targets: AAND <= 1.10 x RD, MemKD <= 1.05 x RD), with ``fast_inference=True``
+(autocast bf16 on CPU / fp16 on CUDA + channels-last; anomaly map compared with float32), and OpenVINO FP32
+(``INFERENCE_PRECISION_HINT=f32``) on CPU.
+
+Examples::
+
+    python benchmarks/speed.py                        # 256 px, bs 16, wide_resnet50_2 (random init)
+    python benchmarks/speed.py --quick                # smoke run: resnet18, 64 px, bs 4
+    python benchmarks/speed.py --only inference       # skip the training part
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backbone", default="wide_resnet50_2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--exemplars", type=int, default=16, help="MemKD's N")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    parser.add_argument("--runs", type=int, default=10, help="timed inference calls per configuration")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--only", choices=("train", "inference"), default=None)
+    parser.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
+    parser.add_argument("--output", type=Path, default=Path("results/speed"))
+    parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, bs 4, 1 step (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.backbone, args.image_size, args.batch_size, args.exemplars, args.steps, args.runs = (
+            "resnet18", 64, 4, 4, 1, 3
+        )
+    return args
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}"
+    cpu = platform.machine()
+    try:
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        pass
+    return f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)"
+
+
+def rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def pre_processor(cls, size: int):
+    return cls.configure_pre_processor(image_size=(size, size))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- training (child)
+def build_step(config: str, args: argparse.Namespace, device: torch.device):
+    """Return ``(step, extra)`` where ``step(images)`` runs one optimisation step."""
+    common = {"backbone": args.backbone, "pre_trained": False}
+    if config == "rd":
+        from anomalib.models import ReverseDistillation
+        from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+
+        module = ReverseDistillation(**common, pre_processor=pre_processor(ReverseDistillation, args.image_size))
+        module.to(device).train()
+        loss_fn = ReverseDistillationLoss()
+        optimizer = torch.optim.Adam(
+            [*module.model.bottleneck.parameters(), *module.model.decoder.parameters()], lr=0.005, betas=(0.5, 0.999)
+        )
+
+        def step(images: torch.Tensor) -> None:
+            loss = loss_fn(*module.model(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step, {}
+
+    if config.startswith("aand"):
+        from anomalib_aand import Aand
+
+        pairs = "subsample" if config == "aand-s1-sub" else "exact"
+        module = Aand(**common, amplification_pairs=pairs, pre_processor=pre_processor(Aand, args.image_size))
+        module.to(device).train()
+        module.model.encoder.eval()
+        stage = 1 if config.startswith("aand-s1") else 2
+        module._set_trainable(stage)  # noqa: SLF001 - what the Lightning hook does at the stage's first epoch
+        params = module.model.raa.parameters() if stage == 1 else [
+            *module.model.bottleneck.parameters(), *module.model.decoder.parameters()
+        ]  # fmt: skip
+        optimizer = torch.optim.Adam(params, lr=0.005, betas=(0.5, 0.999))
+        losses_of = module.stage1_losses if stage == 1 else module.stage2_losses
+        extra: dict = {"synthesis_s": []}
+
+        def step(images: torch.Tensor) -> None:
+            if stage == 1:
+                mean, std = module._normalisation(images)  # noqa: SLF001
+                sync(device)
+                start = time.perf_counter()
+                module.synthesizer((images * std + mean).clamp(0, 1))
+                sync(device)
+                extra["synthesis_s"].append(time.perf_counter() - start)
+            losses = losses_of(images)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+
+        extra["module"] = module
+        return step, extra
+
+    from anomalib_memkd import MemKD
+
+    module = MemKD(**common, num_exemplars=args.exemplars, pre_processor=pre_processor(MemKD, args.image_size))
+    module.to(device).train()
+    optimizer = module.configure_optimizers()
+    exemplars = torch.randn(args.exemplars, 3, args.image_size, args.image_size, device=device)
+
+    def step(images: torch.Tensor) -> None:
+        outputs = module.model(images, exemplars)
+        losses = module.loss(
+            outputs.teacher_features, outputs.student_features, module.model.memories, outputs.exemplar_features
+        )
+        optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        optimizer.step()
+
+    return step, {}
+
+
+def amplification_modes(module, images: torch.Tensor, draws: int = 5) -> dict[str, float]:
+    """Exact vs subsampled ``L_A`` on the same synthetic batch and features."""
+    from anomalib_aand.loss import amplification_loss
+
+    with torch.no_grad():
+        mean, std = module._normalisation(images)  # noqa: SLF001
+        augmented, mask, _ = module.synthesizer((images * std + mean).clamp(0, 1))
+        vanilla = module.model.teacher_features((augmented - mean) / std)
+        sizes = [tuple(f.shape[-2:]) for f in vanilla]
+        anomalous = [module.level_labels(mask, s) for s in sizes]
+        advanced = module.model.amplify(vanilla, [a.to(vanilla[0].dtype) for a in anomalous])[0]
+        normal = [~a for a in anomalous]
+        margin = module.amplification_loss.margin
+
+        def total(mode: str) -> float:
+            return float(sum(amplification_loss(ad, va, an, no, margin, mode) for ad, va, an, no in zip(
+                advanced, vanilla, anomalous, normal, strict=True)))  # fmt: skip
+
+        exact = total("exact")
+        subsampled = [total("subsample") for _ in range(draws)]
+    return {
+        "l_a_exact": exact,
+        "l_a_subsample_mean": statistics.mean(subsampled),
+        "l_a_subsample_std": statistics.pstdev(subsampled),
+        "anomalous_patches": int(sum(int(a.sum()) for a in anomalous)),
+    }
+
+
+def run_child(config: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    step, extra = build_step(config, args, device)
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    module = extra.pop("module", None)
+    if module is not None:  # AAND normalises like the pre-processor
+        mean, std = module._normalisation(images)  # noqa: SLF001
+        images = (images - mean) / std
+    step(images)  # warm-up (allocator, oneDNN / cuDNN kernels)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = rss_bytes()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(images)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"config": config, "step_s": statistics.median(times)}
+    if device.type == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        result["peak_bytes"] = max(0, peak_rss_bytes() - baseline)
+    if extra.get("synthesis_s"):
+        result["synthesis_s"] = statistics.median(extra["synthesis_s"][1:] or extra["synthesis_s"])
+    if config == "aand-s1" and module is not None:
+        result.update(amplification_modes(module, images))
+    return result
+
+
+def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    results = []
+    for config in args.configs:
+        command = [sys.executable, __file__, "--child", config, "--backbone", args.backbone, "--image-size",
+                   str(args.image_size), "--batch-size", str(args.batch_size), "--exemplars", str(args.exemplars),
+                   "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
+        print(f"[train] {config} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"training benchmark {config} failed")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {r["config"]: r for r in results}
+    derived = {}
+    if "rd" in by:
+        rd = by["rd"]
+        if "aand-s1" in by:
+            derived["aand_s1_peak_vs_rd"] = by["aand-s1"]["peak_bytes"] / max(rd["peak_bytes"], 1)
+        if {"aand-s1", "aand-s2"} <= by.keys():
+            aand = 100 * by["aand-s1"]["step_s"] + 120 * by["aand-s2"]["step_s"]
+            derived["aand_schedule_vs_rd_200"] = aand / (200 * rd["step_s"])
+        if "memkd" in by:
+            derived["memkd_epoch_vs_rd"] = by["memkd"]["step_s"] / rd["step_s"]
+    return results, derived
+
+
+# --------------------------------------------------------------------------------------------- inference
+def inference_table(args: argparse.Namespace) -> list[dict]:
+    from anomalib.models import ReverseDistillation
+
+    from anomalib_aand import Aand
+    from anomalib_memkd import MemKD
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    common = {"backbone": args.backbone, "pre_trained": False}
+    modules = {
+        "ReverseDistillation": ReverseDistillation(**common, pre_processor=pre_processor(ReverseDistillation, args.image_size)),
+        "Aand": Aand(**common, pre_processor=pre_processor(Aand, args.image_size)),
+        "MemKD": MemKD(**common, pre_processor=pre_processor(MemKD, args.image_size)),
+    }
+    rows = []
+    for name, module in modules.items():
+        model = module.model.to(device).eval()
+        for batch_size in (1, args.batch_size):
+            images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
+            variants = [("eager-fp32", False)]
+            if hasattr(model, "set_fast_inference"):
+                variants.append(("fast", True))
+            reference = None
+            for label, fast in variants:
+                if hasattr(model, "set_fast_inference"):
+                    model.set_fast_inference(fast)
+                with torch.inference_mode():
+                    for _ in range(2):
+                        out = model(images)
+                    sync(device)
+                    times = []
+                    for _ in range(args.runs):
+                        start = time.perf_counter()
+                        out = model(images)
+                        sync(device)
+                        times.append(time.perf_counter() - start)
+                row = {"model": name, "variant": label, "batch": batch_size, "ms": 1000 * statistics.median(times)}
+                row["img_per_s"] = batch_size / statistics.median(times)
+                if reference is None:
+                    reference = out.anomaly_map.float()
+                else:
+                    span = (reference.max() - reference.min()).clamp_min(1e-12)
+                    row["map_err_vs_fp32"] = float((out.anomaly_map.float() - reference).abs().max() / span)
+                rows.append(row)
+            if hasattr(model, "set_fast_inference"):
+                model.set_fast_inference(False)
+        if device.type == "cpu":
+            rows.extend(openvino_rows(name, module, args))
+    rd = {(r["variant"], r["batch"]): r["ms"] for r in rows if r["model"] == "ReverseDistillation"}
+    for row in rows:
+        base = rd.get(("eager-fp32", row["batch"]))
+        row["vs_rd_eager"] = row["ms"] / base if base else float("nan")
+    return rows
+
+
+def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_path = module.to_onnx(tmp, input_size=(args.image_size, args.image_size))
+        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for batch_size in (1, args.batch_size):
+            images = torch.rand(batch_size, 3, args.image_size, args.image_size).numpy()
+            for _ in range(2):
+                compiled(images)
+            times = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                compiled(images)
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            rows.append({"model": name, "variant": "openvino-fp32 (whole module)", "batch": batch_size,
+                         "ms": 1000 * median, "img_per_s": batch_size / median})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- report
+def report(train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace) -> str:
+    lines = [
+        f"Speed benchmark {time.strftime('%Y-%m-%d')} on {hardware(args.device)}; {args.backbone} (random init), "
+        f"{args.image_size} px, training bs {args.batch_size}, MemKD N={args.exemplars}; "
+        f"command: python benchmarks/speed.py {' '.join(a for a in sys.argv[1:])}",
+        "",
+    ]
+    if train:
+        unit = "peak GPU memory (GB)" if args.device.startswith("cuda") else "step peak RSS increase (GB)"
+        lines += [f"| training | step s | {unit} | synthesis share |", "|---|---|---|---|"]
+        for row in train:
+            share = f"{row['synthesis_s'] / row['step_s']:.0%}" if "synthesis_s" in row else ""
+            lines.append(f"| {row['config']} | {row['step_s']:.3f} | {row['peak_bytes'] / 1e9:.2f} | {share} |")
+        lines.append("")
+        targets = {
+            "aand_s1_peak_vs_rd": ("AAND stage-1 (exact L_A) peak memory / RD", 1.5),
+            "aand_schedule_vs_rd_200": ("AAND 100+120 epochs / RD 200 epochs (from step times)", 1.3),
+            "memkd_epoch_vs_rd": ("MemKD epoch / RD epoch", 1.5),
+        }
+        lines += ["| ratio | measured | target | met |", "|---|---|---|---|"]
+        for key, (title, target) in targets.items():
+            if key in derived:
+                value = derived[key]
+                lines.append(f"| {title} | {value:.2f} | <= {target} | {'yes' if value <= target else 'NO'} |")
+        exact = next((r for r in train if "l_a_exact" in r), None)
+        if exact:
+            lines += ["", (f"L_A on one stage-1 batch ({exact['anomalous_patches']} anomalous patches over 3 levels): "
+                           f"exact {exact['l_a_exact']:.4f}, subsampled {exact['l_a_subsample_mean']:.4f} "
+                           f"± {exact['l_a_subsample_std']:.4f} (5 draws)")]  # fmt: skip
+        lines.append("")
+    if inference:
+        lines += ["| inference | variant | batch | ms / batch | img/s | / RD eager | map error vs fp32 (of range) |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for row in inference:
+            err = f"{row['map_err_vs_fp32']:.1e}" if "map_err_vs_fp32" in row else ""
+            lines.append(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['ms']:.1f} | "
+                         f"{row['img_per_s']:.1f} | {row['vs_rd_eager']:.2f} | {err} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.child:
+        print(json.dumps(run_child(args.child, args)))
+        return 0
+    train, derived, inference = [], {}, []
+    if args.only in (None, "train"):
+        train, derived = train_table(args)
+    if args.only in (None, "inference"):
+        print("[inference] ...", flush=True)
+        inference = inference_table(args)
+    table = report(train, derived, inference, args)
+    print("\n" + table)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "speed.md").write_text(table)
+    (args.output / "speed.json").write_text(json.dumps({"train": train, "derived": derived, "inference": inference}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
