@@ -24,10 +24,12 @@ memories inside the student decoder:
   features (the channels of ``M1``/``M2`` are those of the teacher levels their stage
   reconstructs). ``M0`` sits on the bottleneck, whose exemplar target the paper does not
   spell out: here it is the bottleneck's own (one-class) embedding of the exemplar
-  teacher features, *detached* so that ``L_NM`` only trains the memory. One teacher
-  forward and one bottleneck forward run on ``cat[batch, exemplars]`` (so the bottleneck's
-  batch-norm statistics in training mode see both; all are normal training images), the
-  decoder runs on the batch part only.
+  teacher features, computed without gradient so that ``L_NM`` only trains the memory. One
+  teacher forward runs on ``cat[batch, exemplars]``; the bottleneck runs on the batch (with
+  gradient, normalised by the batch's own batch-norm statistics, exactly as RD) and, under
+  ``no_grad``, on the exemplars (its running statistics see both: all are normal training
+  images). Running the exemplars through the bottleneck's autograd graph would double the
+  bottleneck's backward cost for nothing; the decoder runs on the batch only.
 """
 
 from __future__ import annotations
@@ -207,11 +209,12 @@ class MemKDModel(nn.Module):
                 raise ValueError(msg)
             num_images = images.shape[0]
             features = list(self.encoder(torch.cat([images, exemplars.to(images.dtype)])).values())
-            embedding = self.bottleneck(features)
             teacher_features = [feature[:num_images] for feature in features]
-            student_features = self.decoder(embedding[:num_images], self.memories)
+            student_features = self.decoder(self.bottleneck(teacher_features), self.memories)
+            with torch.no_grad():  # a target only: no autograd graph through the bottleneck for the exemplars
+                exemplar_embedding = self.bottleneck([feature[num_images:] for feature in features])
             exemplar_features = [
-                embedding[num_images:].detach(),  # M0: one-class embedding of the exemplars
+                exemplar_embedding,  # M0: one-class embedding of the exemplars (no gradient)
                 features[2][num_images:],  # M1 <- teacher layer3
                 features[1][num_images:],  # M2 <- teacher layer2
             ]

@@ -313,6 +313,8 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
                         sync(device)
                         times.append(time.perf_counter() - start)
                 row = {"model": name, "variant": label, "batch": batch_size, "ms": 1000 * statistics.median(times)}
+                if label == "eager-fp32":
+                    row["gflop_per_image"] = gflop_per_image(model, images[:1])
                 row["img_per_s"] = batch_size / statistics.median(times)
                 if reference is None:
                     reference = out.anomaly_map.float()
@@ -329,6 +331,16 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
         base = rd.get(("eager-fp32", row["batch"]))
         row["vs_rd_eager"] = row["ms"] / base if base else float("nan")
     return rows
+
+
+def gflop_per_image(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """Floating-point operations of one eval forward (``torch.utils.flop_counter``): the profile evidence for
+    latency ratios - a model that does more arithmetic than RD cannot be as fast as RD in the same runtime."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter.get_total_flops() / 1e9
 
 
 def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
@@ -388,12 +400,13 @@ def report(train: list[dict], derived: dict, inference: list[dict], args: argpar
                            f"± {exact['l_a_subsample_std']:.4f} (5 draws)")]  # fmt: skip
         lines.append("")
     if inference:
-        lines += ["| inference | variant | batch | ms / batch | img/s | / RD eager | map error vs fp32 (of range) |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| inference | variant | batch | ms / batch | img/s | / RD eager | GFLOP / image | "
+                  "map error vs fp32 (of range) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in inference:
             err = f"{row['map_err_vs_fp32']:.1e}" if "map_err_vs_fp32" in row else ""
+            flops = f"{row['gflop_per_image']:.1f}" if "gflop_per_image" in row else ""
             lines.append(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['ms']:.1f} | "
-                         f"{row['img_per_s']:.1f} | {row['vs_rd_eager']:.2f} | {err} |")  # fmt: skip
+                         f"{row['img_per_s']:.1f} | {row['vs_rd_eager']:.2f} | {flops} | {err} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

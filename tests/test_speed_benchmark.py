@@ -40,5 +40,8 @@ def test_speed_benchmark_quick_run(tmp_path: Path) -> None:
     assert all(0 < row["map_err_vs_fp32"] < 0.05 for row in fast)
     rd_eager = [row for row in inference if row["model"] == "ReverseDistillation" and row["variant"] == "eager-fp32"]
     assert all(math.isclose(row["vs_rd_eager"], 1.0) for row in rd_eager)
+    flops = {row["model"]: row["gflop_per_image"] for row in inference if row["variant"] == "eager-fp32"}
+    assert flops["Aand"] > flops["ReverseDistillation"] > 0  # the RAA modules add arithmetic to RD's
+    assert flops["MemKD"] > flops["ReverseDistillation"]  # 2C-channel decoder inputs
     table = (tmp_path / "speed.md").read_text()
     assert "AAND stage-1 (exact L_A) peak memory / RD" in table
