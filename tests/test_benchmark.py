@@ -1,0 +1,310 @@
+"""The side-by-side benchmark: stock ``anomalib benchmark`` configs, the offline runner, placement, resuming.
+
+The runner is exercised end to end on tiny settings (generated 64 px data, ResNet18 without pretrained weights,
+one epoch, one CPU thread): the four models once with seed 0, then Patchcore with seeds 0 and 1 into the same
+output (seed 0 is skipped, seed 1 runs), then the first command again (everything is skipped). One cell is then
+run again in this process and must reproduce the numbers of its child-process run exactly.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+import subprocess
+import sys
+import threading
+from importlib import import_module
+from pathlib import Path
+
+import pytest
+import yaml
+
+from anomalib_kd import benchmark as bench
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
+FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
+TINY = [
+    "--generated",
+    "--image-size", "64",
+    "--n-train", "8",
+    "--n-test-good", "4",
+    "--n-test-per-defect", "2",
+    "--backbone", "resnet18",
+    "--no-pre-trained",
+    "--epochs", "1",
+    "--aand-stage-epochs", "1", "1",
+    "--batch-size", "4",
+    "--coreset-ratio", "0.05",
+    "--num-workers", "0",
+    "--no-openvino",
+    "--devices", "cpu",
+    "--threads", "1",
+    "--timing-runs", "2",
+    "--warmup", "1",
+    "--throughput-batch", "2",
+]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------- stock configs
+@pytest.mark.parametrize(
+    ("name", "datamodule", "categories"),
+    [("mvtec.yaml", "MVTecAD", 15), ("visa.yaml", "Visa", 12)],
+)
+def test_stock_benchmark_config_expands_to_the_grid(name: str, datamodule: str, categories: int, monkeypatch) -> None:
+    """anomalib's own job generator turns the YAML into 4 models x categories x 3 seeds jobs."""
+    import anomalib.pipelines.benchmark.generator as generator_module
+    from anomalib.pipelines.benchmark import Benchmark
+    from anomalib.pipelines.benchmark.generator import BenchmarkJobGenerator
+
+    config = yaml.safe_load((CONFIGS / name).read_text())
+    assert config["accelerator"] == ["cuda"]
+    # Building 180 WideResNet models (and fetching their weights) is the run's job, not the test's: record
+    # the model specs the generator passes to get_model and resolve each distinct one below.
+    seen_models: list[dict] = []
+
+    def record_model(spec: dict) -> str:
+        seen_models.append(dict(spec))
+        return spec["class_path"]
+
+    monkeypatch.setattr(generator_module, "get_model", record_model)
+    jobs = list(BenchmarkJobGenerator(accelerator="cuda").generate_jobs(config["benchmark"], None))
+
+    assert len(jobs) == 4 * categories * 3
+    assert sorted({job.model for job in jobs}) == sorted(FOUR)
+    assert sorted({job.seed for job in jobs}) == [0, 1, 2]
+    cells = {(job.model, job.datamodule.category, job.seed) for job in jobs}
+    assert len(cells) == len(jobs)  # every (model, category, seed) exactly once
+    for job in jobs:
+        assert type(job.datamodule).__name__ == datamodule
+        assert job.datamodule.val_split_mode.value == "from_test"  # thresholds never set on the test images
+        assert job.datamodule.train_batch_size == 16
+        assert job.flat_cfg["seed"] == job.seed
+
+    # The four class paths resolve by bare name through anomalib's get_model (the plugin autoload hook for
+    # Aand / MemKD); tiny init args keep this fast and offline.
+    from anomalib.models import get_model
+
+    for class_path in FOUR:
+        model = get_model({"class_path": class_path}, backbone="resnet18", pre_trained=False)
+        assert type(model).__name__ == class_path
+    # paper defaults, and no per-model init_args: anomalib's BenchmarkJob.collect() needs the same keys in every job
+    assert all(set(spec) == {"class_path"} for spec in seen_models)
+    # The stock pipeline would run the jobs serially without several GPUs (and reject unknown accelerators).
+    runners = Benchmark._setup_runners(config)  # noqa: SLF001
+    assert len(runners) == 1
+
+
+# ---------------------------------------------------------------------------------------------- placement
+class _FakeRun:
+    """A cell that ends after ``polls`` polls; records which cells run concurrently on which device."""
+
+    def __init__(self, cell: bench.Cell, device: str, log: dict, polls: int) -> None:
+        self.cell, self.device, self.log, self.left = cell, device, log, polls
+        with log["lock"]:
+            assert device not in log["busy"], f"{device} got {cell.name} while running {log['busy'].get(device)}"
+            log["busy"][device] = cell.name
+            log["max_parallel"] = max(log["max_parallel"], len(log["busy"]))
+            log["placed"].append((cell.name, device))
+
+    def poll(self):
+        self.left -= 1
+        if self.left > 0:
+            return None
+        del self.log["busy"][self.device]
+        return {"ok": True, "cell": self.cell.name}
+
+
+@pytest.mark.parametrize("devices", [["cuda:0", "cuda:1", "cuda:2"], ["cpu"]])
+def test_schedule_runs_one_cell_per_device_at_a_time(devices: list[str]) -> None:
+    cells = bench.make_cells(FOUR, ["a", "b"], [0, 1])  # 16 cells
+    log = {"lock": threading.Lock(), "busy": {}, "max_parallel": 0, "placed": []}
+    finished = []
+    durations = iter([3, 1, 4, 1, 5, 2, 6, 2, 3, 5, 1, 2, 4, 1, 1, 3])
+
+    bench.run_schedule(
+        cells,
+        devices,
+        start=lambda cell, device: _FakeRun(cell, device, log, next(durations)),
+        on_finish=lambda cell, device, outcome: finished.append((cell.name, device, outcome["cell"])),
+        poll_interval=0,
+    )
+
+    names = [cell.name for cell in cells]
+    assert sorted(name for name, _ in log["placed"]) == sorted(names)  # each cell started exactly once
+    assert sorted(name for name, _, _ in finished) == sorted(names)  # ... and finished exactly once
+    assert all(name == outcome for name, _, outcome in finished)  # outcomes go to the right cell
+    assert log["max_parallel"] == len(devices)  # every device is kept busy, never two cells on one
+    assert {device for _, device in log["placed"]} == set(devices)
+    assert [name for name, _ in log["placed"]] == names  # cells start in grid order
+
+
+def test_resolve_devices() -> None:
+    assert bench.resolve_devices("auto", cuda_count=0) == ["cpu"]
+    assert bench.resolve_devices("auto", cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert bench.resolve_devices("cpu", cuda_count=4) == ["cpu"]
+    assert bench.resolve_devices("2", cuda_count=4) == ["cuda:0", "cuda:1"]
+    assert bench.resolve_devices("1,3", cuda_count=4) == ["cuda:1", "cuda:3"]
+    for bad in ("5", "0", "1,1", "1,4"):
+        with pytest.raises(ValueError):  # noqa: PT011
+            bench.resolve_devices(bad, cuda_count=4)
+    # a cell process sees exactly its GPU, also when this process was itself restricted to some GPUs
+    assert bench.child_visible_devices("cuda:1", None) == "1"
+    assert bench.child_visible_devices("cuda:1", "2,3") == "3"
+    assert bench.child_visible_devices("cuda:0", "GPU-uuid-a,GPU-uuid-b") == "GPU-uuid-a"
+    assert bench.child_visible_devices("cpu", "0,1") == ""
+
+
+def test_mean_std_and_aggregation() -> None:
+    rows = []
+    for seed, (auroc, latency) in enumerate([(0.9, 10.0), (0.8, 14.0), (0.7, 12.0)]):
+        row = {key: math.nan for key in bench.NUMERIC}
+        row.update(model="Aand", category="x", seed=seed, image_auroc=auroc, latency_bs1_ms=latency)
+        row.update(backbone="b", weights_tag="t", schedule="s")
+        rows.append(row)
+    rows.append({**rows[0], "category": "y", "image_auroc": 0.5})
+    summary = {s["category"]: s for s in bench.aggregate(rows)}
+    mean, std, n = summary["x"]["image_auroc"]
+    assert (n, mean, std) == (3, pytest.approx(0.8), pytest.approx(statistics.stdev([0.9, 0.8, 0.7])))
+    assert summary["x"]["pixel_auroc"][2] == 0  # all-nan column: no values
+    assert bench.format_mean_std(summary["x"]["image_auroc"]) == "0.800 ± 0.100"
+    assert bench.format_mean_std(summary["y"]["image_auroc"]) == "0.500"  # one seed: no std
+    # over categories: per seed the mean over categories, then mean / std over seeds (seed 0 has x and y)
+    overall = bench.aggregate_over_categories(rows)[0]
+    per_seed = [(0.9 + 0.5) / 2, 0.8, 0.7]
+    assert overall["image_auroc"][0] == pytest.approx(statistics.fmean(per_seed))
+    assert overall["image_auroc"][1] == pytest.approx(statistics.stdev(per_seed))
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def _csv(path: Path) -> list[dict]:
+    with path.open(newline="") as file:
+        return list(csv.DictReader(file))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("bench")
+    first = bench.main([*TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"])
+    after_first = (out / "results.csv").read_bytes()
+    second = bench.main([*TINY, "--output", str(out), "--models", "Patchcore", "--seeds", "0", "1"])
+    return {"out": out, "codes": (first, second), "after_first": after_first}
+
+
+@pytest.mark.integration
+def test_runner_writes_csv_markdown_and_plot(runs) -> None:
+    out = runs["out"]
+    assert runs["codes"] == (0, 0)
+    rows = _csv(out / "results.csv")
+    assert list(rows[0]) == list(bench.COLUMNS)
+    assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
+        [(m, "0") for m in FOUR] + [("Patchcore", "1")],
+    )
+    for row in rows:
+        assert row["dataset_kind"] == "generated"
+        assert row["category"] == bench.GENERATED_CATEGORY
+        for metric in bench.METRICS:
+            assert 0.0 <= float(row[metric]) <= 1.0, (row["model"], metric, row[metric])
+        for key in ("latency_bs1_ms", "throughput_ips", "peak_memory_mb", "params_m", "train_time_s", "state_mb"):
+            value = float(row[key])
+            assert math.isfinite(value) and value > 0, (row["model"], key, value)
+        assert row["ov_latency_bs1_ms"] == ""  # --no-openvino
+        assert row["memory_kind"] == "cpu_peak_rss"
+        assert row["backbone"] == "resnet18"
+        assert row["weights_tag"] == "random-init"
+        assert row["threads"] == "1"
+        assert row["device"] == "cpu"
+        assert row["val_split"] == "from_test:0.3"
+        # the validation images are held out of the test set: 4 good + 6 defective test images in total
+        assert int(row["n_val"]) > 0 and int(row["n_val"]) + int(row["n_test"]) == 10
+    by_model = {r["model"]: r for r in rows if r["seed"] == "0"}
+    assert float(by_model["Patchcore"]["trainable_params_m"]) == 0
+    assert float(by_model["Aand"]["trainable_params_m"]) > 0
+    assert by_model["ReverseDistillation"]["schedule"] == "1 epoch"  # --epochs reaches RD via the Engine
+    assert by_model["Aand"]["schedule"] == "1+1 epochs"
+
+    md = (out / "results.md").read_text()
+    assert "generated" in md and "NOT MVTec AD" in md
+    assert "random init" in md
+    patchcore = [float(r["image_auroc"]) for r in rows if r["model"] == "Patchcore"]
+    expected = f"{statistics.fmean(patchcore):.3f} ± {statistics.stdev(patchcore):.3f}"
+    line = next(ln for ln in md.splitlines() if ln.startswith("| Patchcore | widget | 2 |"))
+    assert line.split(" | ")[3] == expected
+    png = (out / "results.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert not list((out / "cells").glob("*.json"))  # finished cells leave no spec / result files
+
+
+@pytest.mark.integration
+def test_rerun_skips_finished_cells(runs, capsys) -> None:
+    out = runs["out"]
+    # the second command only added Patchcore seed 1: seed 0 was skipped, the first rows are untouched
+    assert (out / "results.csv").read_bytes().startswith(runs["after_first"])
+    logs = {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()}
+    before = (out / "results.csv").read_bytes()
+    capsys.readouterr()
+
+    assert bench.main([*TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"]) == 0
+
+    printed = capsys.readouterr().out
+    assert "(0 to run)" in printed
+    assert all(f"skip {m}/widget/seed0" in printed for m in FOUR)
+    assert (out / "results.csv").read_bytes() == before  # nothing trained, nothing appended
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs  # no cell process started
+    # a different setting must not be mixed into the same results
+    data_spec = (out / "data" / "generated.json").read_text()
+    assert bench.main([*TINY, "--output", str(out), "--seeds", "0", "--image-size", "96"]) == 2
+    assert (out / "data" / "generated.json").read_text() == data_spec  # refused before touching the data
+
+
+@pytest.mark.integration
+def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) -> None:
+    """Aand seed 0 again, in this process instead of a child: identical metrics (seeded, deterministic)."""
+    import torch
+
+    out = runs["out"]
+    reference = next(r for r in _csv(out / "results.csv") if r["model"] == "Aand" and r["seed"] == "0")
+    config = __import__("json").loads((out / "run_config.json").read_text())
+    spec = {
+        "model": "Aand",
+        "category": bench.GENERATED_CATEGORY,
+        "seed": 0,
+        "slug": "Aand_widget_seed0",
+        "device": "cpu",
+        "dataset_root": str(out / "data"),
+        "dataset_kind": "generated",
+        "dataset_label": "generated",
+        "work_dir": str(tmp_path),
+        **{k: config[k] for k in bench.RUN_CONFIG_KEYS if k not in {"dataset_kind", "dataset"}},
+        "openvino": True,  # the OpenVINO path too, here where it costs one export
+        "num_workers": 0,
+        "timing_runs": 2,
+        "warmup": 1,
+    }
+    threads = torch.get_num_threads()
+    try:
+        row = bench.run_cell(spec)
+    finally:
+        torch.set_num_threads(threads)
+    for metric in bench.METRICS:
+        assert float(f"{row[metric]:.6g}") == float(reference[metric]), metric
+    assert row["params_m"] == pytest.approx(float(reference["params_m"]), rel=1e-5)
+    assert math.isfinite(row["ov_latency_bs1_ms"]) and row["ov_latency_bs1_ms"] > 0
+    assert math.isfinite(row["ov_throughput_ips"]) and row["ov_throughput_ips"] > 0
+    assert list(tmp_path.iterdir()) == []  # the cell's scratch folder (checkpoint dir, OpenVINO IR) is removed
+
+
+def test_entry_points() -> None:
+    module = import_module("anomalib_kd.benchmark")
+    assert callable(module.main)
+    result = subprocess.run(
+        [sys.executable, "-m", "anomalib_kd.benchmark", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "--generated" in result.stdout and "--seeds" in result.stdout
+    from importlib.metadata import entry_points
+
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("anomalib-kd-benchmark") == "anomalib_kd.benchmark:main"
