@@ -38,6 +38,7 @@ from torch import optim
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Compose, Normalize
 
+from anomalib_kd.distributed import DistributedTrainingMixin
 from anomalib_kd.export import ProvenanceExportMixin
 from anomalib_kd.quantization import AnomalyMapPTQMixin
 
@@ -61,7 +62,7 @@ def _find_normalize(transform: Any) -> Normalize | None:
     return None
 
 
-class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
+class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """AAND anomaly detector (two-stage knowledge distillation with an advanced teacher).
 
     Args:
@@ -95,7 +96,17 @@ class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
         fast_inference: opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on CPU) with
             channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``); exports are unaffected.
         pre_processor, post_processor, evaluator, visualizer: anomalib components.
+
+    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd.distributed`): DDP runs with
+    ``find_unused_parameters=True`` (set by the model: each stage leaves the other stage's modules without
+    gradients); every rank synthesises its own anomalies from its own seed (``rank_seed(base, global_rank)``);
+    ``L_A`` pairs and the HKD top-K are taken within the rank's batch and DDP averages the gradients (the mean
+    of the per-rank losses, not the loss of the concatenated batch). BatchNorm of the bottleneck / decoder is
+    not synchronised by default (per-rank batch statistics; rank 0's running statistics, broadcast to all ranks
+    before each validation); ``sync_batchnorm=True`` on the trainer switches to ``SyncBatchNorm``.
     """
+
+    ddp_find_unused_parameters = True
 
     def __init__(
         self,
@@ -221,6 +232,17 @@ class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     def learning_type(self) -> LearningType:
         return LearningType.ONE_CLASS
 
+    def configure_trainable_parameters(self) -> None:
+        """Before DDP wraps the module (``setup("fit")``): both stages' modules require grad, the teacher not.
+
+        DDP registers the parameters that require grad at that moment; ``_set_trainable`` then switches between
+        the stages at every epoch start (a second fit of the same object starts with the RAA frozen).
+        """
+        self.model.raa.requires_grad_(True)
+        self.model.bottleneck.requires_grad_(True)
+        self.model.decoder.requires_grad_(True)
+        super().configure_trainable_parameters()
+
     def _set_trainable(self, stage: int) -> None:
         """Freeze what the stage does not train (the teacher is always frozen)."""
         self.model.encoder.requires_grad_(False)
@@ -230,6 +252,7 @@ class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self) -> None:
+        super().on_fit_start()  # seeds this rank's synthesis stream
         datamodule = getattr(self.trainer, "datamodule", None)
         train_data = getattr(datamodule, "train_data", None)
         if train_data is not None and len(train_data) == 0:
@@ -281,7 +304,8 @@ class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     def stage1_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Synthesise anomalies on (normalised) ``images`` and return the stage-1 losses."""
         mean, std = self._normalisation(images)
-        augmented, mask, foreground = self.synthesizer((images * std + mean).clamp(0, 1))
+        with self.rank_random(images.device):  # this rank's synthesis stream during fit
+            augmented, mask, foreground = self.synthesizer((images * std + mean).clamp(0, 1))
         vanilla = self.model.teacher_features((augmented - mean) / std)
         sizes = [tuple(features.shape[-2:]) for features in vanilla]
         anomalous = [self.level_labels(mask, size) for size in sizes]
@@ -291,7 +315,8 @@ class Aand(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
             candidates = ~labels
             in_foreground = candidates & (F.adaptive_avg_pool2d(foreground, size) > 0.5)
             normal.append(in_foreground if in_foreground.any() else candidates)
-        total, focal, l_a = self.amplification_loss(advanced, vanilla, logits, anomalous, normal)
+        with self.rank_random(images.device):  # "subsample" pair draws
+            total, focal, l_a = self.amplification_loss(advanced, vanilla, logits, anomalous, normal)
         return {"loss": total, "focal": focal, "amplification": l_a}
 
     def stage2_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -119,6 +119,13 @@ def quantize_model(
         logger.info("INT8 calibration on %d training images (NNCF's default subset is 300).", len(calibration))
     ignored = float_node_names(onnx_path, float_scopes)
     model = ov.convert_model(str(onnx_path), **(ov_kwargs or {}))
+    batch_dim = model.input(0).get_partial_shape()[0]
+    if batch_dim.is_static and batch_dim.get_length() != 1:  # e.g. an export whose batch size was specialised
+        size = batch_dim.get_length()
+        calibration = [
+            np.concatenate([calibration[(start + k) % len(calibration)] for k in range(size)])
+            for start in range(0, len(calibration), size)
+        ]
     nncf_kwargs.setdefault("subset_size", len(calibration))
     if ignored:
         nncf_kwargs.setdefault("ignored_scope", nncf.IgnoredScope(names=ignored, validate=False))

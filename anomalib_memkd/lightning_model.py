@@ -40,6 +40,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
+from anomalib_kd.distributed import DistributedTrainingMixin
 from anomalib_kd.export import ProvenanceExportMixin
 from anomalib_kd.quantization import AnomalyMapPTQMixin
 
@@ -61,7 +62,7 @@ def _cycle(loader: DataLoader) -> Iterator[Any]:
             raise RuntimeError(msg)
 
 
-class MemKD(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
+class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """Memory-guided Knowledge Distillation (MemKD) anomaly detector.
 
     Args:
@@ -106,6 +107,14 @@ class MemKD(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     ``trainer_arguments`` set ``max_epochs=epochs`` (the paper's 100 by default). anomalib's
     ``Engine`` lets a model's trainer arguments override the user's, so the schedule length is
     the ``epochs`` argument (``--model.epochs`` on the CLI); ``max_steps`` still bounds it further.
+
+    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd.distributed`): each rank draws
+    its exemplars from the whole training set with its own generator, seeded with
+    ``rank_seed(base, global_rank)`` at fit start (distinct per rank, reproducible for a seeded run); ``L_NM``
+    and ``L_KD`` are computed on the rank's exemplars and batch, and DDP averages the gradients. BatchNorm of the
+    bottleneck / decoder is not synchronised by default (per-rank batch statistics; rank 0's running statistics,
+    broadcast to all ranks before each validation); ``sync_batchnorm=True`` on the trainer switches to
+    ``SyncBatchNorm``.
     """
 
     def __init__(
@@ -201,13 +210,17 @@ class MemKD(ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
             )
             num_exemplars = dataset_size
         collate_fn = getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn
+        # During fit: this rank's own reproducible stream (see DistributedTrainingMixin); else the global RNG.
+        seed = getattr(self, "rank_stream_seed", None)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
         loader = DataLoader(
             dataset,
             batch_size=num_exemplars,
-            sampler=RandomSampler(dataset),
+            sampler=RandomSampler(dataset, generator=generator),
             drop_last=True,
             num_workers=int(getattr(datamodule, "num_workers", 0) or 0),
             collate_fn=collate_fn,
+            generator=generator,
         )
         return _cycle(loader)
 
