@@ -213,6 +213,24 @@ def test_training_forward_shapes_and_exemplar_targets(torch_model: MemKDModel) -
     assert not torch_model.encoder.training  # the teacher stays in eval mode
 
 
+def test_bottleneck_sees_batch_and_exemplars_separately(torch_model: MemKDModel) -> None:
+    """M0's target is the bottleneck embedding of the exemplars alone; the student decodes the batch's own embedding
+    (training-mode batch norm normalises each with its own statistics, as RD does for the batch)."""
+    import copy
+
+    torch.manual_seed(3)
+    torch_model.train()
+    images, exemplars = torch.randn(2, 3, SIZE, SIZE), torch.randn(3, 3, SIZE, SIZE)
+    reference = copy.deepcopy(torch_model)
+    out = torch_model(images, exemplars)
+    with torch.no_grad():
+        exemplar_embedding = reference.bottleneck(list(reference.encoder(exemplars).values()))
+        student = reference.decoder(reference.bottleneck(list(reference.encoder(images).values())), reference.memories)
+    torch.testing.assert_close(out.exemplar_features[0], exemplar_embedding)
+    for got, expected in zip(out.student_features, student, strict=True):
+        torch.testing.assert_close(got, expected)
+
+
 def test_eval_forward_returns_inference_batch(torch_model: MemKDModel) -> None:
     torch_model.eval()
     with torch.no_grad():
