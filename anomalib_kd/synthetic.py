@@ -158,6 +158,45 @@ def make_mvtec_like_dataset(root: str | Path, spec: SyntheticSpec | None = None,
     return root
 
 
+def make_texture_folder(root: str | Path, n_classes: int = 3, n_per_class: int = 4, size: int = 64, seed: int = 0) -> Path:
+    """Write a small DTD-like texture folder (``<root>/<class>/<k>.jpg``) for tests and demos.
+
+    A stand-in for the Describable Textures Dataset, which AAND's synthesis reads as anomaly content: each class
+    is a procedural family (stripes, checks, blobs, ...) with random frequency, angle and colours. Returns
+    ``root``. It only serves to exercise the texture code path offline; it is not DTD.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    families = ("stripes", "checks", "blobs", "rings", "noise")
+    for c in range(n_classes):
+        family = families[c % len(families)]
+        for k in range(n_per_class):
+            freq = rng.uniform(3, 12)
+            angle = rng.uniform(0, np.pi)
+            u = np.cos(angle) * xx + np.sin(angle) * yy
+            v = -np.sin(angle) * xx + np.cos(angle) * yy
+            if family == "stripes":
+                pattern = 0.5 + 0.5 * np.sin(2 * np.pi * freq * u)
+            elif family == "checks":
+                pattern = ((np.floor(freq * u) + np.floor(freq * v)) % 2).astype(np.float32)
+            elif family == "blobs":
+                noise = rng.normal(0, 1, (8, 8)).astype(np.float32)
+                pattern = np.asarray(Image.fromarray(noise).resize((size, size), Image.BICUBIC), dtype=np.float32)
+                pattern = (pattern - pattern.min()) / max(float(np.ptp(pattern)), 1e-6)
+            elif family == "rings":
+                pattern = 0.5 + 0.5 * np.sin(2 * np.pi * freq * np.hypot(xx - 0.5, yy - 0.5))
+            else:
+                pattern = rng.uniform(0, 1, (size, size)).astype(np.float32)
+            low, high = rng.uniform(0, 1, (2, 3)).astype(np.float32)
+            image = low + (high - low) * pattern[..., None]
+            path = root / f"{family}{c}" / f"{k:03d}.jpg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8), "RGB").save(path, quality=95)
+    return root
+
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)
