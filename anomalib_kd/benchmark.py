@@ -50,6 +50,9 @@ to its GPU; on the CPU they run one after the other.
 
 Numbers on generated data with random-init backbones only show that the pipeline works and how fast it is;
 paper numbers need ImageNet weights (``--pre-trained``, the default) and MVTec AD / VisA.
+
+``--ablation aand|memkd|all`` runs the ablation variants instead of ``--models`` (cells are (variant, category,
+seed); ``--proxy-teacher``, ``--texture-dir``, ``--defects``: see :mod:`anomalib_kd.ablation`).
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -70,6 +74,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from anomalib_kd import ablation
 
 MODELS = ("Patchcore", "ReverseDistillation", "Aand", "MemKD")
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
@@ -136,7 +142,15 @@ RUN_CONFIG_KEYS = (
     "throughput_batch",
     "threads",
     "generated_spec",
+    # ablation mode (anomalib_kd.ablation); absent from older run configs, where they mean "off"
+    "ablation",
+    "proxy_teacher",
+    "texture_dir",
+    "texture_spec",
+    "aand_foreground",
 )
+# An ablation's results.csv: the cell is (variant, category, seed); ``model`` stays the model class.
+ABLATION_COLUMNS = (*COLUMNS[:4], "variant", *COLUMNS[4:], "teacher", "overrides", "mechanism_status", "mechanism")
 
 
 # ---------------------------------------------------------------------------------------------- the grid
@@ -158,7 +172,8 @@ class Cell:
 
     @property
     def slug(self) -> str:
-        return f"{self.model}_{self.category}_seed{self.seed}"
+        model = re.sub(r"[^A-Za-z0-9.+-]+", "-", self.model)  # ablation variants: "AAND stage1=0"
+        return f"{model}_{self.category}_seed{self.seed}"
 
 
 def make_cells(models: Sequence[str], categories: Sequence[str], seeds: Sequence[int]) -> list[Cell]:
@@ -241,14 +256,14 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def append_row(path: Path, row: dict[str, Any]) -> None:
+def append_row(path: Path, row: dict[str, Any], columns: Sequence[str] = COLUMNS) -> None:
     """Append one finished cell to ``results.csv`` (header on first write), flushed to disk at once."""
     new = not path.exists() or path.stat().st_size == 0
     with path.open("a", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=COLUMNS, extrasaction="ignore")
+        writer = csv.DictWriter(file, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
-        writer.writerow({key: _csv_value(row.get(key)) for key in COLUMNS})
+        writer.writerow({key: _csv_value(row.get(key)) for key in columns})
         file.flush()
         os.fsync(file.fileno())
 
@@ -259,8 +274,13 @@ def _csv_value(value: Any) -> Any:  # noqa: ANN401
     return "" if value is None else value
 
 
+def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
+    """The cell of a row: (variant or model, category, seed)."""
+    return (row.get("variant") or row["model"], row["category"], int(row["seed"]))
+
+
 def done_keys(rows: Iterable[dict[str, Any]]) -> set[tuple[str, str, int]]:
-    return {(row["model"], row["category"], int(row["seed"])) for row in rows}
+    return {row_key(row) for row in rows}
 
 
 def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
@@ -367,7 +387,7 @@ def _dataset_line(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str
 
 def write_markdown(path: Path, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str:
     """``results.md``: header, mean ± std per model and category, mean over categories, raw rows."""
-    weights = "ImageNet (pre-trained)" if config.get("pre_trained") else "random init (no pre-trained weights)"
+    weights = ablation.teacher_label(config)
     speed = "`AnomalibModule.forward` (pre-processing + model + post-processing), eval, `torch.inference_mode`"
     tb = config.get("throughput_batch", 16)
     threads = sorted({_int(r["threads"]) for r in rows})
@@ -512,7 +532,7 @@ def write_plot(path: Path, rows: Sequence[dict[str, Any]], config: dict[str, Any
     ax_scatter.set_ylabel("image AUROC")
     ax_scatter.grid(alpha=0.3)
     kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
-    weights = "ImageNet weights" if config.get("pre_trained") else "random-init backbones"
+    weights = ablation.teacher_label(config)
     fig.suptitle(f"{kind}, {weights}, {config.get('image_size')} px - {hardware_line(rows)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -537,7 +557,11 @@ def weights_tag(backbone: str, pre_trained: bool, model: Any = None) -> str:  # 
 
 
 def build_model(spec: dict[str, Any]):  # noqa: ANN201
-    """The cell's model, extra Engine arguments for training, its backbone name and schedule description."""
+    """The cell's model, extra Engine arguments for training, its backbone name and schedule description.
+
+    ``spec["overrides"]`` (ablation variants) are constructor keywords applied last; ``spec["texture_dir"]`` is
+    Aand's ``anomaly_source_path`` unless an override sets it.
+    """
     from anomalib.metrics import Evaluator, F1Score
 
     name = spec["model"]
@@ -545,39 +569,37 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     backbone = spec["backbone"] or DEFAULT_BACKBONE[name]
     evaluator = Evaluator(test_metrics=[F1Score(fields=["pred_label", "gt_label"], prefix="image_")])
     common = {"backbone": backbone, "pre_trained": spec["pre_trained"], "evaluator": evaluator, "visualizer": False}
+    overrides = dict(spec.get("overrides") or {})
     if name == "Patchcore":
         from anomalib.models import Patchcore
 
-        model = Patchcore(
-            **common,
-            coreset_sampling_ratio=spec["coreset_ratio"],
-            pre_processor=Patchcore.configure_pre_processor(image_size=size),
-        )
-        return model, {}, backbone, f"1 pass (coreset {spec['coreset_ratio']:g})"
+        kwargs = {"coreset_sampling_ratio": spec["coreset_ratio"], **overrides}
+        model = Patchcore(**common, **kwargs, pre_processor=Patchcore.configure_pre_processor(image_size=size))
+        return model, {}, backbone, f"1 pass (coreset {kwargs['coreset_sampling_ratio']:g})"
     if name == "ReverseDistillation":
         from anomalib.models import ReverseDistillation
 
         epochs = spec["epochs"] or PAPER_EPOCHS[name]
-        model = ReverseDistillation(**common, pre_processor=ReverseDistillation.configure_pre_processor(image_size=size))
+        pre_processor = ReverseDistillation.configure_pre_processor(image_size=size)
+        model = ReverseDistillation(**common, **overrides, pre_processor=pre_processor)
         # RD's trainer_arguments do not pin max_epochs, so the Engine's value is the schedule.
         return model, {"max_epochs": epochs}, backbone, _epochs(epochs)
     if name == "Aand":
         from anomalib_aand import Aand
 
         stage1, stage2 = spec["aand_stage_epochs"] or PAPER_AAND_STAGES
-        model = Aand(
-            **common,
-            stage1_epochs=stage1,
-            stage2_epochs=stage2,
-            pre_processor=Aand.configure_pre_processor(image_size=size),
-        )
-        return model, {}, backbone, f"{stage1}+{stage2} epochs"
+        kwargs = {"stage1_epochs": stage1, "stage2_epochs": stage2}
+        if spec.get("texture_dir"):
+            kwargs["anomaly_source_path"] = spec["texture_dir"]
+        kwargs.update(overrides)
+        model = Aand(**common, **kwargs, pre_processor=Aand.configure_pre_processor(image_size=size))
+        return model, {}, backbone, f"{kwargs['stage1_epochs']}+{kwargs['stage2_epochs']} epochs"
     if name == "MemKD":
         from anomalib_memkd import MemKD
 
-        epochs = spec["epochs"] or PAPER_EPOCHS[name]
-        model = MemKD(**common, epochs=epochs, pre_processor=MemKD.configure_pre_processor(image_size=size))
-        return model, {}, backbone, _epochs(epochs)
+        kwargs = {"epochs": spec["epochs"] or PAPER_EPOCHS[name], **overrides}
+        model = MemKD(**common, **kwargs, pre_processor=MemKD.configure_pre_processor(image_size=size))
+        return model, {}, backbone, _epochs(kwargs["epochs"])
     msg = f"unknown model {name!r}; choose from {MODELS}"
     raise ValueError(msg)
 
@@ -705,6 +727,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         seed=spec["split_seed"],
     )
     model, fit_kwargs, backbone, schedule = build_model(spec)
+    proxy_images = 0
+    if spec.get("proxy_teacher"):
+        from anomalib_kd.ablation import calibrate_proxy_teacher
+
+        datamodule.setup()
+        proxy_images = calibrate_proxy_teacher(model, datamodule.train_data, spec["batch_size"])
     accelerator = "gpu" if cuda else "cpu"
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=spec["work_dir"]))
     try:
@@ -754,6 +782,13 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         }
         if spec["openvino"]:
             row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
+        if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
+            from anomalib_kd.ablation import PROXY_TEACHER, mechanism_figures
+
+            figures, status = mechanism_figures(model.to(device), datamodule.test_dataloader())
+            row.update(variant=spec["variant"], overrides=json.dumps(spec.get("overrides") or {}))
+            row.update(mechanism=json.dumps(figures), mechanism_status=status)
+            row["teacher"] = PROXY_TEACHER if proxy_images else ("ImageNet" if spec["pre_trained"] else "random init")
 
         params = list(model.model.parameters())
         state_bytes = sum(t.numel() * t.element_size() for t in (*params, *model.model.buffers()))
@@ -777,7 +812,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 "throughput_batch": spec["throughput_batch"],
                 "threads": torch.get_num_threads(),
                 "backbone": backbone,
-                "weights_tag": weights_tag(backbone, spec["pre_trained"], model),
+                "weights_tag": _proxy_label() if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
                 "image_size": spec["image_size"],
                 "schedule": schedule,
                 "val_split": f"{spec['val_split']}:{spec['val_split_ratio']:g}",
@@ -792,6 +827,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         return row
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _proxy_label() -> str:
+    from anomalib_kd.ablation import PROXY_TEACHER
+
+    return PROXY_TEACHER
 
 
 def _trainable_params(optimizers: Sequence[Any]) -> int:
@@ -905,7 +946,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--generated", action="store_true", help="generate a small MVTec-layout dataset (labelled)")
     parser.add_argument("--categories", nargs="+", help="categories under --dataset-root (default: all found)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 (0 1 2 with --ablation)")
     parser.add_argument(
         "--backbone",
         help="one backbone for all four models (default: wide_resnet50_2 for Patchcore/RD, "
@@ -943,9 +984,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     generated.add_argument("--n-train", type=int, default=32)
     generated.add_argument("--n-test-good", type=int, default=8)
     generated.add_argument("--n-test-per-defect", type=int, default=4)
+    ablation.add_arguments(parser)
     args = parser.parse_args(argv)
     if args.image_size % 32 or args.image_size < 64:  # noqa: PLR2004
         parser.error("--image-size must be a multiple of 32 and at least 64")
+    ablation.check_arguments(parser, args)
     if args.openvino is None:
         import importlib.util
 
@@ -963,6 +1006,7 @@ def _prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], dict[str, 
             "n_test_good": args.n_test_good,
             "n_test_per_defect": args.n_test_per_defect,
             "seed": 0,
+            **ablation.generated_extras(args),
         }
         root = (args.output / "data").resolve()
         return root, [GENERATED_CATEGORY], {"dataset_kind": "generated", "dataset": "generated", "generated_spec": spec}
@@ -986,6 +1030,12 @@ def _write_generated(root: Path, spec: dict[str, Any]) -> None:
         marker.write_text(json.dumps(spec), encoding="utf-8")
 
 
+def _same_setting(key: str, old: Any, new: Any) -> bool:  # noqa: ANN401
+    if key in ablation.RUN_CONFIG_DEFAULT_OFF:  # a run config written before these keys existed means "off"
+        return (old or None) == (new or None)
+    return old == new
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--run-cell"]:
@@ -998,6 +1048,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     console = Console()
     args.output.mkdir(parents=True, exist_ok=True)
     root, categories, data_config = _prepare_data(args)
+    variants, skipped, ablation_config = ablation.plan(args, args.output)
     config = {
         **data_config,
         "image_size": args.image_size,
@@ -1013,11 +1064,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "openvino": args.openvino,
         "throughput_batch": args.throughput_batch,
         "threads": args.threads,
+        **ablation_config,
     }
     config_path = args.output / "run_config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text(encoding="utf-8"))
-        changed = [k for k in RUN_CONFIG_KEYS if previous.get(k) != config.get(k)]
+        changed = [k for k in RUN_CONFIG_KEYS if not _same_setting(k, previous.get(k), config.get(k))]
         if changed:
             console.print(
                 f"[red]{args.output} holds results made with other settings ({', '.join(changed)}); "
@@ -1027,12 +1079,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
     if args.generated:
         _write_generated(root, data_config["generated_spec"])
+    ablation.write_textures(config)
 
     csv_path, run_dir, log_dir = args.output / "results.csv", args.output / "cells", args.output / "logs"
     run_dir.mkdir(exist_ok=True)
     log_dir.mkdir(exist_ok=True)
     devices = resolve_devices(args.devices)
-    cells = make_cells(args.models, categories, args.seeds)
+    by_name = {v.name: v for v in variants}
+    cells = make_cells(list(by_name), categories, args.seeds)
+    for name, missing in skipped.items():
+        console.print(f"[yellow]skip variant {name}: the model's constructor has no {', '.join(missing)}[/yellow]")
     finished = done_keys(read_rows(csv_path))
     todo = [c for c in cells if c.key not in finished]
     for cell in cells:
@@ -1041,12 +1097,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     kind = "GENERATED data" if args.generated else f"folder {root}"
     console.print(
         f"{len(cells)} cells ({len(todo)} to run) on {', '.join(devices)}; {kind}; "
-        f"{'ImageNet weights' if args.pre_trained else 'random-init backbones'}; logs in {log_dir}",
+        f"{ablation.teacher_label(config)}; logs in {log_dir}",
     )
 
     def spec_of(cell: Cell, device: str) -> dict[str, Any]:
+        variant = by_name[cell.model]
+        extra = {"variant": variant.name, "overrides": variant.resolved(config["texture_dir"])}
         return {
-            "model": cell.model,
+            "model": variant.model,
+            **(extra if args.ablation else {}),
             "category": cell.category,
             "seed": cell.seed,
             "slug": cell.slug,
@@ -1087,7 +1146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             _, handle = running.pop(device)
             if outcome["ok"]:
                 row = outcome["row"]
-                append_row(csv_path, row)
+                append_row(csv_path, row, ABLATION_COLUMNS if args.ablation else COLUMNS)
                 handle.cleanup()
                 progress.console.print(
                     f"done {cell.name} on {device} in {outcome['elapsed']:.0f} s: "
@@ -1110,8 +1169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print("[yellow]interrupted; finished cells are in results.csv, re-run to resume[/yellow]")
             return 130
 
-    rows = [r for r in read_rows(csv_path) if (r["model"], r["category"], r["seed"]) in {c.key for c in cells}]
-    if rows:
+    rows = [r for r in read_rows(csv_path) if row_key(r) in {c.key for c in cells}]
+    if rows and args.ablation:
+        text = ablation.write_markdown(args.output / "results.md", rows, config, variants, skipped)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"wrote {csv_path}, {args.output / 'results.md'}")
+    elif rows:
         text = write_markdown(args.output / "results.md", rows, config)
         write_plot(args.output / "results.png", rows, config)
         console.print(text, markup=False, highlight=False)

@@ -308,3 +308,273 @@ def test_entry_points() -> None:
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("anomalib-kd-benchmark") == "anomalib_kd.benchmark:main"
+
+
+# ---------------------------------------------------------------------------------------------- ablation mode
+from anomalib_kd import ablation  # noqa: E402
+
+def test_ablation_variants_follow_the_agreed_interface() -> None:
+    """The variants the model code is written against (INTERFACES): names, model classes, overrides."""
+    expected = {
+        "AAND": ("Aand", {"anomaly_source_path": ablation.TEXTURES}),
+        "AAND stage1=0": ("Aand", {"anomaly_source_path": ablation.TEXTURES, "stage1_epochs": 0}),
+        "AAND no L_A": ("Aand", {"anomaly_source_path": ablation.TEXTURES, "amplification_weight": 0.0}),
+        "AAND no fg mask": ("Aand", {"anomaly_source_path": ablation.TEXTURES, "foreground": "none"}),
+        "AAND no textures": ("Aand", {"anomaly_source_path": None}),
+        "MemKD": ("MemKD", {}),
+        "MemKD no memory": ("MemKD", {"use_memory": False}),
+        "MemKD no NEL": ("MemKD", {"lambda_nm": 0.0}),
+        "MemKD tau=1": ("MemKD", {"temperature": 1.0}),
+        "MemKD L_NM sum": ("MemKD", {"nm_reduction": "sum"}),
+        "MemKD L_NM mean": ("MemKD", {"nm_reduction": "mean"}),
+    }
+    variants = ablation.variants_of("all")
+    assert {v.name: (v.model, v.overrides) for v in variants} == expected
+    assert [v.name for v in ablation.variants_of("aand")] == list(expected)[:5]  # as configured first
+    assert ablation.variants_of("memkd")[0].name == "MemKD"
+    resolved = variants[0].resolved("/textures")
+    assert resolved == {"anomaly_source_path": "/textures"}
+    assert variants[4].resolved("/textures") == {"anomaly_source_path": None}  # "no textures" stays None
+    # the slug of a variant is a safe file name; the four models keep theirs
+    assert bench.Cell("AAND stage1=0", "widget", 1).slug == "AAND-stage1-0_widget_seed1"
+    assert bench.Cell("MemKD", "widget", 0).slug == "MemKD_widget_seed0"
+
+
+def test_variants_whose_keywords_the_model_lacks_are_skipped(monkeypatch) -> None:
+    class Narrow:
+        def __init__(self, lambda_nm: float = 0.1, temperature: float = 1.0) -> None: ...
+
+    class Open:
+        def __init__(self, **kwargs) -> None: ...
+
+    monkeypatch.setattr(ablation, "model_class", lambda name: Narrow if name == "MemKD" else Open)
+    runnable, skipped = ablation.split_runnable(ablation.variants_of("all"))
+    assert skipped == {
+        "MemKD no memory": ["use_memory"],
+        "MemKD L_NM sum": ["nm_reduction"],
+        "MemKD L_NM mean": ["nm_reduction"],
+    }
+    assert [v.name for v in runnable] == [v.name for v in ablation.variants_of("all") if v.name not in skipped]
+
+
+def test_ablation_defects_prefer_families_unlike_the_synthesis() -> None:
+    assert ablation.default_ablation_defects(("scratch", "stain", "hole")) == ("scratch", "hole")
+    assert ablation.default_ablation_defects(("scratch", "stain", "hole", "foreign", "tint")) == ("foreign", "tint")
+    assert set(ablation.default_ablation_defects()) <= set(ablation.available_defects())
+    from anomalib_kd import synthetic
+
+    assert set(synthetic.DEFECT_TYPES) <= set(ablation.available_defects())
+
+
+def test_run_config_keys_of_the_ablation_mean_off_when_absent() -> None:
+    """An output written before the ablation keys existed still resumes; a real change is refused."""
+    for key in ablation.RUN_CONFIG_DEFAULT_OFF:
+        assert key in bench.RUN_CONFIG_KEYS
+        assert bench._same_setting(key, None, None if key != "proxy_teacher" else False)  # noqa: SLF001
+    assert not bench._same_setting("proxy_teacher", None, True)  # noqa: SLF001
+    assert not bench._same_setting("ablation", "aand", "memkd")  # noqa: SLF001
+    assert not bench._same_setting("threads", None, 0)  # noqa: SLF001 - old keys compare exactly
+
+
+@pytest.mark.parametrize("name", ["Patchcore", "ReverseDistillation", "Aand", "MemKD"])
+def test_proxy_teacher_calibrates_the_teachers_batchnorm(name: str, dataset_root: Path) -> None:
+    """BN statistics of the teacher's network become the training images' (pre-processed like training batches).
+
+    anomalib's TimmFeatureExtractor switches a frozen network to eval mode in its forward, so calibrating the
+    extractor instead of the network inside it would leave reset (0 / 1) statistics: the first BatchNorm's running
+    mean must equal the hand-computed mean of conv1's output, averaged over the calibration batches.
+    """
+    import torch
+
+    from conftest import mvtec_datamodule
+
+    spec = {"model": name, "image_size": 64, "backbone": "resnet18", "pre_trained": False, "coreset_ratio": 0.1}
+    spec.update(epochs=1, aand_stage_epochs=[1, 1])
+    model, *_ = bench.build_model(spec)
+    network = ablation.teacher_network(model)
+    expected_module = model.model.feature_extractor if name == "Patchcore" else model.model.encoder
+    assert network is expected_module.feature_extractor  # the timm network inside anomalib's extractor
+    datamodule = mvtec_datamodule(dataset_root)
+    datamodule.setup()
+    data = datamodule.train_data
+    with torch.no_grad():
+        batch_means, batch_vars = [], []
+        for start in (0, 4, 8):
+            images = model.pre_processor.transform(torch.stack([data[i].image for i in range(start, start + 4)]))
+            out = network.conv1(images)
+            batch_means.append(out.mean(dim=(0, 2, 3)))
+            batch_vars.append(out.var(dim=(0, 2, 3), unbiased=True))
+    state = torch.random.get_rng_state()
+
+    assert ablation.calibrate_proxy_teacher(model, data, batch_size=4) == 12
+
+    assert torch.equal(torch.random.get_rng_state(), state)  # the fit's seeded random stream is untouched
+    bn = network.bn1
+    torch.testing.assert_close(bn.running_mean, torch.stack(batch_means).mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, torch.stack(batch_vars).mean(0), rtol=1e-4, atol=1e-5)
+    assert not network.training and bn.momentum is not None  # left as a frozen teacher
+
+
+class _FakeReportModel:
+    def __init__(self, result=None, error: Exception | None = None) -> None:
+        self.training, self.result, self.error, self.seen = True, result, error, None
+
+    def eval(self):
+        self.training = False
+        return self
+
+    def mechanism_report(self, dataloader):
+        import torch
+
+        self.seen = (dataloader, self.training, torch.is_grad_enabled())
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+def test_mechanism_figures_are_flat_floats_and_tolerate_absence() -> None:
+    import torch
+
+    model = _FakeReportModel({"residual_ratio_l1": torch.tensor(2.5), "gate_fpr_l1": 0.25, "note": "text"})
+    figures, status = ablation.mechanism_figures(model, "the-loader")
+    assert (figures, status) == ({"residual_ratio_l1": 2.5, "gate_fpr_l1": 0.25}, "ok")
+    assert model.seen == ("the-loader", False, False)  # the test loader as given, eval mode, no grad
+    assert ablation.mechanism_figures(object(), None) == ({}, "absent")
+    figures, status = ablation.mechanism_figures(_FakeReportModel(error=KeyError("gt_mask")), None)
+    assert figures == {} and status.startswith("error: KeyError")
+
+
+def _ablation_row(variant: str, seed: int, auroc: float, figures: dict) -> dict:
+    row = {key: math.nan for key in bench.NUMERIC}
+    row.update(model="MemKD", variant=variant, category="widget", seed=seed, image_auroc=auroc)
+    row.update(schedule="1 epoch", mechanism=__import__("json").dumps(figures), mechanism_status="ok")
+    row.update(threads=1.0, device="cpu", device_name="cpu", finished_at="2026-01-01T00:00:00")
+    return row
+
+
+def test_ablation_markdown_aggregates_metrics_and_mechanism_figures(tmp_path: Path) -> None:
+    values = {"MemKD": [(0.9, 0.30), (0.7, 0.50)], "MemKD no NEL": [(0.6, 0.10), (0.8, math.nan)]}
+    rows = [
+        _ablation_row(v, seed, auroc, {"peak_weight_m0": peak, "recall_dev_m10": 1.0})
+        for v, pairs in values.items()
+        for seed, (auroc, peak) in enumerate(pairs)
+    ]
+    variants = [v for v in ablation.variants_of("memkd") if v.name in values]
+    config = {"ablation": "memkd", "proxy_teacher": True, "pre_trained": False, "dataset_kind": "generated"}
+    config["generated_spec"] = {"defects": ["foreign", "tint"], "n_train": 8}
+    text = ablation.write_markdown(tmp_path / "r.md", rows, config, variants, {"MemKD no memory": ["use_memory"]})
+    assert text == (tmp_path / "r.md").read_text()
+    assert ablation.PROXY_TEACHER in text and "ImageNet" not in text
+    assert "foreign, tint" in text
+    metric_line = next(ln for ln in text.splitlines() if ln.startswith("| MemKD | defaults |"))
+    auroc = bench.format_mean_std((statistics.fmean([0.9, 0.7]), statistics.stdev([0.9, 0.7]), 2))
+    assert metric_line.split(" | ")[4] == auroc
+    assert "| MemKD no memory | skipped: the constructor has no `use_memory` |" in text
+    header = next(ln for ln in text.splitlines() if ln.startswith("| variant | category | peak"))
+    assert header.split(" | ")[2:] == ["peak_weight_m0", "recall_dev_m10 |"]  # generic keys, natural order
+    section = text.split("mechanism figures")[1].split("## Raw rows")[0]
+    figure_lines = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in section.splitlines() if "| widget | " in ln}
+    assert figure_lines["MemKD"][2] == bench.format_mean_std((0.4, statistics.stdev([0.3, 0.5]), 2))
+    assert figure_lines["MemKD no NEL"][2] == "0.100"  # NaN seeds are left out of the mean
+
+
+@pytest.fixture(scope="module")
+def ablation_run(tmp_path_factory: pytest.TempPathFactory):
+    """Both ablations end to end, tiny, one seed, proxy teacher; the cells run in this process (the child
+    process path is the benchmark's own, tested above) after a JSON round trip of their specs."""
+    import json
+
+    import torch
+
+    class InProcess:
+        def __init__(self, spec, device, run_dir, log_path) -> None:
+            spec = json.loads(json.dumps(spec))
+            threads = torch.get_num_threads()
+            try:
+                self.outcome = {"ok": True, "row": json.loads(json.dumps(bench.run_cell(spec))), "elapsed": 0.0}
+            finally:
+                torch.set_num_threads(threads)
+            log_path.write_text("in process\n")
+
+        def poll(self):
+            return self.outcome
+
+        def cleanup(self) -> None: ...
+
+    out = tmp_path_factory.mktemp("ablation")
+    argv = [*TINY, "--output", str(out), "--ablation", "all", "--seeds", "0", "--proxy-teacher"]
+    argv += ["--aand-foreground", "bright"]
+    patch = pytest.MonkeyPatch()
+    patch.setattr(bench, "CellProcess", InProcess)
+    try:
+        code = bench.main(argv)
+    finally:
+        patch.undo()
+    return {"out": out, "code": code, "argv": argv}
+
+
+@pytest.mark.integration
+def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
+    import inspect
+    import json
+
+    out = ablation_run["out"]
+    assert ablation_run["code"] == 0
+    expected_runnable, expected_skipped = [], []
+    for variant in ablation.variants_of("all"):
+        accepted = inspect.signature(ablation.model_class(variant.model)).parameters
+        (expected_runnable if all(k in accepted for k in variant.overrides) else expected_skipped).append(variant)
+    rows = _csv(out / "results.csv")
+    assert list(rows[0]) == list(bench.ABLATION_COLUMNS)
+    assert sorted(r["variant"] for r in rows) == sorted(v.name for v in expected_runnable)
+    md = (out / "results.md").read_text()
+    for variant in expected_skipped:
+        assert f"| {variant.name} | skipped" in md
+    textures = out / "textures"
+    assert len(list(textures.glob("*/*.jpg"))) > 0
+    config = json.loads((out / "run_config.json").read_text())
+    assert config["generated_spec"]["defects"] == list(ablation.default_ablation_defects())
+    folders = sorted(p.name for p in (out / "data" / "widget" / "test").iterdir())
+    assert folders == sorted(["good", *config["generated_spec"]["defects"]])
+    for row in rows:
+        variant = next(v for v in expected_runnable if v.name == row["variant"])
+        assert row["model"] == variant.model
+        overrides = json.loads(row["overrides"])
+        expected = variant.resolved(str(textures.resolve()))
+        if variant.model == "Aand" and "foreground" not in variant.overrides:
+            expected["foreground"] = "bright"
+        assert overrides == expected
+        assert row["teacher"] == row["weights_tag"] == ablation.PROXY_TEACHER
+        for metric in ("image_auroc", "pixel_auroc", "aupro"):
+            assert 0.0 <= float(row[metric]) <= 1.0, (row["variant"], metric)
+        has_report = callable(getattr(ablation.model_class(variant.model), "mechanism_report", None))
+        assert row["mechanism_status"] == ("ok" if has_report else "absent"), (row["variant"], row["mechanism_status"])
+        figures = json.loads(row["mechanism"])
+        if has_report and variant.overrides.get("use_memory") is not False:
+            assert figures and all(isinstance(v, float) for v in figures.values())
+            assert f"| {min(figures, key=ablation._natural)} |" in md  # noqa: SLF001 - its mechanism table
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["AAND stage1=0"]["schedule"] == "0+1 epochs"  # the override reached the constructor
+    assert by_variant["AAND"]["schedule"] == "1+1 epochs"
+    assert ablation.PROXY_TEACHER in md and "ImageNet" not in md
+    # resumable: the same command again runs nothing; other settings are refused
+    before = (out / "results.csv").read_bytes()
+    capsys.readouterr()
+    assert bench.main(ablation_run["argv"]) == 0
+    assert "(0 to run)" in capsys.readouterr().out
+    assert (out / "results.csv").read_bytes() == before
+    assert bench.main([*ablation_run["argv"], "--aand-foreground", "none"]) == 2
+
+
+def test_ablation_arguments_are_checked(tmp_path: Path) -> None:
+    base = ["--output", str(tmp_path), "--devices", "cpu"]
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--generated", "--ablation", "memkd", "--proxy-teacher", *base])  # proxy needs random init
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--dataset-root", str(tmp_path), "--ablation", "aand", *base])  # AAND needs textures
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--generated", "--defects", "no-such-defect", *base])
+    args = bench.parse_args(["--generated", "--ablation", "memkd", "--no-pre-trained", "--proxy-teacher", *base])
+    assert args.seeds == [0, 1, 2] and tuple(args.defects) == ablation.default_ablation_defects()
+    assert bench.parse_args(["--generated", *base]).seeds == [0]  # the benchmark's own default is unchanged
+    assert bench.parse_args(["--generated", *base]).defects is None
