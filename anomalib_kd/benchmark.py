@@ -8,6 +8,9 @@
 * ``results.md`` - mean ± std over seeds per model and category (and over categories), then the raw rows, under a
   header naming the dataset kind (``generated`` or a user folder), the hardware, the date and the versions.
 * ``results.png`` - bars per metric per model (mean ± std over seeds) and inference latency vs image AUROC.
+* ``paper_comparison.csv`` (MVTec AD / VisA only, ``--dataset-name``) - the AAND / MemKD papers' published numbers
+  for Aand, MemKD and RD beside the measured ones, with the delta; also a section of ``results.md``
+  (:mod:`anomalib_kd.paper_results`).
 * ``logs/<model>_<category>_seed<k>.log`` - each cell's own output.
 
 Data: ``--dataset-root DIR`` (MVTec AD layout: ``DIR/<category>/train/good``, ``test/<defect>``,
@@ -75,7 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd import ablation
+from anomalib_kd import ablation, paper_results
 
 MODELS = ("Patchcore", "ReverseDistillation", "Aand", "MemKD")
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
@@ -437,6 +440,7 @@ def write_markdown(path: Path, rows: Sequence[dict[str, Any]], config: dict[str,
                 + " | ".join(format_mean_std(s[m]) for m in METRICS)
                 + f" | {format_mean_std(s['latency_bs1_ms'], 1)} | {format_mean_std(s['train_time_s'], 1)} |"
             )
+    lines += paper_results.markdown_lines(rows, config)
     lines += [
         "",
         "## Raw rows (results.csv)",
@@ -945,6 +949,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--dataset-root", type=Path, help="MVTec-layout folder: <root>/<category>/{train,test,...}")
     data.add_argument("--generated", action="store_true", help="generate a small MVTec-layout dataset (labelled)")
     parser.add_argument("--categories", nargs="+", help="categories under --dataset-root (default: all found)")
+    parser.add_argument(
+        "--dataset-name",
+        choices=("auto", "mvtec", "visa", "none"),
+        default="auto",
+        help="which paper numbers results.md / paper_comparison.csv show beside the measured ones (default auto: "
+        "MVTec AD or VisA when every category is one of its names; none: no comparison)",
+    )
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 (0 1 2 with --ablation)")
     parser.add_argument(
@@ -1064,6 +1075,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "openvino": args.openvino,
         "throughput_batch": args.throughput_batch,
         "threads": args.threads,
+        "dataset_name": args.dataset_name,  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
         **ablation_config,
     }
     config_path = args.output / "run_config.json"
@@ -1177,6 +1189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rows:
         text = write_markdown(args.output / "results.md", rows, config)
         write_plot(args.output / "results.png", rows, config)
+        if paper_results.write_csv(args.output / "paper_comparison.csv", rows, config):
+            console.print(f"wrote {args.output / 'paper_comparison.csv'} (paper numbers beside measured ones)")
         console.print(text, markup=False, highlight=False)
         console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
     if failures:
