@@ -17,6 +17,19 @@ stage resumes in the same stage and epoch (optimiser and scheduler states are in
 Because the model owns its schedule, ``trainer_arguments`` sets ``max_epochs = stage1_epochs +
 stage2_epochs`` (anomalib gives a model's trainer arguments precedence over the user's): change the
 schedule with ``--model.stage1_epochs`` / ``--model.stage2_epochs``.
+
+The paper's recipe and what the model does where it cannot follow it (each checked once at fit start):
+
+* textures: DTD. ``anomalib-kd-dtd --root ./datasets/dtd`` downloads it with anomalib's download helpers into
+  ``./datasets/dtd/images``, the default ``anomaly_source_path`` (relative to the working directory, like
+  anomalib's dataset roots), so the stock CLI uses it without a flag. The model never downloads. When that default
+  folder does not exist, or with ``anomaly_source_path=None``, stage 1 falls back to anomalib's Perlin-noise texture
+  and logs one warning naming the deviation and the command. An explicitly given folder that is missing or holds
+  no image is an error at fit start (not at construction, so a checkpoint loads on a machine without textures).
+* foreground: ``foreground="auto"`` picks the paper's per-category mask from the datamodule's ``category``
+  (see :mod:`anomalib_aand.components.synthesis`); unknown names use the whole image, with a notice.
+* batch size 16 with lr 0.005: another training batch size with the default lr logs a warning (the lr is
+  never scaled silently).
 """
 
 from __future__ import annotations
@@ -36,20 +49,31 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Compose, Normalize
+from torchvision.transforms.v2 import Normalize
 
 from anomalib_kd.distributed import DistributedTrainingMixin
 from anomalib_kd.export import ProvenanceExportMixin
 from anomalib_kd.quantization import AnomalyMapPTQMixin
 
-from .components.synthesis import AnomalySynthesizer, foreground_mask
+from .components.synthesis import (
+    AUTO_FOREGROUND,
+    FOREGROUND_STRATEGIES,
+    AnomalySynthesizer,
+    foreground_mask,
+    foreground_preset,
+    texture_folder_problem,
+)
 from .loss import AandAmplificationLoss, AandDistillationLoss
 from .torch_model import AandModel
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+#: the paper's training batch size (Sec. IV-B), which goes with the default ``lr``
+PAPER_BATCH_SIZE = 16
+PAPER_LR = 0.005
+#: where ``anomalib-kd-dtd`` puts DTD's images (``./datasets/dtd/images/<class>/*.jpg``)
+DTD_IMAGES = "./datasets/dtd/images"
+DTD_COMMAND = "anomalib-kd-dtd --root ./datasets/dtd"
 
 
 def _find_normalize(transform: Any) -> Normalize | None:
@@ -62,40 +86,82 @@ def _find_normalize(transform: Any) -> Normalize | None:
     return None
 
 
+def _validate_optimisation(
+    lr: float,
+    betas: Sequence[float],
+    lr_milestones: Sequence[float],
+    lr_gamma: float,
+) -> None:
+    """Fail early (at construction, not after the first epoch) on optimiser settings Adam / MultiStepLR reject."""
+    if not lr > 0:
+        msg = f"lr must be > 0, got {lr}"
+        raise ValueError(msg)
+    betas = tuple(betas)
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
+        msg = f"betas must be two values in [0, 1), got {betas}"
+        raise ValueError(msg)
+    if not all(0.0 < fraction < 1.0 for fraction in lr_milestones):
+        msg = f"lr_milestones must be fractions of a stage in (0, 1), got {tuple(lr_milestones)}"
+        raise ValueError(msg)
+    if not lr_gamma > 0:
+        msg = f"lr_gamma must be > 0, got {lr_gamma}"
+        raise ValueError(msg)
+
+
 class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """AAND anomaly detector (two-stage knowledge distillation with an advanced teacher).
 
     Args:
         backbone: teacher backbone (timm name, optionally with a weights tag). Default: torchvision's
             ImageNet-V1 WideResNet50-2 (``wide_resnet50_2.tv_in1k``), the weights the paper used.
-        layers: three teacher levels.
+        layers: the three teacher levels (layer1-3, K = 3 in the paper).
         pre_trained: load ImageNet weights into the teacher (through timm: hub or local cache).
-        memory_size: ``L`` normal and ``L`` anomaly memory items of each residual gate (50).
-        gate_temperature: softmax temperature of the gate's cosine matching (0.2).
+        memory_size: ``L``, the number of normal and of anomaly memory items of each residual gate (50).
+        gate_temperature: ``tau``, temperature of the gate's softmax over cosine similarities (0.2).
         margin: ``alpha`` of the dynamic margin of ``L_A``, Eq. (8) (0.3).
         amplification_weight: weight of ``L_A`` in Eq. (9) (1.0 as written; the reference code uses 0.1).
         amplification_pairs: ``"exact"`` - every (anomalous, normal) patch pair of the batch, streamed
             in chunks without the full matrix; ``"subsample"`` - at most ``max_anomalous_patches`` x
             ``max_normal_patches`` random pairs, as in the public reference implementation.
-        max_anomalous_patches, max_normal_patches: caps for ``"subsample"``.
-        focal_alpha, focal_gamma: focal loss of the gate (0.8, 2).
+        max_anomalous_patches: with ``amplification_pairs="subsample"``, at most this many anomalous patches
+            per level and batch enter ``L_A`` (1000, the reference implementation's cap).
+        max_normal_patches: with ``amplification_pairs="subsample"``, at most this many normal (foreground)
+            patches per level and batch enter ``L_A`` (5000, the reference implementation's cap).
+        focal_alpha: ``alpha`` of the gate's focal loss, the weight of the anomalous class (0.8).
+        focal_gamma: ``gamma`` of the gate's focal loss, the focusing exponent (2).
         label_threshold: a patch of a level is anomalous when its share of anomalous pixels exceeds it (0.3).
         hard_samples: ``K_h`` of the hard KD loss, Eq. (11) (10).
-        stage1_epochs, stage2_epochs: schedule (100 + 120 in the paper).
-        lr, betas: Adam of both stages (0.005, (0.5, 0.999)).
-        lr_milestones, lr_gamma: MultiStepLR per stage at these fractions of the stage (0.8, 0.9; 0.2).
-        anomaly_source_path: optional texture folder (e.g. DTD) for synthetic anomalies.
+        stage1_epochs: epochs of stage 1, anomaly amplification (100 in the paper; 0 skips it: RD + HKD on
+            the vanilla teacher).
+        stage2_epochs: epochs of stage 2, normality distillation (120 in the paper).
+        lr: Adam learning rate of both stages (0.005, the paper's value for a training batch of 16; it is not
+            scaled with the batch size: a warning at fit start says when the batch differs).
+        betas: Adam ``(beta1, beta2)`` of both stages, each in [0, 1) ((0.5, 0.999)).
+        lr_milestones: MultiStepLR milestones of each stage as fractions in (0, 1) of that stage's epochs
+            ((0.8, 0.9)).
+        lr_gamma: MultiStepLR decay factor at each milestone (0.2).
+        anomaly_source_path: texture folder for synthetic anomalies. Default ``./datasets/dtd/images``, where
+            ``anomalib-kd-dtd --root ./datasets/dtd`` puts DTD, the paper's textures; if that default folder is
+            missing, or with ``None``, anomalib's Perlin-noise texture is used (a deviation from the paper, warned
+            about at fit start). Another folder that is missing or has no images is an error at fit start.
         anomaly_probability: share of training images that receive a synthetic anomaly in stage 1 (0.8).
         blend_range: opacity range of the synthetic perturbation (0.2, 1.0), i.e. ``beta in [0, 0.8)``.
-        foreground: foreground strategy for synthesis: ``"none"`` (whole image), ``"bright"``, ``"dark"``.
-        foreground_threshold: grey-level threshold in [0, 1] for the foreground; ``None`` = Otsu.
+        foreground: foreground strategy for synthesis: ``"auto"`` (default: the paper's preset for the
+            datamodule's category, whole image for unknown names), ``"none"`` (whole image), ``"bright"``,
+            ``"dark"`` (inverted threshold) or ``"disk"`` (centred disk of radius 0.45 H).
+        foreground_threshold: grey-level threshold in [0, 1] for ``"bright"`` / ``"dark"``; ``None`` = Otsu per
+            image. With ``"auto"`` a value here replaces the preset's threshold.
         backbone_weights: local ``.safetensors`` / ``.pth`` file with the teacher's weights (written by
             ``anomalib-kd-weights export``), for machines without network: loaded instead of downloading, whatever
             ``pre_trained`` says; every teacher tensor must be in it with the right shape. ``load_from_checkpoint``
             does not need the file (the checkpoint holds the teacher). Provenance: ``model.teacher_provenance``.
         fast_inference: opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on CPU) with
             channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``); exports are unaffected.
-        pre_processor, post_processor, evaluator, visualizer: anomalib components.
+        pre_processor: anomalib pre-processor (default: resize to 256 x 256, the paper's size, and ImageNet
+            normalisation).
+        post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
+        evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
+        visualizer: anomalib visualizer (default: anomalib's image visualizer).
 
     Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd.distributed`): DDP runs with
     ``find_unused_parameters=True`` (set by the model: each stage leaves the other stage's modules without
@@ -130,10 +196,10 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         betas: Sequence[float] = (0.5, 0.999),
         lr_milestones: Sequence[float] = (0.8, 0.9),
         lr_gamma: float = 0.2,
-        anomaly_source_path: str | None = None,
+        anomaly_source_path: str | None = DTD_IMAGES,
         anomaly_probability: float = 0.8,
         blend_range: Sequence[float] = (0.2, 1.0),
-        foreground: str = "none",
+        foreground: str = AUTO_FOREGROUND,
         foreground_threshold: float | None = None,
         backbone_weights: str | None = None,
         fast_inference: bool = False,
@@ -157,6 +223,10 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         if hard_samples < 1:
             msg = f"hard_samples (K_h) must be >= 1, got {hard_samples}"
             raise ValueError(msg)
+        _validate_optimisation(lr, betas, lr_milestones, lr_gamma)
+        if foreground not in (*FOREGROUND_STRATEGIES, AUTO_FOREGROUND):
+            msg = f"foreground must be one of {(AUTO_FOREGROUND, *FOREGROUND_STRATEGIES)}, got {foreground!r}"
+            raise ValueError(msg)
         self.stage1_epochs = int(stage1_epochs)
         self.stage2_epochs = int(stage2_epochs)
         self.lr = lr
@@ -164,6 +234,12 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         self.lr_milestones = tuple(lr_milestones)
         self.lr_gamma = lr_gamma
         self.label_threshold = label_threshold
+        self.anomaly_source_path = anomaly_source_path
+        # what stage 1 really uses: the folder, or None (default DTD folder absent / explicit problem, see on_fit_start)
+        self._texture_problem = texture_folder_problem(anomaly_source_path)
+        texture_source = anomaly_source_path if self._texture_problem is None else None
+        self.foreground = foreground
+        self.foreground_threshold = foreground_threshold
 
         self.model = AandModel(
             backbone=backbone,
@@ -175,6 +251,8 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
             backbone_weights=backbone_weights,
         )
         self.model.set_fast_inference(fast_inference)
+        # stage1_epochs=0 is "RD + HKD on the vanilla teacher": an untrained RAA must not perturb F_T (issue 18)
+        self.model.amplification = self.stage1_epochs > 0
         self.amplification_loss = AandAmplificationLoss(
             margin=margin,
             focal_alpha=focal_alpha,
@@ -186,10 +264,11 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         )
         self.loss = AandDistillationLoss(hard_samples=hard_samples)
         self.synthesizer = AnomalySynthesizer(
-            anomaly_source_path=anomaly_source_path,
+            anomaly_source_path=texture_source,
             probability=anomaly_probability,
             blend_range=tuple(blend_range),
-            foreground=foreground,
+            # "auto" is resolved per category at fit start (resolve_foreground); until then the whole image
+            foreground="none" if foreground == AUTO_FOREGROUND else foreground,
             foreground_threshold=foreground_threshold,
         )
         self.automatic_optimization = False
@@ -261,6 +340,82 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
                 f"(check data.root / data.category of {type(datamodule).__name__})."
             )
             raise ValueError(msg)
+        self.check_texture_source()
+        if self.trainer.is_global_zero:
+            self._check_recipe(datamodule, world_size=self.trainer.world_size)
+        else:  # every rank needs the same foreground, only rank 0 logs
+            self.resolve_foreground(getattr(datamodule, "category", None), log=False)
+
+    def resolve_foreground(self, category: str | None, log: bool = True) -> tuple[str, float | None]:
+        """Set the synthesis foreground for ``category`` when ``foreground="auto"``; return ``(strategy, threshold)``.
+
+        Explicit strategies are kept as given. Unknown category names use the whole image (with a notice).
+        """
+        if self.foreground != AUTO_FOREGROUND:
+            return self.synthesizer.foreground, self.synthesizer.foreground_threshold
+        strategy, threshold, known = foreground_preset(category)
+        if self.foreground_threshold is not None and strategy in {"bright", "dark"}:
+            threshold = self.foreground_threshold
+        self.synthesizer.set_foreground(strategy, threshold)
+        if log and known:
+            logger.info("AAND foreground='auto' for category %r: strategy %r, threshold %s", category, strategy, threshold)
+        elif log:
+            logger.warning(
+                "AAND foreground='auto': no preset for category %r, so synthetic anomalies may fall anywhere on the "
+                "image (whole-image foreground). Set --model.foreground bright/dark/disk (and "
+                "--model.foreground_threshold) to keep them on the product; check a choice with "
+                "examples/foreground_preview.py.",
+                category,
+            )
+        return strategy, threshold
+
+    def check_texture_source(self) -> str | None:
+        """The texture-source deviation from the paper, as the warning text (``None``: DTD-like folder in use).
+
+        Raises:
+            ValueError: an explicitly given ``anomaly_source_path`` (not the default) is missing or has no images.
+        """
+        if self.stage1_epochs == 0:
+            return None
+        if self.anomaly_source_path is None:
+            reason = "anomaly_source_path=None"
+        elif self._texture_problem is None:
+            return None
+        elif self.anomaly_source_path == DTD_IMAGES:
+            reason = f"the default texture folder {DTD_IMAGES} does not exist (or has no images)"
+        else:
+            raise ValueError(self._texture_problem)
+        return (
+            f"AAND deviates from the paper: no texture source ({reason}), so stage-1 anomalies are filled with "
+            "anomalib's Perlin-noise texture instead of DTD textures. Download DTD once with "
+            f"`{DTD_COMMAND}` (then {DTD_IMAGES} is used by default), or pass --model.anomaly_source_path <folder>."
+        )
+
+    def _check_recipe(self, datamodule: Any, world_size: int = 1) -> None:
+        """Fit-start checks of the paper's recipe: foreground preset, texture source, batch size (see module doc)."""
+        self.resolve_foreground(getattr(datamodule, "category", None))
+        texture_warning = self.check_texture_source()
+        if texture_warning is not None:
+            logger.warning(texture_warning)
+        batch_size = getattr(datamodule, "train_batch_size", None)
+        if isinstance(batch_size, int) and self.lr == PAPER_LR:
+            world_size = max(1, int(world_size or 1))
+            if batch_size * world_size != PAPER_BATCH_SIZE:
+                per_rank = f" ({batch_size} per rank x {world_size} ranks)" if world_size > 1 else ""
+                advice = (
+                    f"--data.train_batch_size {PAPER_BATCH_SIZE}"
+                    if world_size == 1
+                    else f"--data.train_batch_size {max(1, PAPER_BATCH_SIZE // world_size)} (per rank, {world_size} ranks)"
+                )
+                logger.warning(
+                    "AAND: training batch size %d%s with the paper's lr %s, which the paper uses with batch %d; the lr "
+                    "is not scaled. Pass %s to train as in the paper, or set --model.lr for your batch size.",
+                    batch_size * world_size,
+                    per_rank,
+                    PAPER_LR,
+                    PAPER_BATCH_SIZE,
+                    advice,
+                )
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Restore anomalib's components, then size the anomaly map like the restored pre-processor.
@@ -288,10 +443,15 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
 
     # ------------------------------------------------------------------ normalisation
     def _normalisation(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the pre-processor's ``Normalize``; identity (0, 1) when it has none.
+
+        Images are de-normalised to [0, 1] for the synthesis and re-normalised after it. Without a ``Normalize``
+        the batch already is in [0, 1], so the identity is the only correct fallback.
+        """
         transform = self.pre_processor.transform if self.pre_processor else None
         normalize = _find_normalize(transform)
-        mean = normalize.mean if normalize is not None else IMAGENET_MEAN
-        std = normalize.std if normalize is not None else IMAGENET_STD
+        mean = normalize.mean if normalize is not None else 0.0
+        std = normalize.std if normalize is not None else 1.0
         mean = torch.as_tensor(mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         std = torch.as_tensor(std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
         return mean, std
@@ -352,28 +512,129 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
     # ------------------------------------------------------------------ introspection
     @torch.no_grad()
     def residual_intensity(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Fig. 8 quantity: mean squared residual on synthetic-anomaly vs normal patches, per level.
+        """Fig. 8 quantity on synthetic anomalies, and what ``L_A`` does to the anomalous features, per level.
 
-        Synthesises anomalies on ``images`` (normalised, like ``batch.image``) and returns
-        ``{"anomalous": (K,), "normal": (K,)}`` where entry ``k`` is
-        ``1/(N C) sum_i sum_j (Delta_ij)^2`` over that level's anomalous / normal patches of the
-        residual *as used* (``w^a * Delta``, the gated residual the advanced teacher adds).
+        Synthesises anomalies on ``images`` (normalised, like ``batch.image``) and returns ``(K,)`` tensors:
+
+        * ``"anomalous"`` / ``"normal"``: ``1/(N C) sum_i sum_j (w^a Delta)_ij^2`` over that level's anomalous /
+          normal patches of the residual *as used* at inference (gated by the predicted gate, Eq. 1);
+        * ``"similarity_drop"``: mean ``s(F_T^a, F_T^n) - s(F_A^a, F_T^n)`` over all (anomalous, normal) patch pairs
+          with ``F_A^a = F_T^a + Delta^a`` (the ground-truth-gated residual of Eq. 6, the one ``L_A`` trains): how
+          far the generator pushes anomalous features away from the normal ones. It stays at its initial value
+          when ``L_A`` does not reach the generator.
         """
         mean, std = self._normalisation(images)
         augmented, mask, _ = self.synthesizer((images * std + mean).clamp(0, 1))
         vanilla = self.model.teacher_features((augmented - mean) / std)
         _, gates, _, residuals = self.model.amplify(vanilla)
-        anomalous, normal = [], []
-        for gate, residual in zip(gates, residuals, strict=True):
+        anomalous, normal, drop = [], [], []
+        for features, gate, residual in zip(vanilla, gates, residuals, strict=True):
             labels = self.level_labels(mask, tuple(residual.shape[-2:]))
             energy = ((gate * residual) ** 2).mean(dim=1, keepdim=True)
-            anomalous.append(energy[labels].mean() if labels.any() else energy.new_tensor(float("nan")))
+            nan = energy.new_tensor(float("nan"))
+            anomalous.append(energy[labels].mean() if labels.any() else nan)
             normal.append(energy[~labels].mean())
-        return {"anomalous": torch.stack(anomalous), "normal": torch.stack(normal)}
+            rows = labels[:, 0]
+            vanilla_a = F.normalize(features.permute(0, 2, 3, 1)[rows], dim=1)
+            advanced_a = F.normalize((features + residual).permute(0, 2, 3, 1)[rows], dim=1)
+            vanilla_n = F.normalize(features.permute(0, 2, 3, 1)[~rows], dim=1)
+            if rows.any() and (~rows).any():
+                drop.append((vanilla_a @ vanilla_n.t()).mean() - (advanced_a @ vanilla_n.t()).mean())
+            else:
+                drop.append(nan)
+        return {"anomalous": torch.stack(anomalous), "normal": torch.stack(normal), "similarity_drop": torch.stack(drop)}
+
+    @torch.no_grad()
+    def mechanism_report(self, dataloader: Any) -> dict[str, float]:
+        """Mechanism figures on real test defects (the benchmark's ablation; keys per ``INTERFACES``).
+
+        ``dataloader`` yields raw anomalib ``ImageBatch``es (not pre-processed); each batch is pre-processed here
+        like anomalib's ``PreProcessor`` callback does. Per level ``k`` (1-3), with the gt mask pooled to the level
+        by :meth:`level_labels`:
+
+        * ``residual_ratio_l{k}``: mean ``|w^a * Delta|^2`` (per position, mean over channels) on anomalous positions
+          divided by the same on normal positions (all positions not labelled anomalous) - the Fig. 8 quantity on
+          real defects; ``residual_energy_anomalous_l{k}`` / ``residual_energy_normal_l{k}`` are its two terms;
+        * ``delta_ratio_l{k}``: the same ratio for the ungated residual ``|Delta|^2`` (what the generator alone does);
+        * ``gate_fpr_l{k}``: share of the positions of normal images with ``w^a > 0.5``;
+        * ``map_share_l{k}``: the level's share of the summed (up-sampled, un-smoothed) Eq. 14 map, mean over images.
+
+        NaN where undefined (e.g. no anomalous position, or no normal image).
+        """
+        levels = len(self.model.raa)
+        energy_a, count_a = torch.zeros(levels, dtype=torch.float64), torch.zeros(levels, dtype=torch.float64)
+        energy_n, count_n = torch.zeros(levels, dtype=torch.float64), torch.zeros(levels, dtype=torch.float64)
+        delta_a, delta_n = torch.zeros(levels, dtype=torch.float64), torch.zeros(levels, dtype=torch.float64)
+        gate_fp, gate_total = torch.zeros(levels, dtype=torch.float64), torch.zeros(levels, dtype=torch.float64)
+        share_sum, images_seen = torch.zeros(levels, dtype=torch.float64), 0
+        for batch in dataloader:
+            if batch.gt_mask is None:  # a batch of normal images only
+                image = self.pre_processor.transform(batch.image)
+                mask = torch.zeros(image.shape[0], *image.shape[-2:], dtype=torch.bool)
+            else:
+                image, mask = self.pre_processor.transform(batch.image, batch.gt_mask)
+            image = image.to(self.device)
+            mask = torch.as_tensor(mask).to(self.device)
+            if mask.ndim == 4:
+                mask = mask[:, 0]
+            mask = mask.float().unsqueeze(1)
+            labels = batch.gt_label
+            if labels is None:
+                labels = mask.flatten(1).amax(dim=1) > 0
+            normal_image = ~torch.as_tensor(labels).to(self.device).bool().flatten()
+            vanilla = self.model.teacher_features(image)
+            advanced, gates, _, residuals = self.model.amplify(vanilla)
+            student = self.model.student_features(advanced)
+            level_maps = []
+            for k, (gate, residual) in enumerate(zip(gates, residuals, strict=True)):
+                anomalous = self.level_labels(mask, tuple(residual.shape[-2:]))[:, 0]  # (B, h, w)
+                gated = ((gate * residual) ** 2).mean(dim=1)
+                raw = (residual**2).mean(dim=1)
+                energy_a[k] += gated[anomalous].double().sum().cpu()
+                energy_n[k] += gated[~anomalous].double().sum().cpu()
+                delta_a[k] += raw[anomalous].double().sum().cpu()
+                delta_n[k] += raw[~anomalous].double().sum().cpu()
+                count_a[k] += anomalous.sum().cpu()
+                count_n[k] += (~anomalous).sum().cpu()
+                normal_gates = gate[:, 0][normal_image]
+                gate_fp[k] += (normal_gates > 0.5).sum().cpu()
+                gate_total[k] += normal_gates.numel()
+                distance = 1 - F.cosine_similarity(advanced[k].float(), student[k].float(), dim=1).unsqueeze(1)
+                level_maps.append(
+                    F.interpolate(distance, size=tuple(image.shape[-2:]), mode="bilinear", align_corners=True)
+                    .flatten(1)
+                    .sum(dim=1)
+                )
+            level_sums = torch.stack(level_maps, dim=1).double()  # (B, K)
+            share_sum += (level_sums / level_sums.sum(dim=1, keepdim=True).clamp_min(1e-12)).sum(dim=0).cpu()
+            images_seen += int(image.shape[0])
+
+        def ratio(num: torch.Tensor, den: torch.Tensor) -> list[float]:
+            return [float(n / d) if d > 0 else float("nan") for n, d in zip(num.tolist(), den.tolist(), strict=True)]
+
+        mean_a, mean_n = ratio(energy_a, count_a), ratio(energy_n, count_n)
+        raw_a, raw_n = ratio(delta_a, count_a), ratio(delta_n, count_n)
+        fpr = ratio(gate_fp, gate_total)
+        report: dict[str, float] = {}
+        for k in range(levels):
+            level = k + 1
+            report[f"residual_ratio_l{level}"] = mean_a[k] / mean_n[k] if mean_n[k] > 0 else float("nan")
+            report[f"residual_energy_anomalous_l{level}"] = mean_a[k]
+            report[f"residual_energy_normal_l{level}"] = mean_n[k]
+            report[f"delta_ratio_l{level}"] = raw_a[k] / raw_n[k] if raw_n[k] > 0 else float("nan")
+            report[f"gate_fpr_l{level}"] = fpr[k]
+            report[f"map_share_l{level}"] = float(share_sum[k] / images_seen) if images_seen else float("nan")
+        return report
 
     @staticmethod
     def foreground_preview(images: torch.Tensor, strategy: str, threshold: float | None = None) -> torch.Tensor:
-        """Foreground masks AAND would use for synthesis on ``images`` in [0, 1] (to tune the strategy)."""
+        """Foreground masks AAND would use for synthesis on ``images`` in [0, 1] (to tune the strategy).
+
+        ``strategy`` may be a category name with ``"auto:<category>"`` (e.g. ``"auto:screw"``) to preview a preset.
+        """
+        if strategy.startswith(f"{AUTO_FOREGROUND}:"):
+            strategy, preset_threshold, _ = foreground_preset(strategy.split(":", 1)[1])
+            threshold = preset_threshold if threshold is None else threshold
         return foreground_mask(images, strategy, threshold)
 
 

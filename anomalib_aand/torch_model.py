@@ -109,6 +109,8 @@ class AandModel(nn.Module):
             mode=AnomalyMapGenerationMode.ADD,
         )
         self.fast_inference = False
+        #: add the gated residual (Eq. 1); ``Aand`` turns it off when no stage 1 is run (``F_A = F_T``)
+        self.amplification = True
 
     def set_fast_inference(self, enabled: bool) -> None:
         """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd.fast`."""
@@ -135,7 +137,15 @@ class AandModel(nn.Module):
         vanilla: list[torch.Tensor],
         residual_weights: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-        """Advance the teacher features: returns ``(advanced, gates, gate_logits, residuals)`` per level."""
+        """Advance the teacher features: returns ``(advanced, gates, gate_logits, residuals)`` per level.
+
+        With ``self.amplification`` off (no stage 1 trained the RAA: ``Aand(stage1_epochs=0)``) and no explicit
+        ``residual_weights``, the residual is not added: ``F_A = F_T`` (an untrained RAA would otherwise add
+        ``w^a Delta`` with ``w^a`` about 0.5 and ``|Delta|`` up to ~0.5 ``|F_T|`` to every feature). Gates and
+        residuals are still returned.
+        """
+        if residual_weights is None and not getattr(self, "amplification", True):
+            residual_weights = [features.new_zeros(features.shape[0], 1, *features.shape[-2:]) for features in vanilla]
         weights = residual_weights or [None] * len(vanilla)
         outputs = [raa(features, weight) for raa, features, weight in zip(self.raa, vanilla, weights, strict=True)]
         advanced, gates, logits, residuals = (list(items) for items in zip(*outputs, strict=True))
@@ -146,9 +156,14 @@ class AandModel(nn.Module):
         return self.decoder(self.bottleneck(advanced))
 
     def forward(self, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]] | InferenceBatch:
-        """Training mode: ``(F_A, F_S)`` of normal images (stage 2); eval mode: ``InferenceBatch``."""
+        """Training mode: ``(F_A, F_S)`` of normal images (stage 2); eval mode: ``InferenceBatch``.
+
+        In training mode ``F_A`` is the stage-2 *target*: it is computed without autograd, so a loss on
+        ``(F_A, F_S)`` back-propagates into the student only, never into the RAA modules.
+        """
         if self.training:
-            advanced = self.amplify(self.teacher_features(images))[0]
+            with torch.no_grad():
+                advanced = self.amplify(self.teacher_features(images))[0]
             return advanced, self.student_features(advanced)
         with inference_autocast(self.fast_inference, images.device):
             if self.fast_inference:

@@ -267,10 +267,12 @@ def test_synthesis_masks_are_binary_inside_foreground_and_change_only_masked_pix
 
 def test_texture_folder_without_images_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
-    with pytest.raises(ValueError, match="anomaly_source_path"):
-        tiny_aand(anomaly_source_path=str(tmp_path))
-    with pytest.raises(ValueError, match="anomaly_source_path"):
-        tiny_aand(anomaly_source_path=str(tmp_path / "missing"))
+    for folder in (tmp_path, tmp_path / "missing"):
+        with pytest.raises(ValueError, match="anomaly_source_path"):
+            AnomalySynthesizer(anomaly_source_path=folder)
+        # the model constructs (a checkpoint must load without the textures) and refuses at fit start
+        with pytest.raises(ValueError, match="anomaly_source_path"):
+            tiny_aand(anomaly_source_path=str(folder)).check_texture_source()
 
 
 def test_texture_folder_is_used(tmp_path) -> None:

@@ -13,6 +13,12 @@ teacher's feature map ``F_T`` and returns
 
 The levels are amplified *in parallel*: the backbone forward is unchanged (layer2 consumes the
 un-amplified layer1), so the vanilla features come for free next to the amplified ones.
+
+Initialisation (the paper is silent; matched to the public reference implementation): the memory items are
+drawn from ``N(0, 1)`` (norm about ``sqrt(C)``; the cosine matching ignores the norm, but under Adam the step
+size is per coordinate, so the norm sets how fast an item's *direction* moves - a ``1/sqrt(C)`` scaling would
+make it move ``sqrt(C)`` times faster), and every 1x1 convolution of the two MLPs is Kaiming-normal with
+``mode="fan_out"`` (ReLU gain) and a zero bias, instead of PyTorch's default uniform init.
 """
 
 from __future__ import annotations
@@ -24,14 +30,19 @@ from torch.nn import functional as F  # noqa: N812
 
 
 def _mlp(channels: int, hidden: int) -> nn.Sequential:
-    """1x1-conv MLP ``C -> h -> h -> C`` applied independently at each position."""
-    return nn.Sequential(
+    """1x1-conv MLP ``C -> h -> h -> C`` applied independently at each position (Kaiming fan-out init)."""
+    mlp = nn.Sequential(
         nn.Conv2d(channels, hidden, kernel_size=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(hidden, hidden, kernel_size=1),
         nn.ReLU(inplace=True),
         nn.Conv2d(hidden, channels, kernel_size=1),
     )
+    for module in mlp.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(module.bias)
+    return mlp
 
 
 class MatchingGuidedResidualGate(nn.Module):
@@ -57,7 +68,7 @@ class MatchingGuidedResidualGate(nn.Module):
         self.temperature = temperature
         self.projection = _mlp(channels, hidden or min(2 * channels, 1024))
         # rows [0, L) are the normal memory M^n, rows [L, 2L) the anomaly memory M^a
-        self.memory = nn.Parameter(torch.randn(2 * memory_size, channels) / channels**0.5)
+        self.memory = nn.Parameter(torch.randn(2 * memory_size, channels))  # N(0, 1), see the module docstring
         self._pe_cache: tuple[tuple[int, int], torch.Tensor] | None = None
 
     def position_encoding(self, height: int, width: int, like: torch.Tensor) -> torch.Tensor:

@@ -4,13 +4,36 @@ Perlin-noise masks and perturbations come from anomalib's :class:`PerlinAnomalyG
 (scales ``2^0..2^5``, rotation +-90 deg, threshold 0.5, DRAEM-style augmenters, an optional texture
 folder such as DTD). AAND additionally restricts each anomaly to the foreground of the product:
 the pseudo-anomaly mask is the intersection of the Perlin mask and a foreground mask obtained by
-grey-level thresholding. The foreground strategy is configurable:
+grey-level thresholding. The foreground strategies (:func:`foreground_mask`):
 
-* ``"none"`` (default, safe for every category and for textures): the whole image is foreground;
+* ``"none"``: the whole image is foreground (textures, and any category without a preset);
 * ``"bright"``: foreground = blurred grey level above the threshold (object brighter than background);
-* ``"dark"``: foreground = blurred grey level below the threshold.
+* ``"dark"``: foreground = blurred grey level below the threshold (the "inverted" binary threshold);
+* ``"disk"``: a centred disk of radius ``DISK_RADIUS`` x H (round products photographed from above).
 
-The threshold is Otsu's, per image, unless a fixed value in ``[0, 1]`` is given.
+The grey level is blurred before thresholding with a Gaussian of ``FOREGROUND_BLUR_SIGMA`` = 2 px (kernel
+``2 * round(3 sigma) + 1`` = 13 px) at the pre-processed resolution (256 px by default), which closes
+pin-holes and specular speckles in the mask. The threshold is a fixed value in ``[0, 1]``, or Otsu's per image
+when ``None``.
+
+``foreground="auto"`` (the model's default) picks the strategy and threshold per category name with
+:func:`foreground_preset` from :data:`FOREGROUND_PRESETS`:
+
+* MVTec AD (values from the public reference implementation of AAND): the five textures (carpet, grid,
+  leather, tile, wood) use the whole image; capsule, screw and zipper are thresholded *inverted* at 150/255
+  (``"dark"``); hazelnut, metal_nut, pill and toothbrush at 50/255 (``"bright"``: the products lie on a
+  black background); bottle and cable are a centred disk of radius 0.45 H; transistor uses the whole image
+  (its "misplaced" / "missing" defects lie on the board around the part, so no region may be excluded).
+* VisA (no reference values; derived from how the categories are photographed, *not* verified on the
+  images here because the dataset cannot be downloaded on this machine - check your own images with
+  ``examples/foreground_preview.py``): candle (white candles), cashew, chewinggum, fryum, pipe_fryum,
+  macaroni1 and macaroni2 (pale or orange food items) are bright objects: ``"bright"`` at 50/255 only removes
+  near-black background and cannot remove the object itself; where the background is not dark it degrades
+  to the whole image, the safe choice. capsules (translucent, partly dark capsules in varying poses) and
+  pcb1-pcb4 (the board fills the frame, defects anywhere on it) use the whole image: when in doubt, the whole
+  image is the safe choice, because it can only make the synthesis less targeted, never keep anomalies off
+  the product.
+* any other name: the whole image (the model logs a notice).
 
 Everything runs on the batch's device. Images are expected in ``[0, 1]``.
 """
@@ -25,7 +48,53 @@ from torch import nn
 from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
-FOREGROUND_STRATEGIES = ("none", "bright", "dark")
+FOREGROUND_STRATEGIES = ("none", "bright", "dark", "disk")
+#: ``Aand(foreground="auto")`` resolves to one of :data:`FOREGROUND_STRATEGIES` with :func:`foreground_preset`
+AUTO_FOREGROUND = "auto"
+#: standard deviation (pixels of the pre-processed image) of the Gaussian blur applied before thresholding
+FOREGROUND_BLUR_SIGMA = 2.0
+#: radius of the ``"disk"`` strategy as a fraction of the image height
+DISK_RADIUS = 0.45
+
+MVTEC_AD_CATEGORIES = (
+    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+    "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper",
+)  # fmt: skip
+VISA_CATEGORIES = (
+    "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+)  # fmt: skip
+
+_WHOLE = ("none", None)
+_BRIGHT_50 = ("bright", 50 / 255)
+_DARK_150 = ("dark", 150 / 255)
+_DISK = ("disk", None)
+#: category name -> ``(strategy, threshold)``; see the module docstring for where each value comes from
+FOREGROUND_PRESETS: dict[str, tuple[str, float | None]] = {
+    # MVTec AD textures: the whole image
+    "carpet": _WHOLE, "grid": _WHOLE, "leather": _WHOLE, "tile": _WHOLE, "wood": _WHOLE,
+    # MVTec AD objects
+    "capsule": _DARK_150, "screw": _DARK_150, "zipper": _DARK_150,
+    "hazelnut": _BRIGHT_50, "metal_nut": _BRIGHT_50, "pill": _BRIGHT_50, "toothbrush": _BRIGHT_50,
+    "bottle": _DISK, "cable": _DISK,
+    "transistor": _WHOLE,
+    # VisA
+    "candle": _BRIGHT_50, "cashew": _BRIGHT_50, "chewinggum": _BRIGHT_50, "fryum": _BRIGHT_50,
+    "pipe_fryum": _BRIGHT_50, "macaroni1": _BRIGHT_50, "macaroni2": _BRIGHT_50,
+    "capsules": _WHOLE, "pcb1": _WHOLE, "pcb2": _WHOLE, "pcb3": _WHOLE, "pcb4": _WHOLE,
+}  # fmt: skip
+
+
+def foreground_preset(category: str | None) -> tuple[str, float | None, bool]:
+    """``(strategy, threshold, known)`` of ``foreground="auto"`` for a datamodule category name.
+
+    Unknown (or missing) names give the whole image with ``known=False`` (the caller logs a notice).
+    """
+    key = str(category).strip().lower() if category is not None else ""
+    if key in FOREGROUND_PRESETS:
+        strategy, threshold = FOREGROUND_PRESETS[key]
+        return strategy, threshold, True
+    return "none", None, False
 
 
 def otsu_threshold(gray: torch.Tensor, bins: int = 256) -> torch.Tensor:
@@ -47,15 +116,23 @@ def foreground_mask(
     images: torch.Tensor,
     strategy: str = "none",
     threshold: float | None = None,
-    blur_sigma: float = 2.0,
+    blur_sigma: float = FOREGROUND_BLUR_SIGMA,
 ) -> torch.Tensor:
-    """Binary foreground mask ``(B, 1, H, W)`` of images in ``[0, 1]`` (see module docstring)."""
+    """Binary foreground mask ``(B, 1, H, W)`` of images in ``[0, 1]`` (see module docstring).
+
+    ``strategy="auto"`` is resolved by the model (per category); here it must be one of ``FOREGROUND_STRATEGIES``.
+    """
     if strategy not in FOREGROUND_STRATEGIES:
         msg = f"foreground strategy must be one of {FOREGROUND_STRATEGIES}, got {strategy!r}"
         raise ValueError(msg)
     batch, _, height, width = images.shape
     if strategy == "none":
         return torch.ones(batch, 1, height, width, device=images.device, dtype=images.dtype)
+    if strategy == "disk":
+        rows = torch.arange(height, device=images.device, dtype=images.dtype) - (height - 1) / 2
+        cols = torch.arange(width, device=images.device, dtype=images.dtype) - (width - 1) / 2
+        inside = rows.view(-1, 1) ** 2 + cols.view(1, -1) ** 2 <= (DISK_RADIUS * height) ** 2
+        return inside.to(images.dtype).expand(batch, 1, height, width).clone()
     gray = TF.rgb_to_grayscale(images) if images.shape[1] == 3 else images[:, :1]
     kernel = 2 * int(3 * blur_sigma + 0.5) + 1
     gray = TF.gaussian_blur(gray, kernel_size=[kernel, kernel], sigma=[blur_sigma, blur_sigma])
@@ -67,6 +144,24 @@ def foreground_mask(
     return mask.to(images.dtype)
 
 
+def texture_folder_problem(anomaly_source_path: str | Path | None) -> str | None:
+    """Why ``anomaly_source_path`` cannot serve as a texture folder (``None`` when it can, or when it is ``None``)."""
+    if anomaly_source_path is None:
+        return None
+    source = Path(anomaly_source_path)
+    if not source.is_dir():
+        return (
+            f"anomaly_source_path {str(source)!r} is not a directory (DTD: run `anomalib-kd-dtd --root ./datasets/dtd` "
+            "and pass ./datasets/dtd/images)"
+        )
+    if not any(path.suffix.lower() in IMG_EXTENSIONS for path in source.rglob("*") if path.is_file()):
+        return (
+            f"anomaly_source_path {str(source)!r} contains no images "
+            f"(looked for {', '.join(IMG_EXTENSIONS)}); give a texture folder such as DTD or None"
+        )
+    return None
+
+
 class AnomalySynthesizer(nn.Module):
     """Perlin anomalies restricted to the foreground.
 
@@ -76,7 +171,8 @@ class AnomalySynthesizer(nn.Module):
         probability: probability that an image receives an anomaly (the rest stay clean).
         blend_range: range of the perturbation's opacity ``1 - beta`` inside the mask (``beta`` is
             the weight of the original image, drawn in ``[0, 0.8)`` by default).
-        foreground: foreground strategy, see :func:`foreground_mask`.
+        foreground: foreground strategy, one of ``FOREGROUND_STRATEGIES`` (see :func:`foreground_mask`); the
+            model resolves ``"auto"`` per category and calls :meth:`set_foreground`.
         foreground_threshold: fixed grey-level threshold in ``[0, 1]``; ``None`` = Otsu per image.
         max_attempts: redraws of an empty mask (e.g. Perlin blob entirely in the background).
     """
@@ -94,31 +190,16 @@ class AnomalySynthesizer(nn.Module):
         if not 0.0 <= probability <= 1.0:
             msg = f"anomaly_probability must be in [0, 1], got {probability}"
             raise ValueError(msg)
-        if foreground not in FOREGROUND_STRATEGIES:
-            msg = f"foreground must be one of {FOREGROUND_STRATEGIES}, got {foreground!r}"
-            raise ValueError(msg)
-        if foreground_threshold is not None and not 0.0 <= foreground_threshold <= 1.0:
-            msg = f"foreground_threshold must be in [0, 1] or None, got {foreground_threshold}"
-            raise ValueError(msg)
         low, high = blend_range
         if not 0.0 <= low <= high <= 1.0:
             msg = f"blend_range must satisfy 0 <= low <= high <= 1, got {blend_range}"
             raise ValueError(msg)
-        if anomaly_source_path is not None:
-            source = Path(anomaly_source_path)
-            if not source.is_dir():
-                msg = f"anomaly_source_path {str(source)!r} is not a directory"
-                raise ValueError(msg)
-            if not any(path.suffix.lower() in IMG_EXTENSIONS for path in source.rglob("*") if path.is_file()):
-                msg = (
-                    f"anomaly_source_path {str(source)!r} contains no images "
-                    f"(looked for {', '.join(IMG_EXTENSIONS)}); give a texture folder such as DTD or None"
-                )
-                raise ValueError(msg)
+        problem = texture_folder_problem(anomaly_source_path)
+        if problem is not None:
+            raise ValueError(problem)
         self.probability = probability
         self.blend_range = (float(low), float(high))
-        self.foreground = foreground
-        self.foreground_threshold = foreground_threshold
+        self.set_foreground(foreground, foreground_threshold)
         self.max_attempts = max_attempts
         self.generator = PerlinAnomalyGenerator(
             anomaly_source_path=anomaly_source_path,
@@ -126,6 +207,17 @@ class AnomalySynthesizer(nn.Module):
             blend_factor=self.blend_range,
             rotation_range=(-90, 90),
         )
+
+    def set_foreground(self, strategy: str, threshold: float | None = None) -> None:
+        """Set the foreground strategy and threshold (validated) used by the next batches."""
+        if strategy not in FOREGROUND_STRATEGIES:
+            msg = f"foreground must be one of {(*FOREGROUND_STRATEGIES, AUTO_FOREGROUND)}, got {strategy!r}"
+            raise ValueError(msg)
+        if threshold is not None and not 0.0 <= threshold <= 1.0:
+            msg = f"foreground_threshold must be in [0, 1] or None, got {threshold}"
+            raise ValueError(msg)
+        self.foreground = strategy
+        self.foreground_threshold = threshold
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
