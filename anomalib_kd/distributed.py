@@ -54,13 +54,19 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .resume import ResumableCycle, RunGuardMixin
+
 logger = logging.getLogger(__name__)
+
+#: checkpoint entry with the run's random state (base seed, per-rank streams, the model's own generators)
+RNG_CHECKPOINT_KEY = "anomalib_kd_rng"
 
 _SEED_MODULUS = 2**63
 
@@ -69,6 +75,14 @@ _SEED_MODULUS = 2**63
 def draw_base_seed() -> int:
     """A base seed drawn from the global torch RNG (identical on all ranks after ``seed_everything``)."""
     return int(torch.randint(0, 2**62, (1,)).item())
+
+
+def epoch_seed(base_seed: int, epoch: int) -> int:
+    """Seed of the global torch RNG at the start of training epoch ``epoch`` (same on every rank)."""
+    state = np.random.SeedSequence([int(base_seed) % _SEED_MODULUS, 0x45504F43, int(epoch)]).generate_state(
+        2, dtype=np.uint32
+    )
+    return (int(state[0]) << 32 | int(state[1])) % _SEED_MODULUS
 
 
 def rank_seed(base_seed: int, rank: int) -> int:
@@ -90,6 +104,21 @@ class RNGStream:
         self.seed = int(seed) % _SEED_MODULUS
         self._cpu_state: torch.Tensor | None = None
         self._device_states: dict[str, torch.Tensor] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Seed and current generator states (plain data + byte tensors: safe for ``weights_only`` loading)."""
+        return {
+            "seed": self.seed,
+            "cpu": None if self._cpu_state is None else self._cpu_state.clone(),
+            "devices": {key: value.clone() for key, value in self._device_states.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue the stream exactly where :meth:`state_dict` left it."""
+        self.seed = int(state["seed"]) % _SEED_MODULUS
+        cpu = state.get("cpu")
+        self._cpu_state = None if cpu is None else cpu.clone().to(torch.uint8)
+        self._device_states = {key: value.clone().to(torch.uint8) for key, value in (state.get("devices") or {}).items()}
 
     def _initial_state(self, device: torch.device) -> torch.Tensor:
         generator = torch.Generator(device=device)
@@ -186,8 +215,21 @@ def select_batch_(batch: Any, keep: torch.Tensor) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------- the mixin
-class DistributedTrainingMixin:
-    """DDP behaviour of the anomalib-kd models (see the module docstring). Put it before ``AnomalibModule``."""
+class _EpochRNGCallback(Callback):
+    """Calls ``pl_module._reseed_global_rng(epoch)`` at every training epoch start (see the mixin)."""
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        reseed = getattr(pl_module, "_reseed_global_rng", None)
+        if callable(reseed):
+            reseed(trainer.current_epoch)
+
+
+class DistributedTrainingMixin(RunGuardMixin):
+    """DDP behaviour of the anomalib-kd models (see the module docstring). Put it before ``AnomalibModule``.
+
+    Also the exact-resume protocol (see "Exact resume" in the module docstring) and, through
+    :class:`anomalib_kd.resume.RunGuardMixin`, the data / checkpoint guards.
+    """
 
     #: set by models whose steps leave registered parameters without gradients (AAND's two stages)
     ddp_find_unused_parameters: bool = False
@@ -272,11 +314,128 @@ class DistributedTrainingMixin:
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self.configure_rank_streams(draw_base_seed(), self.trainer.global_rank)
+        self.run_base_seed = draw_base_seed()
+        self.configure_rank_streams(self.run_base_seed, self.trainer.global_rank)
+        self._kd_reseeded_epoch: int | None = None
+        self._kd_cycles: dict[str, ResumableCycle] = {}
+        self._kd_pending_cycles: dict[str, Any] = {}
+        pending = getattr(self, "_kd_pending_rng", None)
+        self._kd_pending_rng = None
+        if pending is not None:
+            self._restore_run_rng(pending)
 
     def on_fit_end(self) -> None:
         super().on_fit_end()
         self.clear_rank_streams()
+        self._kd_cycles = {}
+
+    def configure_callbacks(self) -> Any:
+        """anomalib's component callbacks plus the per-epoch reseed (a callback: it runs before the model's hooks)."""
+        callbacks = super().configure_callbacks()
+        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
+        return [*callbacks, _EpochRNGCallback()]
+
+    # ------------------------------------------------------------------ exact resume
+    def _reseed_global_rng(self, epoch: int) -> None:
+        """Global torch RNG := f(base seed, epoch) at each training epoch start (the train loader's shuffling).
+
+        Lightning restores no global RNG on resume, and a resumed fit creates the first epoch's data iterator
+        earlier than an uninterrupted one (in ``FitLoop.setup_data``, before ``on_train_epoch_start``). Tying
+        the global state to the epoch makes both draw the same order; a resumed fit sets the state of its first
+        epoch in ``on_fit_start`` already (before that iterator) and skips the reseed here once.
+        """
+        base = getattr(self, "run_base_seed", None)
+        if base is None or getattr(self, "_kd_reseeded_epoch", None) == epoch:
+            self._kd_reseeded_epoch = None
+            return
+        self._kd_reseeded_epoch = None
+        seed = epoch_seed(base, epoch)
+        torch.manual_seed(seed)
+
+    def resumable_cycle(self, loader: DataLoader, generator: torch.Generator | None, name: str = "default") -> Any:
+        """An endless iterator over ``loader`` whose position is saved in checkpoints and restored on resume.
+
+        For loaders a model draws from during training (MemKD's exemplars): ``generator`` must be the one that
+        shuffles ``loader`` (its ``sampler`` / ``generator``). Creating it again after a resume (for example in
+        ``on_train_epoch_start``) continues exactly where the checkpoint was written.
+        """
+        cycle = ResumableCycle(loader, generator)
+        pending = (getattr(self, "_kd_pending_cycles", None) or {}).pop(name, None)
+        if pending is not None:
+            cycle.load_state_dict(pending)
+        cycles = getattr(self, "_kd_cycles", None)
+        if cycles is None:
+            cycles = self._kd_cycles = {}
+        cycles[name] = cycle
+        return cycle
+
+    def rank_rng_state(self) -> dict[str, Any]:
+        """This rank's random state: its stream, its resumable cycles and the model's own ``rng_state_dict()``."""
+        stream = getattr(self, "_rank_stream", None)
+        model_state = self.rng_state_dict() if callable(getattr(self, "rng_state_dict", None)) else None
+        cycles = {name: cycle.state_dict() for name, cycle in (getattr(self, "_kd_cycles", None) or {}).items()}
+        return {"stream": stream.state_dict() if stream is not None else None, "model": model_state, "cycles": cycles}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        base = getattr(self, "run_base_seed", None)
+        if base is None or getattr(self, "_rank_stream", None) is None:
+            return  # not inside a fit: nothing to resume
+        own = self.rank_rng_state()
+        trainer = self._trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * world
+            torch.distributed.all_gather_object(gathered, own)  # every rank runs dump_checkpoint; rank 0 writes
+        else:
+            gathered = [own]
+        checkpoint[RNG_CHECKPOINT_KEY] = {"base_seed": int(base), "world_size": world, "ranks": gathered}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return
+        state = checkpoint.get(RNG_CHECKPOINT_KEY)
+        if state is None:
+            logger.warning(
+                "%s: the checkpoint holds no random-stream state (written by an older version); the resumed run "
+                "continues with fresh streams and will not be identical to an uninterrupted one.",
+                type(self).__name__,
+            )
+        progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
+        processed = (progress.get("current") or {}).get("processed")
+        # Lightning resumes at epoch_progress.current.processed (FitLoop.on_run_start)
+        epoch = int(processed) if processed is not None else int(checkpoint.get("epoch", 0)) + 1
+        self._kd_pending_rng = {"state": state, "epoch": epoch}
+
+    def _restore_run_rng(self, pending: dict[str, Any]) -> None:
+        state = pending["state"]
+        if state is None:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        self.run_base_seed = int(state["base_seed"])
+        self.configure_rank_streams(self.run_base_seed, rank)
+        ranks = state.get("ranks") or []
+        if int(state.get("world_size", 1)) != world or rank >= len(ranks):
+            logger.warning(
+                "%s: the checkpoint was written by %s process(es), this fit runs %d; the per-rank random streams "
+                "restart from their seeds, so the resumed run is not identical to an uninterrupted one.",
+                type(self).__name__,
+                state.get("world_size"),
+                world,
+            )
+        else:
+            own = ranks[rank] or {}
+            if own.get("stream") is not None:
+                self._rank_stream.load_state_dict(own["stream"])
+            if own.get("model") is not None and callable(getattr(self, "load_rng_state_dict", None)):
+                self.load_rng_state_dict(own["model"])
+            self._kd_pending_cycles = dict(own.get("cycles") or {})
+        # the first resumed epoch's data iterator is created before on_train_epoch_start (FitLoop.setup_data)
+        epoch = int(pending["epoch"])
+        torch.manual_seed(epoch_seed(self.run_base_seed, epoch))
+        self._kd_reseeded_epoch = epoch
 
     # ------------------------------------------------------------------ buffers
     def on_train_end(self) -> None:
@@ -392,9 +551,11 @@ class DistributedTrainingMixin:
 
 
 __all__ = [
+    "RNG_CHECKPOINT_KEY",
     "DistributedTrainingMixin",
     "RNGStream",
     "draw_base_seed",
+    "epoch_seed",
     "padded_positions_to_drop",
     "rank_seed",
     "select_batch_",

@@ -8,6 +8,9 @@ lookup walks ``AnomalibModule.__subclasses__()``). It expects the torch model at
 * stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them;
 * makes ``load_from_checkpoint`` build the teacher without downloading or reading ``backbone_weights`` (the
   checkpoint holds the teacher's tensors), so a checkpoint reloads and exports on an offline machine;
+* exports ONNX / OpenVINO graphs with a dynamic input height and width (anomalib makes them static when
+  ``input_size`` is given): the pre-processor's resize is the graph's first op, so an export serves camera frames
+  of any size (``to_onnx(..., dynamic_spatial=False)`` keeps anomalib's static input);
 * writes the record into exported models, every key prefixed ``anomalib_kd.`` in ONNX/torch and under the
   ``anomalib_kd`` section in OpenVINO:
 
@@ -109,9 +112,34 @@ class ProvenanceExportMixin:
         torch.save(obj={"model": self, "metadata": self.export_metadata()}, f=pt_model_path)
         return pt_model_path
 
-    def to_onnx(self, *args: Any, **kwargs: Any) -> Path:
-        """anomalib's ONNX export, then the provenance in the model's ``metadata_props``."""
-        onnx_path = super().to_onnx(*args, **kwargs)
+    def to_onnx(
+        self,
+        export_root: Path | str,
+        model_file_name: str = "model",
+        input_size: tuple[int, int] | None = None,
+        dynamic_spatial: bool = True,
+        **kwargs: Any,
+    ) -> Path:
+        """anomalib's ONNX export with a dynamic input height and width, then the provenance in ``metadata_props``.
+
+        The exported graph starts with the pre-processor's resize to the model's size, so it accepts an image of
+        any ``H x W`` (and any batch size): ``input_size`` only documents the size the deployment expects. anomalib
+        makes ``H`` / ``W`` static whenever ``input_size`` is given, so that an export at 256 px refused a 100x100
+        camera frame with an input-shape error in OpenVINO; here the spatial axes stay dynamic unless
+        ``dynamic_spatial=False`` (anomalib's static behaviour), the caller passes its own ``dynamic_axes`` /
+        ``dynamic_shapes``, or the pre-processor has no resize (then the model needs ``input_size`` exactly).
+        Everything after the resize has static shapes, so the graph has no data-dependent control flow.
+        """
+        if dynamic_spatial and "dynamic_axes" not in kwargs and "dynamic_shapes" not in kwargs:
+            if export_resizes_input(self):
+                input_size = None  # anomalib's path for a dynamic (batch, H, W) input
+            elif input_size is not None:
+                logger.warning(
+                    "%s: the pre-processor has no resize, so the export keeps the static input size %s.",
+                    type(self).__name__,
+                    tuple(input_size),
+                )
+        onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)
         write_onnx_metadata(onnx_path, self.export_metadata())
         return onnx_path
 
@@ -120,6 +148,22 @@ class ProvenanceExportMixin:
         xml_path = super().to_openvino(*args, **kwargs)
         write_openvino_metadata(xml_path, self.export_metadata())
         return xml_path
+
+
+def export_resizes_input(model: Any) -> bool:
+    """Whether the export transform of ``model``'s pre-processor resizes every input to a fixed ``(H, W)``."""
+    from torchvision.transforms.v2 import Compose, Resize
+
+    def fixed_resize(transform: Any) -> bool:
+        if isinstance(transform, Resize):
+            size = transform.size
+            return isinstance(size, list | tuple) and len(size) == 2  # noqa: PLR2004 - (H, W)
+        if isinstance(transform, Compose):
+            return any(fixed_resize(child) for child in transform.transforms)
+        return False
+
+    pre_processor = getattr(model, "pre_processor", None)
+    return pre_processor is not None and fixed_resize(getattr(pre_processor, "export_transform", None))
 
 
 def write_onnx_metadata(onnx_path: str | os.PathLike[str], metadata: dict[str, str]) -> None:
@@ -186,6 +230,7 @@ __all__ = [
     "CHECKPOINT_KEY",
     "METADATA_NAMESPACE",
     "ProvenanceExportMixin",
+    "export_resizes_input",
     "read_onnx_metadata",
     "read_openvino_metadata",
     "read_torch_metadata",

@@ -293,10 +293,95 @@ def _is_download_failure(error: BaseException) -> bool:
     return False
 
 
-def offline_message(backbone: str, tag: str, error: BaseException) -> str:
+#: seconds the hub probe waits for a TCP connection (DNS included) before the teacher is loaded from the cache only
+HUB_TIMEOUT_ENV = "ANOMALIB_KD_HUB_TIMEOUT"
+DEFAULT_HUB_TIMEOUT = 5.0
+
+
+def _env_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1_in1k") -> bool:
+    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers an HTTP ``HEAD`` of ``repo_id`` within ``timeout`` s.
+
+    Without this, ``pre_trained=True`` on a machine without network and without ``HF_HUB_OFFLINE=1`` waits for
+    huggingface_hub's connection retries (20 s to over 2 minutes, depending on how the network fails) before the
+    error. A TCP connection is not enough (proxies and captive portals accept those): the hub must answer the
+    request with a success status. The probe runs in a daemon thread, so a hanging DNS lookup is bounded too;
+    proxy variables (``HTTPS_PROXY``) are honoured as by huggingface_hub.
+    """
+    import threading
+    import urllib.request
+
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT))
+        except ValueError:
+            timeout = DEFAULT_HUB_TIMEOUT
+    try:
+        from huggingface_hub import constants
+
+        endpoint = str(constants.ENDPOINT).rstrip("/")
+    except Exception:  # noqa: BLE001 - no hub library: let timm report it
+        return True
+    url = f"{endpoint}/api/models/{repo_id}"
+    result: dict[str, bool] = {}
+
+    def probe() -> None:
+        try:
+            request = urllib.request.Request(url, method="HEAD")  # noqa: S310 - the hub's https endpoint
+            with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310
+                result["ok"] = 200 <= response.status < 400  # noqa: PLR2004
+        except Exception:  # noqa: BLE001 - any failure means: not reachable now
+            result["ok"] = False
+
+    thread = threading.Thread(target=probe, name="anomalib-kd-hub-probe", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return result.get("ok", False)
+
+
+def _hub_repo(tag: str) -> str:
+    """The Hugging Face repository timm downloads ``tag`` from (``timm/<tag>`` unless timm says otherwise)."""
+    try:
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(tag)
+        hub_id = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    except Exception:  # noqa: BLE001
+        hub_id = None
+    return str(hub_id).split("@")[0] if hub_id else f"timm/{tag}"
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode (cache only) for the block."""
+    from huggingface_hub import constants
+
+    saved_env, saved_constant = os.environ.get("HF_HUB_OFFLINE"), constants.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved_constant
+        if saved_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved_env
+
+
+def offline_message(backbone: str, tag: str, error: BaseException, probed: bool = False) -> str:
     """The message of the :class:`RuntimeError` raised when pretrained weights cannot be obtained."""
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
-    where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub or its cache"
+    offline = _env_offline()
+    if probed:
+        where = (
+            f"the local Hugging Face cache (the hub did not answer within the {HUB_TIMEOUT_ENV} probe, default "
+            f"{DEFAULT_HUB_TIMEOUT:g} s, so only the cache was tried)"
+        )
+    else:
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "the Hugging Face hub or its cache"
     return (
         f"Could not load the pretrained teacher weights {tag!r} (backbone={backbone!r}) from {where}: "
         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
@@ -368,11 +453,21 @@ def build_teacher(
         return extractor, provenance
 
     tag = resolve_weights_tag(backbone) if pre_trained else "random-init"
+    # no network and no HF_HUB_OFFLINE: a short probe instead of huggingface_hub's retries (then cache only)
+    probed_offline = pre_trained and not _env_offline() and not hub_reachable(repo_id=_hub_repo(tag))
+    if probed_offline:
+        logger.warning(
+            "The Hugging Face hub did not answer within %s s: loading %s from the local cache only "
+            "(set HF_HUB_OFFLINE=1 to skip this probe).",
+            os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT),
+            tag,
+        )
     try:
-        extractor = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=pre_trained)
+        with _hub_offline() if probed_offline else contextlib.nullcontext():
+            extractor = TimmFeatureExtractor(backbone=backbone, layers=layers, pre_trained=pre_trained)
     except Exception as error:
-        if pre_trained and _is_download_failure(error):
-            raise RuntimeError(offline_message(backbone, tag, error)) from error
+        if pre_trained and (_is_download_failure(error) or probed_offline):
+            raise RuntimeError(offline_message(backbone, tag, error, probed=probed_offline)) from error
         raise
     teacher_hash = state_dict_sha256(teacher_state_dict(extractor))
     provenance = {

@@ -4,6 +4,9 @@ Each model is trained briefly (resnet18, random init, 64 px); its thresholds com
 measured on *held-out* generated images (another seed): the validation images set the adaptive threshold exactly at
 one of their own scores, so labels of those images sit on a tie that any rounding can flip.
 
+The exports are made with ``input_size=(64, 64)`` but take any input size (the resize is inside the graph): FP32
+parity is checked at 64x64 and on 100x100, 200x150 and 90x130 frames.
+
 Tolerances (anomaly-map max |difference| relative to the map's range, against the Lightning model), written down in
 the README's export section with the figures measured on these models:
 
@@ -137,14 +140,16 @@ def test_reference_is_informative(trained, reference) -> None:
     assert anomaly_map.max() - anomaly_map.min() > 0.1
 
 
-def test_eval_graph_is_static(trained, tmp_path: Path) -> None:
-    """No data-dependent control flow, static input size, fixed-kernel (constant-weight) convolutions."""
-    path = _export(trained, tmp_path, ExportType.ONNX)
+def test_eval_graph_is_dynamic_in_size_and_static_in_control_flow(trained, tmp_path: Path) -> None:
+    """Any input H x W (the resize is in the graph); no data-dependent control flow; constant convolution kernels."""
+    path = _export(trained, tmp_path, ExportType.ONNX)  # exported with input_size=(64, 64), as a user would
     graph = onnx.load(str(path)).graph
     op_types = {node.op_type for node in graph.node}
     assert not op_types & {"If", "Loop", "Scan"}, op_types
     dims = graph.input[0].type.tensor_type.shape.dim
-    assert [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
+    assert dims[1].dim_value == 3
+    assert dims[2].dim_param and dims[3].dim_param, "height / width must be dynamic"
+    assert "Resize" in op_types
     constants = {init.name for init in graph.initializer}
     constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
     convs = [node for node in graph.node if node.op_type in {"Conv", "ConvTranspose"}]
@@ -153,32 +158,55 @@ def test_eval_graph_is_static(trained, tmp_path: Path) -> None:
     assert {"ReduceMax"} <= op_types  # image score = max of the map, inside the graph
 
 
-def test_torch_onnx_openvino_fp32_match_lightning(trained, held_out, reference, tmp_path: Path, monkeypatch) -> None:
+#: camera frames of other sizes than the model's 64 px, one of them non-square (H x W)
+FRAME_SIZES = [(100, 100), (200, 150), (90, 130)]
+
+
+def _frames(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    frames = torch.nn.functional.interpolate(torch.from_numpy(images), size=size, mode="bilinear", antialias=True)
+    return frames.clamp(0, 1).numpy().astype(np.float32)
+
+
+def test_torch_onnx_openvino_fp32_match_lightning(trained, held_out, tmp_path: Path, monkeypatch) -> None:
+    """Exports at input_size=(64, 64) take frames of any size and match the Lightning model on them."""
     from anomalib.deploy import OpenVINOInferencer, TorchInferencer
 
-    images = held_out["images"]
     # torch export through anomalib's TorchInferencer (pickle: needs TRUST_REMOTE_CODE=1)
     monkeypatch.setenv("TRUST_REMOTE_CODE", "1")
     torch_path = _export(trained, tmp_path / "torch", ExportType.TORCH)
     inferencer = TorchInferencer(torch_path, device="cpu")
-    torch_out = inferencer.predict(torch.from_numpy(images))
-    torch_out = {"anomaly_map": torch_out.anomaly_map.detach().numpy(), "pred_label": torch_out.pred_label.numpy()}
-
     onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    onnx_out = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"input": images}), strict=True))
-
     xml_path = _export(trained, tmp_path / "openvino", ExportType.OPENVINO)
     monkeypatch.chdir(tmp_path)  # OpenVINOInferencer writes its compile cache to ./openvino_cache
     ov_inferencer = OpenVINOInferencer(xml_path, device="CPU", config=F32)
-    ov_out = ov_inferencer.predict(images)
-    ov_out = {"anomaly_map": ov_out.anomaly_map, "pred_label": ov_out.pred_label}
 
-    for backend, outputs in {"torch": torch_out, "onnxruntime": onnx_out, "openvino-fp32": ov_out}.items():
-        error = _map_error(outputs, reference)
-        assert error <= 1e-4, f"{backend}: anomaly map differs by {error:.2e} of its range"
-        np.testing.assert_array_equal(_labels(outputs), _labels(reference), err_msg=backend)
-    np.testing.assert_allclose(onnx_out["pred_score"].reshape(-1), reference["pred_score"].reshape(-1), atol=1e-4)
+    for size in [(SIZE, SIZE), *FRAME_SIZES]:
+        images = held_out["images"] if size == (SIZE, SIZE) else _frames(held_out["images"], size)
+        with torch.no_grad():
+            predictions = trained["model"](torch.from_numpy(images))
+        reference = {name: value.numpy() for name, value in predictions._asdict().items() if value is not None}
+        assert reference["anomaly_map"].max() - reference["anomaly_map"].min() > 0.1
+
+        torch_out = inferencer.predict(torch.from_numpy(images))
+        torch_out = {"anomaly_map": torch_out.anomaly_map.detach().numpy(), "pred_label": torch_out.pred_label.numpy()}
+        names = [o.name for o in session.get_outputs()]
+        onnx_out = dict(zip(names, session.run(None, {"input": images}), strict=True))
+        ov_out = ov_inferencer.predict(images)
+        ov_out = {"anomaly_map": ov_out.anomaly_map, "pred_label": ov_out.pred_label}
+
+        for backend, outputs in {"torch": torch_out, "onnxruntime": onnx_out, "openvino-fp32": ov_out}.items():
+            error = _map_error(outputs, reference)
+            assert error <= 1e-4, f"{backend} at {size}: anomaly map differs by {error:.2e} of its range"
+            np.testing.assert_array_equal(_labels(outputs), _labels(reference), err_msg=f"{backend} at {size}")
+        np.testing.assert_allclose(onnx_out["pred_score"].reshape(-1), reference["pred_score"].reshape(-1), atol=1e-4)
+
+
+def test_static_export_is_still_available(trained, tmp_path: Path) -> None:
+    """``dynamic_spatial=False``: anomalib's static input (for runtimes that need fixed shapes)."""
+    path = trained["model"].to_onnx(tmp_path, input_size=(SIZE, SIZE), dynamic_spatial=False)
+    dims = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_value for d in dims[1:]] == [3, SIZE, SIZE]
 
 
 @pytest.mark.parametrize(
@@ -267,6 +295,8 @@ def test_stock_cli_exports_from_checkpoint(trained, tmp_path: Path, export_type:
         compiled = ov.Core().compile_model(str(exported[0]), "CPU", F32)
         names = {output.any_name for output in compiled.outputs}
         assert {"anomaly_map", "pred_score", "pred_label"} <= names
+        frame = np.random.default_rng(0).random((1, 3, 90, 130), dtype=np.float32)  # not the 64 px export size
+        assert compiled(frame)[compiled.output("anomaly_map")].shape[-2:] == (SIZE, SIZE)
 
 
 def test_stock_cli_predicts_a_folder_and_writes_heat_maps(trained, held_out, tmp_path: Path) -> None:

@@ -267,6 +267,24 @@ def test_offline_without_weights_fails_fast_with_the_two_ways_out(
     assert no_network == []  # offline mode: no connection attempt, hence no retries
 
 
+@pytest.mark.parametrize("cls", [Aand, MemKD])
+def test_no_network_without_hf_hub_offline_fails_after_one_probe(
+    cls: type, no_network: list[str], empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: huggingface_hub retried its connection (20 s to 131 s) before the error. Now: one short HTTP probe of
+    the hub, then the cache only, then the error with the two ways out."""
+    set_hub_offline(monkeypatch, offline=False)
+    with pytest.raises(RuntimeError) as raised:
+        small_model(cls, pre_trained=True)
+    message = str(raised.value)
+    assert "did not answer within the ANOMALIB_KD_HUB_TIMEOUT probe" in message
+    assert "backbone_weights=" in message and "pre_trained=False" in message
+    assert len(no_network) == 1, no_network  # the probe; huggingface_hub itself never connected (no retries)
+    import huggingface_hub.constants as hf_constants
+
+    assert hf_constants.HF_HUB_OFFLINE is False and os.environ["HF_HUB_OFFLINE"] == "0"  # offline mode was scoped
+
+
 def test_unrelated_errors_are_not_disguised_as_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     set_hub_offline(monkeypatch, offline=True)
     with pytest.raises(RuntimeError, match="Unknown model") as raised:
