@@ -27,7 +27,9 @@ The paper's recipe and what the model does where it cannot follow it (each check
   and logs one warning naming the deviation and the command. An explicitly given folder that is missing or holds
   no image is an error at fit start (not at construction, so a checkpoint loads on a machine without textures).
 * foreground: ``foreground="auto"`` picks the paper's per-category mask from the datamodule's ``category``
-  (see :mod:`anomalib_aand.components.synthesis`); unknown names use the whole image, with a notice.
+  (see :mod:`anomalib_aand.components.synthesis`); unknown names use the whole image, with a notice. ``L_A``'s
+  normal set is then the foreground's normal patches (the reference implementation's choice; Eq. 7 takes all
+  normal patches): see ``amplification_pairs``.
 * batch size 16 with lr 0.005: another training batch size with the default lr logs a warning (the lr is
   never scaled silently).
 """
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -122,7 +125,12 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         amplification_weight: weight of ``L_A`` in Eq. (9) (1.0 as written; the reference code uses 0.1).
         amplification_pairs: ``"exact"`` - every (anomalous, normal) patch pair of the batch, streamed
             in chunks without the full matrix; ``"subsample"`` - at most ``max_anomalous_patches`` x
-            ``max_normal_patches`` random pairs, as in the public reference implementation.
+            ``max_normal_patches`` random pairs, as in the public reference implementation. In both modes the
+            normal set of ``L_A`` is the non-anomalous patches *inside the foreground mask* (all non-anomalous
+            patches when a level has none in it), as in the reference implementation, not all ``N^n_k`` normal
+            patches of Eq. (7): anomalies are only synthesised on the product, and for a small object the background
+            patches (a plain backdrop no real defect looks like) would otherwise dominate the pairs. With
+            ``foreground="none"`` (textures) both sets coincide.
         max_anomalous_patches: with ``amplification_pairs="subsample"``, at most this many anomalous patches
             per level and batch enter ``L_A`` (1000, the reference implementation's cap).
         max_normal_patches: with ``amplification_pairs="subsample"``, at most this many normal (foreground)
@@ -150,7 +158,8 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
             datamodule's category, whole image for unknown names), ``"none"`` (whole image), ``"bright"``,
             ``"dark"`` (inverted threshold) or ``"disk"`` (centred disk of radius 0.45 H).
         foreground_threshold: grey-level threshold in [0, 1] for ``"bright"`` / ``"dark"``; ``None`` = Otsu per
-            image. With ``"auto"`` a value here replaces the preset's threshold.
+            image. With ``"auto"`` a value here replaces the preset's threshold (ignored, with a warning, when
+            the preset is ``"disk"`` or ``"none"``).
         backbone_weights: local ``.safetensors`` / ``.pth`` file with the teacher's weights (written by
             ``anomalib-kd-weights export``), for machines without network: loaded instead of downloading, whatever
             ``pre_trained`` says; every teacher tensor must be in it with the right shape. ``load_from_checkpoint``
@@ -356,6 +365,14 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         strategy, threshold, known = foreground_preset(category)
         if self.foreground_threshold is not None and strategy in {"bright", "dark"}:
             threshold = self.foreground_threshold
+        elif self.foreground_threshold is not None and log:
+            logger.warning(
+                "AAND foreground='auto' for category %r uses strategy %r, which has no threshold: "
+                "foreground_threshold=%s is ignored (set --model.foreground bright/dark to use it).",
+                category,
+                strategy,
+                self.foreground_threshold,
+            )
         self.synthesizer.set_foreground(strategy, threshold)
         if log and known:
             logger.info("AAND foreground='auto' for category %r: strategy %r, threshold %s", category, strategy, threshold)
@@ -372,17 +389,28 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
     def check_texture_source(self) -> str | None:
         """The texture-source deviation from the paper, as the warning text (``None``: DTD-like folder in use).
 
+        The folder is checked once, when the model is built (a folder that appears later needs a new model).
+
         Raises:
-            ValueError: an explicitly given ``anomaly_source_path`` (not the default) is missing or has no images.
+            ValueError: an explicitly given ``anomaly_source_path`` (not the default) is missing or has no images,
+                or a texture folder (default included) holds images that anomalib's generator does not find.
         """
         if self.stage1_epochs == 0:
             return None
         if self.anomaly_source_path is None:
             reason = "anomaly_source_path=None"
         elif self._texture_problem is None:
+            if not self.synthesizer.generator.anomaly_source_paths:
+                msg = (
+                    f"anomaly_source_path {str(self.anomaly_source_path)!r} holds images, but anomalib's "
+                    "PerlinAnomalyGenerator found none of them: it matches lower-case suffixes only (*.jpg, *.png, "
+                    "...), so files such as *.JPG or *.PNG are skipped and stage 1 would silently use Perlin noise. "
+                    "Rename the files to lower-case suffixes."
+                )
+                raise ValueError(msg)
             return None
-        elif self.anomaly_source_path == DTD_IMAGES:
-            reason = f"the default texture folder {DTD_IMAGES} does not exist (or has no images)"
+        elif Path(self.anomaly_source_path).expanduser().resolve() == Path(DTD_IMAGES).expanduser().resolve():
+            reason = f"the default texture folder {DTD_IMAGES} did not exist (or was empty) when the model was built"
         else:
             raise ValueError(self._texture_problem)
         return (

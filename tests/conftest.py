@@ -15,6 +15,25 @@ from anomalib_kd.synthetic import make_mvtec_like_dataset  # noqa: E402
 CATEGORY = "widget"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_working_directory(tmp_path_factory: pytest.TempPathFactory):
+    """Module- and session-scoped fixtures (shared trained models) run outside the repository too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(tmp_path_factory.mktemp("cwd_session"))
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _isolated_working_directory(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test runs in its own empty working directory.
+
+    Relative defaults (AAND's ``anomaly_source_path="./datasets/dtd/images"``, lightning's ``./results``) then never
+    see what a developer keeps in the repository root (e.g. a downloaded DTD). Tests reach repository files through
+    ``Path(__file__)``, never through the working directory.
+    """
+    monkeypatch.chdir(tmp_path_factory.mktemp("cwd"))
+
+
 @pytest.fixture(scope="session")
 def dataset_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small RGB dataset, 64 px: 12 train, 4 good + 2 per defect type in test."""

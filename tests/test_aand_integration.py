@@ -186,9 +186,10 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
     After stage 1 (150 steps of ``training_step``'s stage-1 code path):
     * ``L_A`` has pushed the anomalous features away from the normal ones at every level: the mean cosine to
       normal patches drops by > 0.2 (about 0.03 at init). This fails when ``L_A`` does not reach the generator.
-    * the gated residual energy (Fig. 8) is larger on anomalous than on normal patches at level 1. At 64 px the
-      coarser levels are 8x8 / 4x4 grids and their gate does not separate in this budget (measured ratio ~0.9);
-      the benchmark's ablation reports all levels on real-size data.
+    * the anomalous/normal gated residual energy ratio (Fig. 8) at level 1 grows by > 1.25x over its value at init
+      (the untrained gate already gives ~1.3, so an absolute bound would not test training). Measured growth at
+      seeds 0 / 1 / 2: 1.45 / 1.73 / 1.51. At 64 px the coarser levels are 8x8 / 4x4 grids and their gate does not
+      separate in this budget (growth 0.7-1.2); the benchmark's ablation reports all levels on real-size data.
     """
     torch.manual_seed(0)
     model = small_aand(stage1_epochs=100, anomaly_probability=1.0)
@@ -211,8 +212,9 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
     assert torch.isfinite(after["normal"]).all()
     drop = after["similarity_drop"]
     assert bool((drop > 0.2).all()), f"similarity drop per level {before['similarity_drop'].tolist()} -> {drop.tolist()}"
+    initial = before["anomalous"] / before["normal"]
     ratio = after["anomalous"] / after["normal"]
-    assert ratio[0] > 1.5, f"anomalous/normal gated residual energy per level: {ratio.tolist()}"
+    assert ratio[0] > 1.25 * initial[0], f"anomalous/normal residual energy {initial.tolist()} -> {ratio.tolist()}"
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA"])

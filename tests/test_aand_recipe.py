@@ -103,6 +103,13 @@ def test_every_paper_hyper_parameter_is_the_default() -> None:
     assert "--data.train_batch_size 16" in readme and "train_batch_size=16" in readme
 
 
+def test_tests_run_outside_the_repository() -> None:
+    """conftest's autouse fixture: relative defaults (./datasets/dtd/images) never see the developer's repo root."""
+    assert REPO not in (Path.cwd(), *Path.cwd().parents)
+    assert not list(Path.cwd().iterdir())
+    assert aand_module.texture_folder_problem(aand_module.DTD_IMAGES) is not None  # no DTD here
+
+
 def test_configs_state_the_paper_recipe() -> None:
     import yaml
 
@@ -114,7 +121,10 @@ def test_configs_state_the_paper_recipe() -> None:
     for name in ("mvtec.yaml", "visa.yaml"):
         grid = yaml.safe_load((REPO / "configs" / "benchmark" / name).read_text())
         assert grid["benchmark"]["data"]["init_args"]["train_batch_size"] == 16
-        assert "./datasets/dtd/images" in (REPO / "configs" / "benchmark" / name).read_text()
+        # the grid's Aand runs its defaults (DTD at ./datasets/dtd/images, foreground="auto"): nothing overrides them
+        (entry,) = [e for e in grid["benchmark"]["model"]["grid"] if e["class_path"].split(".")[-1] == "Aand"]
+        overridden = {"anomaly_source_path", "foreground", "foreground_threshold"} & set(entry.get("init_args") or {})
+        assert not overridden, f"{name} overrides Aand's recipe defaults {overridden}"
 
 
 # ================================================================== argument validation and --help
@@ -136,15 +146,34 @@ def test_invalid_optimiser_and_foreground_arguments_fail_at_construction(kwargs)
         tiny(**kwargs)
 
 
-def test_every_constructor_argument_has_help_text() -> None:
-    """jsonargparse (the anomalib CLI) reads the docstring's Args: one entry per argument."""
+def _arguments_without_help(cls: type) -> list[str]:
+    """Constructor arguments of ``cls`` that the jsonargparse parser (the anomalib CLI) gives no help text.
+
+    jsonargparse fills an undocumented argument's help with the placeholder ``"_EMPTY_HELP_"``, so that counts as
+    missing, like ``None`` and ``""``.
+    """
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser()
-    parser.add_class_arguments(Aand, "model")
+    parser.add_class_arguments(cls, "model")
     helps = {action.dest: action.help for action in parser._actions}  # noqa: SLF001
-    names = [name for name in inspect.signature(Aand.__init__).parameters if name != "self"]
-    missing = [name for name in names if not helps.get(f"model.{name}")]
+    names = [name for name in inspect.signature(cls.__init__).parameters if name not in {"self", "args", "kwargs"}]
+    return [name for name in names if helps.get(f"model.{name}") in {None, "", "_EMPTY_HELP_"}]
+
+
+def test_every_constructor_argument_has_help_text() -> None:
+    """jsonargparse (the anomalib CLI) reads the docstring's Args: one entry per argument."""
+
+    class Toy:
+        def __init__(self, documented: int = 1, undocumented: int = 2) -> None:
+            """Toy.
+
+            Args:
+                documented: has its entry.
+            """
+
+    assert _arguments_without_help(Toy) == ["undocumented"]  # the check sees a missing entry
+    missing = _arguments_without_help(Aand)
     assert not missing, f"no --help text for {missing}"
 
 
@@ -202,6 +231,21 @@ def test_texture_source_resolution(tmp_path) -> None:
         found = tiny(anomaly_source_path=aand_module.DTD_IMAGES)  # the default folder now exists: used
         assert found.check_texture_source() is None
         assert len(found.synthesizer.generator.anomaly_source_paths) == 4
+        # the default is recognised by path, not by spelling: an absent absolute form warns, it is no error
+        (tmp_path / "datasets").rename(tmp_path / "moved")
+        spelled = tiny(anomaly_source_path=str(tmp_path / "datasets" / "dtd" / "images"))
+        assert "when the model was built" in spelled.check_texture_source()
+
+
+def test_texture_folder_with_upper_case_suffixes_is_an_error_at_fit_start(tmp_path) -> None:
+    """anomalib's generator globs lower-case suffixes: *.JPG files pass the folder check but give no texture."""
+    folder = make_texture_folder(tmp_path / "textures", n_classes=1, n_per_class=2, size=32)
+    for image in Path(folder).rglob("*.jpg"):
+        image.rename(image.with_suffix(".JPG"))
+    model = tiny(anomaly_source_path=str(folder))
+    assert model.synthesizer.generator.anomaly_source_paths == []
+    with pytest.raises(ValueError, match=r"(?s)textures.*lower-case suffixes"):
+        model.check_texture_source()
 
 
 # ================================================================== foreground presets
@@ -277,6 +321,17 @@ def test_foreground_preview_example_writes_a_png(tmp_path) -> None:
 
     with Image.open(out) as image:
         assert image.size == (128, 64)  # two 64 px tiles in a row
+
+
+def test_auto_foreground_logs_a_threshold_it_cannot_use(caplog) -> None:
+    model = tiny(foreground="auto", foreground_threshold=0.4)
+    with caplog.at_level(logging.WARNING, logger=aand_module.__name__):
+        assert model.resolve_foreground("bottle") == ("disk", None)  # bottle: centred disk, no threshold
+    assert "foreground_threshold=0.4 is ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger=aand_module.__name__):
+        assert model.resolve_foreground("capsule") == ("dark", 0.4)  # a thresholded preset takes it: no warning
+    assert "ignored" not in caplog.text
 
 
 # ================================================================== normalisation, no autograd into the RAA
@@ -411,6 +466,26 @@ def test_generator_learns_from_l_a_and_gate_from_focal(model: Aand, monkeypatch)
         assert total.abs().sum() > 0  # and the total loss of Eq. 9 carries L_A (weight 1)
     finally:
         model._set_trainable(2)  # noqa: SLF001
+
+
+def test_focal_loss_gets_the_anomalous_labels_not_the_complement_of_the_normal_set() -> None:
+    """Eq. 9's focal term is ``sum_k FL(w^a_k, anomalous_k)``; the L_A normal set (foreground only) is smaller than
+    ``~anomalous``, so a focal loss fed ``~normal`` would differ."""
+    from anomalib_aand.loss import AandAmplificationLoss, gate_focal_loss
+
+    torch.manual_seed(0)
+    shapes = [(2, 8, 6, 6), (2, 16, 3, 3)]
+    advanced = [torch.randn(*shape) for shape in shapes]
+    vanilla = [torch.randn(*shape) for shape in shapes]
+    logits = [torch.randn(shape[0], 1, *shape[2:]) for shape in shapes]
+    anomalous = [torch.rand(shape[0], 1, *shape[2:]) > 0.6 for shape in shapes]
+    normal = [~labels & (torch.rand(labels.shape) > 0.5) for labels in anomalous]  # a foreground subset
+    assert all(bool((n != ~a).any()) for n, a in zip(normal, anomalous, strict=True))
+    _, focal, _ = AandAmplificationLoss()(advanced, vanilla, logits, anomalous, normal)
+    expected = sum(gate_focal_loss(lg, a, 0.8, 2.0) for lg, a in zip(logits, anomalous, strict=True))
+    wrong = sum(gate_focal_loss(lg, ~n, 0.8, 2.0) for lg, n in zip(logits, normal, strict=True))
+    torch.testing.assert_close(focal, expected)  # summed over levels, not averaged
+    assert not torch.isclose(focal, wrong)
 
 
 # ================================================================== initialisation (matched to the reference)
