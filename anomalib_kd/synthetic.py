@@ -13,6 +13,14 @@ is not a single image. Defects are drawn on the product: ``scratch`` (thin brigh
 line segments), ``stain`` (a soft blob of a foreign colour) and ``hole`` (a region where the
 weave is replaced by flat background-like paint). Masks are exactly the painted pixels.
 
+``product="brick"`` replaces the disc by a full-frame *texture*: a regular running-bond brick wall with
+bright, high-contrast mortar lines, slight jitter of the grid (global phase, per-row offset, per-brick
+length and shade, mortar width) and fine grain; the whole image is foreground. Two more defect
+families, unlike AAND's Perlin-blob synthesis, are available for any product (``EXTRA_DEFECT_TYPES``):
+``foreign`` (a blob filled with a patch of a different texture: fine stripes of another colour) and
+``tint`` (a blob whose colour is shifted while its structure is kept). They are opt-in: the default
+``defects`` stay ``DEFECT_TYPES`` and the default product's files are byte-identical to before.
+
 It is deliberately a generic, easy dataset: it proves that a pipeline trains, evaluates and
 exports end to end. Numbers measured on it say nothing about MVTec AD or VisA.
 """
@@ -27,6 +35,11 @@ import numpy as np
 from PIL import Image
 
 DEFECT_TYPES = ("scratch", "stain", "hole")
+#: opt-in defect families (not in the default ``defects``), unlike AAND's synthesis
+EXTRA_DEFECT_TYPES = ("foreign", "tint")
+ALL_DEFECT_TYPES = DEFECT_TYPES + EXTRA_DEFECT_TYPES
+#: ``"widget"``: textured disc on a plain background (default); ``"brick"``: full-frame brick-wall texture
+PRODUCTS = ("widget", "brick")
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,7 @@ class SyntheticSpec:
     defects: tuple[str, ...] = DEFECT_TYPES
     mode: str = "RGB"  # "RGB", "L" (grayscale) or "RGBA"
     seed: int = 0
+    product: str = "widget"  # one of PRODUCTS
 
 
 def _product(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +79,44 @@ def _product(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarra
     image[disc] = texture[disc]
     image += rng.normal(0, 0.01, image.shape).astype(np.float32)
     return np.clip(image, 0, 1), disc
+
+
+def _brick(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """A running-bond brick wall ``(H, W, 3)`` in [0, 1] with bright mortar lines; foreground = whole image.
+
+    Bricks are ``size/8`` high and about ``size/4`` long (16 x 32 px at 128 px); mortar is about ``size/50``
+    wide and much brighter than the bricks (the regular high-contrast structure). Jitter: random global
+    phase of the grid, per-row horizontal offset (+-size/64), per-brick length (+-6 %) and shade (+-8 %),
+    mortar width per image (+-20 %), pixel grain.
+    """
+    course = size / 8.0
+    length = size / 4.0
+    mortar = max(1.0, size / 50.0) * rng.uniform(0.8, 1.2)
+    brick_colour = np.array([0.62, 0.3, 0.2], dtype=np.float32) * rng.uniform(0.94, 1.06)
+    mortar_colour = np.array([0.86, 0.84, 0.8], dtype=np.float32) * rng.uniform(0.97, 1.03)
+    phase_y, phase_x = rng.uniform(0, course), rng.uniform(0, length)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    y = yy + phase_y
+    row = np.floor(y / course).astype(int)
+    n_rows = int(row.max()) + 2
+    row_offset = (np.arange(n_rows) % 2) * length / 2 + rng.uniform(-size / 64, size / 64, n_rows)
+    x = xx + phase_x + row_offset[row]
+    # bricks of slightly different length: cumulative joints per row
+    n_cols = int(np.ceil((size + 2 * length) / length)) + 2
+    lengths = length * rng.uniform(0.94, 1.06, (n_rows, n_cols))
+    joints = np.cumsum(lengths, axis=1)
+    col = np.stack([np.searchsorted(joints[r], x[i]) for i, r in enumerate(row[:, 0])])
+    start = np.where(col > 0, np.take_along_axis(joints[row[:, 0]], np.maximum(col - 1, 0), axis=1), 0.0)
+    in_bed = (y - row * course) < mortar  # horizontal mortar (bed joint)
+    in_head = (x - start) < mortar  # vertical mortar (head joint)
+    shade = rng.uniform(0.92, 1.08, (n_rows, n_cols + 1)).astype(np.float32)
+    image = brick_colour * shade[row, col][..., None]
+    grain = rng.normal(0, 0.03, (size, size, 1)).astype(np.float32)
+    image = image + grain
+    joint = in_bed | in_head
+    image[joint] = mortar_colour + rng.normal(0, 0.02, (int(joint.sum()), 1)).astype(np.float32)
+    image += rng.normal(0, 0.01, image.shape).astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32), np.ones((size, size), dtype=bool)
 
 
 def _defect_mask(rng: np.random.Generator, size: int, kind: str, fg: np.ndarray) -> np.ndarray:
@@ -102,8 +154,23 @@ def _paint_defect(rng: np.random.Generator, image: np.ndarray, mask: np.ndarray,
         image[mask] = 0.35 * image[mask] + 0.65 * colour
     elif kind == "hole":
         image[mask] = 0.3 + rng.normal(0, 0.01, (int(mask.sum()), 3))
+    elif kind == "foreign":
+        # a patch of another texture: fine stripes (period 3-6 px) between two random colours
+        size = image.shape[0]
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        theta = rng.uniform(0, np.pi)
+        period = rng.uniform(3, 6)
+        stripes = 0.5 + 0.5 * np.sin(2 * np.pi * (np.cos(theta) * xx + np.sin(theta) * yy) / period)
+        low, high = rng.uniform(0, 1, (2, 3))
+        texture = low + (high - low) * stripes[..., None]
+        image[mask] = texture[mask]
+    elif kind == "tint":
+        # colour shift that keeps the structure: per-channel gains, normalised to keep the brightness
+        gains = rng.uniform(0.55, 1.45, 3)
+        gains = gains / gains.mean()
+        image[mask] = image[mask] * gains
     else:
-        msg = f"unknown defect type {kind!r}; choose from {DEFECT_TYPES}"
+        msg = f"unknown defect type {kind!r}; choose from {ALL_DEFECT_TYPES}"
         raise ValueError(msg)
     return np.clip(image, 0, 1)
 
@@ -132,24 +199,28 @@ def make_mvtec_like_dataset(root: str | Path, spec: SyntheticSpec | None = None,
     spec = spec or SyntheticSpec()
     if overrides:
         spec = SyntheticSpec(**{**spec.__dict__, **overrides})
-    unknown = set(spec.defects) - set(DEFECT_TYPES)
+    unknown = set(spec.defects) - set(ALL_DEFECT_TYPES)
     if unknown:
-        msg = f"unknown defect types {sorted(unknown)}; choose from {DEFECT_TYPES}"
+        msg = f"unknown defect types {sorted(unknown)}; choose from {ALL_DEFECT_TYPES}"
         raise ValueError(msg)
+    if spec.product not in PRODUCTS:
+        msg = f"unknown product {spec.product!r}; choose from {PRODUCTS}"
+        raise ValueError(msg)
+    product = _brick if spec.product == "brick" else _product
     root = Path(root)
     base = root / spec.category
     rng = np.random.default_rng(spec.seed)
     size = spec.image_size
 
     for i in range(spec.n_train):
-        image, _ = _product(rng, size)
+        image, _ = product(rng, size)
         _save(image, base / "train" / "good" / f"{i:03d}.png", spec.mode)
     for i in range(spec.n_test_good):
-        image, _ = _product(rng, size)
+        image, _ = product(rng, size)
         _save(image, base / "test" / "good" / f"{i:03d}.png", spec.mode)
     for kind in spec.defects:
         for i in range(spec.n_test_per_defect):
-            image, fg = _product(rng, size)
+            image, fg = product(rng, size)
             mask = _defect_mask(rng, size, kind, fg)
             _save(_paint_defect(rng, image, mask, kind), base / "test" / kind / f"{i:03d}.png", spec.mode)
             mask_path = base / "ground_truth" / kind / f"{i:03d}_mask.png"
@@ -207,6 +278,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--n-test-per-defect", type=int, default=4)
     parser.add_argument("--mode", default="RGB", choices=["RGB", "L", "RGBA"])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--product", default="widget", choices=list(PRODUCTS))
+    parser.add_argument(
+        "--defects",
+        nargs="+",
+        default=list(DEFECT_TYPES),
+        choices=list(ALL_DEFECT_TYPES),
+        help=f"defect families (default: {' '.join(DEFECT_TYPES)}; extra: {' '.join(EXTRA_DEFECT_TYPES)})",
+    )
     args = parser.parse_args(argv)
     root = make_mvtec_like_dataset(
         args.root,
@@ -218,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
             n_test_per_defect=args.n_test_per_defect,
             mode=args.mode,
             seed=args.seed,
+            defects=tuple(args.defects),
+            product=args.product,
         ),
     )
     print(f"wrote {root / args.category}")
