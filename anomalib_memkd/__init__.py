@@ -6,9 +6,9 @@ Registered under the ``anomalib.models`` entry-point group, so with the anomalib
 import hook the stock ``anomalib train --model MemKD`` and ``get_model("memkd")`` work.
 """
 
-from .components import MemoryResNetDecoder, NRMemory, get_memory_decoder
+from .components import MemoryResNetDecoder, NRMemory, RecallBlock, get_memory_decoder
 from .lightning_model import MemKD
-from .loss import MemKDLoss, MemKDLossOutput, normality_memorization_loss, orthogonality_loss
+from .loss import NM_REDUCTIONS, MemKDLoss, MemKDLossOutput, normality_memorization_loss, orthogonality_loss
 from .torch_model import MemKDModel, MemKDTrainOutput
 
 __all__ = [
@@ -17,8 +17,10 @@ __all__ = [
     "MemKDLossOutput",
     "MemKDModel",
     "MemKDTrainOutput",
+    "NM_REDUCTIONS",
     "MemoryResNetDecoder",
     "NRMemory",
+    "RecallBlock",
     "get_memory_decoder",
     "normality_memorization_loss",
     "orthogonality_loss",

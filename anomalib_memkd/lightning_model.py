@@ -24,7 +24,8 @@ targets) and :mod:`anomalib_memkd.loss` for the exact loss definitions.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +51,16 @@ from .torch_model import MemKDModel, check_input_size
 logger = logging.getLogger(__name__)
 
 
+def _empty_training_set_message(datamodule: Any) -> str:
+    root = getattr(datamodule, "root", None)
+    category = getattr(datamodule, "category", None)
+    where = f" (root={str(root)!r}, category={category!r})" if root is not None else ""
+    return (
+        f"MemKD needs normal training images, but the training set of {type(datamodule).__name__}{where} is empty: "
+        "check the data root / category (the train/good folder) of the datamodule."
+    )
+
+
 def _cycle(loader: DataLoader) -> Iterator[Any]:
     """Iterate a (reshuffling) data loader forever."""
     while True:
@@ -72,14 +83,20 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             the bare architecture name (``backbone.split(".")[0]``).
         layers (Sequence[str]): Three teacher layers. Defaults to ``("layer1", "layer2", "layer3")``.
         pre_trained (bool): Load the teacher's pretrained weights. Defaults to ``True``.
-        memory_size (int): Key-value items ``L`` per NR memory. Defaults to ``50`` (paper).
+        memory_size (int | Sequence[int]): Key-value items ``L`` per NR memory: one value for the three, or
+            ``(L_1, L_2, L_3)`` for the memories of teacher ``layer1, layer2, layer3`` (Tab. 4b's order).
+            Defaults to ``50`` (50/50/50: the paper's setting, best image AUROC in Tab. 4b).
         num_exemplars (int): Normal exemplar images ``N`` drawn at random from the training
-            set at every training iteration. Clamped, with a logged warning, to the size of
-            the training set. Defaults to ``16`` (paper).
-        lambda_nm (float): Weight ``lambda_1`` of the normality memorisation loss. Defaults to ``0.1``.
-        lambda_orth (float): Weight ``lambda_2`` of the orthogonality loss. Defaults to ``0.1``.
-        temperature (float): Softmax temperature over the cosine similarities of Eq. 5 and
-            Eq. 8; ``1.0`` is the paper. Defaults to ``1.0``.
+            set at every training iteration, never from the step's own batch (see below). Clamped, with a
+            logged warning, to what the training set allows. Defaults to ``16`` (paper).
+        lambda_nm (float): Weight ``lambda_1`` of the normality memorisation loss. Defaults to ``0.1`` (paper).
+        lambda_orth (float): Weight ``lambda_2`` of the orthogonality loss. Defaults to ``0.1`` (paper).
+        temperature (float): Softmax temperature ``tau`` over the cosine similarities of Eq. 5 and
+            Eq. 8. Defaults to ``0.1``; ``temperature=1.0`` is the paper's formula (see "Temperature" below).
+        nm_reduction (str): ``L_NM`` reduction: ``"mean"`` (per element) or ``"sum"`` (Eq. 10 as written,
+            summed over ``C*H*W``). Defaults to ``"mean"`` (see "L_NM scale" below and :mod:`anomalib_memkd.loss`).
+        use_memory (bool): ``False`` is the "memory off" ablation: anomalib's plain RD decoder of the same width,
+            no memories, no ``L_NM`` / ``L_Orth`` (MemKD's recipe otherwise). Defaults to ``True``.
         lr (float): Adam learning rate. Defaults to ``0.005`` (paper).
         betas (tuple[float, float]): Adam betas. Defaults to ``(0.5, 0.999)``.
         epochs (int): Training epochs (``max_epochs`` of the trainer). Defaults to ``100`` (paper).
@@ -97,12 +114,51 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         evaluator (Evaluator | bool): Evaluator. Defaults to ``True``.
         visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
 
-    Training draws the exemplars through a separate ``DataLoader`` over the fitted
-    datamodule's ``train_data`` (random sampler, ``batch_size=num_exemplars``,
-    ``drop_last=True``, the datamodule's ``num_workers`` and collate function); the
-    pre-processor's transform is applied to them (anomalib's ``PreProcessor`` callback only
-    transforms ``batch.image``). Training therefore needs a datamodule:
-    ``engine.fit(model, datamodule=...)`` or the CLI.
+    **Exemplars.** Training draws the exemplars through one separate ``DataLoader`` over the fitted
+    datamodule's ``train_data``, built once per fit and reused across epochs (random sampler,
+    ``drop_last=True``, the datamodule's ``num_workers`` with ``persistent_workers`` and its collate function);
+    the pre-processor's transform is applied to them (anomalib's ``PreProcessor`` callback only
+    transforms ``batch.image``). The paper assumes "the current sample is different from the N normal samples": each
+    draw holds ``N + B`` random training images (``B``: the datamodule's ``train_batch_size``), those of the step's
+    own batch (by ``image_path``) are dropped and ``N`` of the others are used. With fewer than ``N + B`` training
+    images the step uses all ``|train| - B`` images outside its batch (``N`` clamped, with a warning); when the
+    whole training set fits in one batch the exemplars cannot avoid it and are drawn from the whole set (warning).
+    Training needs a datamodule: ``engine.fit(model, datamodule=...)`` or the CLI; an empty training set or a
+    datamodule without ``train_data`` get MemKD's own error at fit start, and anomalous training images a warning.
+
+    **Temperature** (``temperature``, default 0.1). Eq. 5 and Eq. 8 take a softmax over raw cosines, so at the
+    paper's implicit ``tau = 1`` the logits span at most 2 and the read is ~95 % the mean of the values whatever the
+    query (``e / (e + 49)`` = 0.053 for a perfect match among 50 orthogonal keys). Measured on trained models
+    (resnet18 proxy teacher, i.e. random init with BatchNorm statistics calibrated on the training images, 64 px,
+    generated data, 20 epochs; ``mechanism_report`` on the test set; memory m0/m1/m2 = teacher layer1/2/3; 1/L =
+    0.02; see the README for the command and the full table):
+
+    ====== ========================= ==================== ========================= ===================
+    tau    mean peak weight (x 1/L)  entropy / log L      ||F^R - mean v|| / ||F^R||  L_NM per element
+    ====== ========================= ==================== ========================= ===================
+    1.0    0.025 / 0.024 / 0.023     1.00 / 1.00 / 1.00   0.09 / 0.10 / 0.09          0.038
+    0.2    0.061 / 0.050 / 0.035     0.96 / 0.98 / 0.99   0.59 / 0.54 / 0.43          0.024
+    0.1    0.22 / 0.11 / 0.060       0.80 / 0.91 / 0.96   0.87 / 0.79 / 0.67          0.023
+    0.05   0.48 / 0.34 / 0.15        0.45 / 0.62 / 0.83   0.98 / 0.95 / 0.89          0.044
+    ====== ========================= ==================== ========================= ===================
+
+    At ``tau = 1`` the recall is position-independent (peak 1.2x 1/L, recall within 10 % of the values' mean): the
+    memory is a nearly constant extra input. ``tau = 0.1`` makes every memory's mean peak weight 3-11x 1/L and the
+    recall query-dependent, and it is also where the values reproduce the exemplars' teacher features best (lowest
+    per-element ``L_NM``: Eq. 8-9 blend a few values; at 0.05 they collapse towards nearest-value quantisation and
+    the error doubles). Image AUROC did not separate the temperatures on this data (0.89-0.93 for all, run-to-run
+    spread 0.03), and the temperature was not chosen by it. ``temperature=1.0`` restores the paper's formula.
+
+    **L_NM scale** (``nm_reduction``, default ``"mean"``). Eq. 10 as written sums the squared error over ``C*H*W``
+    (1e3-1e5 per memory), ``"mean"`` averages it per element; ``train/nm_sum`` and ``train/nm_mean`` log both
+    figures whatever the choice. With the sum, the values' gradient is that of ``L_NM`` alone (Adam normalises the
+    step size per parameter, so ``L_KD`` and ``L_Orth`` barely shape the values and ``lambda_1`` has no practical
+    effect); per element, ``L_NM`` is on the scale of ``L_KD`` (a mean cosine distance), so ``lambda_1 = 0.1`` keeps
+    the meaning Eq. 11 gives it: a balancing weight between terms of comparable size. Measured (same setting as the
+    temperature table, tau = 0.1, 2 seeds): image / pixel AUROC 0.910 / 0.923 (mean) vs 0.905 / 0.924 (sum), the
+    same addressing; the sum memorises the exemplars better (per-element L_NM 0.016 vs 0.023) but leaves keys and
+    values less orthogonal (L_Orth 0.137 vs 0.091 at the same lambda_2): its gradient swamps the others on the
+    values. ``"mean"`` is the default so that every term of Eq. 11 shapes the values at the paper's weights.
 
     ``trainer_arguments`` set ``max_epochs=epochs`` (the paper's 100 by default). anomalib's
     ``Engine`` lets a model's trainer arguments override the user's, so the schedule length is
@@ -126,7 +182,9 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         num_exemplars: int = 16,
         lambda_nm: float = 0.1,
         lambda_orth: float = 0.1,
-        temperature: float = 1.0,
+        temperature: float = 0.1,
+        nm_reduction: str = "mean",
+        use_memory: bool = True,
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.999),
         epochs: int = 100,
@@ -177,10 +235,13 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             memory_size=memory_size,
             temperature=temperature,
             backbone_weights=backbone_weights,
+            use_memory=use_memory,
         )
         self.model.set_fast_inference(fast_inference)
-        self.loss = MemKDLoss(lambda_nm=lambda_nm, lambda_orth=lambda_orth)
+        self.loss = MemKDLoss(lambda_nm=lambda_nm, lambda_orth=lambda_orth, nm_reduction=nm_reduction)
         self._exemplar_iterator: Iterator[Any] | None = None
+        self._exemplar_loader: DataLoader | None = None
+        self._exemplars_per_step = num_exemplars
 
     # ------------------------------------------------------------------ exemplars
     def _build_exemplar_iterator(self) -> Iterator[Any]:
@@ -198,47 +259,112 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             raise RuntimeError(msg)
         dataset_size = len(dataset)
         if dataset_size == 0:
-            msg = "MemKD cannot draw exemplars: the datamodule's training set is empty."
-            raise RuntimeError(msg)
+            raise ValueError(_empty_training_set_message(datamodule))
+        batch_size = int(getattr(datamodule, "train_batch_size", 0) or 0)
         num_exemplars = self.num_exemplars
-        if num_exemplars > dataset_size:
+        outside = dataset_size - batch_size  # images that are never in a given step's batch
+        if outside < 1:
             logger.warning(
-                "MemKD: num_exemplars=%d exceeds the %d training images; drawing %d exemplars per iteration instead.",
+                "MemKD: the %d training images all fit in one batch of %d, so the exemplars cannot be kept out of the "
+                "batch; drawing min(num_exemplars=%d, %d) exemplars from the whole training set.",
+                dataset_size,
+                batch_size,
                 num_exemplars,
                 dataset_size,
-                dataset_size,
             )
-            num_exemplars = dataset_size
+            num_exemplars = min(num_exemplars, dataset_size)
+            draw = num_exemplars
+        else:
+            if num_exemplars > outside:
+                logger.warning(
+                    "MemKD: num_exemplars=%d exceeds the %d training images outside a batch of %d (the training set "
+                    "has %d); drawing %d exemplars per iteration instead.",
+                    num_exemplars,
+                    outside,
+                    batch_size,
+                    dataset_size,
+                    outside,
+                )
+                num_exemplars = outside
+            draw = min(num_exemplars + batch_size, dataset_size)  # enough that N remain once the batch is removed
+        self._exemplars_per_step = num_exemplars
+        workers = int(getattr(datamodule, "num_workers", 0) or 0)
         collate_fn = getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn
         # During fit: this rank's own reproducible stream (see DistributedTrainingMixin); else the global RNG.
         seed = getattr(self, "rank_stream_seed", None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         loader = DataLoader(
             dataset,
-            batch_size=num_exemplars,
+            batch_size=draw,
             sampler=RandomSampler(dataset, generator=generator),
             drop_last=True,
-            num_workers=int(getattr(datamodule, "num_workers", 0) or 0),
+            num_workers=workers,
+            persistent_workers=workers > 0,  # the same workers serve every pass over the training set
             collate_fn=collate_fn,
             generator=generator,
         )
-        return _cycle(loader)
+        self._exemplar_loader = loader
+        return self.resumable_cycle(loader, generator, name="exemplars")  # position saved in checkpoints
 
-    def _next_exemplars(self) -> torch.Tensor:
-        """Next exemplar images, on the model's device and pre-processed like ``batch.image``."""
+    def _next_exemplars(self, batch: Batch | None = None) -> torch.Tensor:
+        """Next exemplar images, none of them in ``batch``, on the model's device and pre-processed like ``batch.image``.
+
+        The exemplar loader draws ``N + B`` random training images (``B``: the datamodule's training batch size);
+        those whose ``image_path`` is in ``batch`` are dropped and the first ``N`` of the rest are kept.
+        """
         if self._exemplar_iterator is None:
             self._exemplar_iterator = self._build_exemplar_iterator()
-        batch = next(self._exemplar_iterator)
-        images = batch.image.to(self.device)
+        drawn = next(self._exemplar_iterator)
+        images = drawn.image
+        keep = list(range(images.shape[0]))
+        batch_paths = getattr(batch, "image_path", None) if batch is not None else None
+        drawn_paths = getattr(drawn, "image_path", None)
+        if batch_paths is not None and drawn_paths is not None:
+            excluded = {str(path) for path in batch_paths}
+            outside = [i for i, path in enumerate(drawn_paths) if str(path) not in excluded]
+            keep = outside or keep  # only empty when the batch is the whole training set (warned at build)
+        keep = keep[: self._exemplars_per_step]
+        if len(keep) < images.shape[0]:
+            images = images[keep]
+        images = images.to(self.device)
         transform = getattr(self.pre_processor, "transform", None) if self.pre_processor is not None else None
         if transform is not None:
             images = transform(images)
         return images
 
     def on_fit_start(self) -> None:
-        """Forget any exemplar iterator of a previous fit (the datamodule may have changed)."""
+        """Check the datamodule (before Lightning builds its training loader) and forget any previous exemplar loader."""
         super().on_fit_start()
         self._exemplar_iterator = None
+        self._check_datamodule()
+
+    def _check_datamodule(self) -> None:
+        """MemKD's own messages for datamodule misuse, raised before torch's (e.g. ``num_samples=0``)."""
+        trainer = self._trainer
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None:
+            return  # the exemplar loader explains it at the first step (trainer.fit with bare dataloaders)
+        dataset = getattr(datamodule, "train_data", None)
+        if dataset is None:
+            msg = (
+                f"MemKD draws normal exemplar images from the datamodule's training set, but {type(datamodule).__name__} "
+                "has no `train_data` after setup('fit'). Use an anomalib datamodule (e.g. MVTecAD, Folder)."
+            )
+            raise RuntimeError(msg)
+        if len(dataset) == 0:
+            raise ValueError(_empty_training_set_message(datamodule))
+        samples = getattr(dataset, "samples", None)
+        labels = getattr(samples, "label_index", None) if samples is not None else None
+        if labels is not None:
+            anomalous = int((labels.to_numpy() != 0).sum()) if hasattr(labels, "to_numpy") else 0
+            if anomalous:
+                logger.warning(
+                    "MemKD learns from normal images only, but %d of the %d training images of %s are labelled "
+                    "anomalous: they will be distilled and drawn as 'normal' exemplars.",
+                    anomalous,
+                    len(dataset),
+                    type(datamodule).__name__,
+                )
 
     def on_train_epoch_start(self) -> None:
         """Create the infinite exemplar iterator once per fit."""
@@ -250,6 +376,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         """Release the exemplar loader (and its workers)."""
         super().on_fit_end()
         self._exemplar_iterator = None
+        self._exemplar_loader = None
 
     # ------------------------------------------------------------------ steps
     def configure_optimizers(self) -> optim.Adam:
@@ -264,10 +391,12 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
     def training_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """One MemKD iteration: draw exemplars, distil, memorise, orthogonalise (Eq. 11).
 
-        Logs ``train_loss`` (total) and the unweighted terms ``train/kd``, ``train/nm``, ``train/orth``.
+        Logs ``train_loss`` (total) and the unweighted terms ``train/kd``, ``train/nm`` (the configured reduction),
+        ``train/orth``, and both ``L_NM`` figures: ``train/nm_sum`` (Eq. 10 as written) and ``train/nm_mean``
+        (per element).
         """
         del args, kwargs  # These variables are not used.
-        exemplars = self._next_exemplars()
+        exemplars = self._next_exemplars(batch) if self.model.use_memory else None
         outputs = self.model(batch.image, exemplars)
         losses = self.loss(
             outputs.teacher_features,
@@ -279,8 +408,58 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         self.log("train_loss", losses.loss.detach(), on_epoch=True, prog_bar=True, logger=True, batch_size=batch_size)
         self.log("train/kd", losses.kd.detach(), on_epoch=True, logger=True, batch_size=batch_size)
         self.log("train/nm", losses.nm.detach(), on_epoch=True, logger=True, batch_size=batch_size)
+        self.log("train/nm_sum", losses.nm_sum, on_epoch=True, logger=True, batch_size=batch_size)
+        self.log("train/nm_mean", losses.nm_mean, on_epoch=True, logger=True, batch_size=batch_size)
         self.log("train/orth", losses.orth.detach(), on_epoch=True, logger=True, batch_size=batch_size)
         return {"loss": losses.loss}
+
+    @torch.no_grad()
+    def mechanism_report(self, dataloader: Iterable[Any]) -> dict[str, float]:
+        """Addressing figures of the three memories on ``dataloader`` (raw anomalib batches, e.g. the test loader).
+
+        Each batch is pre-processed as anomalib's ``PreProcessor`` callback does
+        (``self.pre_processor.transform(batch.image, batch.gt_mask)``) and run through the eval network up to the
+        memory queries. Per memory ``m`` (teacher order, ``memories[m]`` serves ``layers[m]``), means over every
+        position of every image:
+
+        * ``peak_weight_m{m}``: the largest read weight (``1/L`` for uniform addressing, 1 for one-hot);
+        * ``entropy_ratio_m{m}``: entropy of the read weights / ``log L`` (1 = uniform);
+        * ``recall_dev_m{m}``: ``||F^R - mean_l(v_l)|| / ||F^R||`` (0 when the recall is the mean of the values
+          whatever the query);
+        * ``uniform_peak_m{m}``: ``1/L``, for reference; ``peak_over_uniform_m{m}``: ``peak_weight * L``.
+
+        Returns ``{}`` for ``use_memory=False``.
+        """
+        if not self.model.use_memory:
+            return {}
+        sums: dict[str, float] = {}
+        positions = [0, 0, 0]
+        transform = getattr(self.pre_processor, "transform", None) if self.pre_processor is not None else None
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for batch in dataloader:
+                images = batch.image
+                if transform is not None:
+                    mask = getattr(batch, "gt_mask", None)
+                    images = transform(images, mask)[0] if mask is not None else transform(images)
+                queries = self.model.memory_queries(images.to(self.device))
+                for index, (memory, query) in enumerate(zip(self.model.memories, queries, strict=True)):
+                    statistics = memory.addressing_statistics(query)
+                    for name, values in statistics.items():
+                        key = f"{name}_m{index}"
+                        sums[key] = sums.get(key, 0.0) + float(values.double().sum())
+                    positions[index] += statistics["peak"].numel()
+        finally:
+            self.model.train(was_training)
+        report: dict[str, float] = {}
+        for index, memory in enumerate(self.model.memories):
+            count = positions[index]
+            for name, out in (("peak", "peak_weight"), ("entropy_ratio", "entropy_ratio"), ("recall_dev", "recall_dev")):
+                report[f"{out}_m{index}"] = sums.get(f"{name}_m{index}", math.nan) / count if count else math.nan
+            report[f"uniform_peak_m{index}"] = 1.0 / memory.num_items
+            report[f"peak_over_uniform_m{index}"] = report[f"peak_weight_m{index}"] * memory.num_items
+        return report
 
     def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
         """Predict anomaly maps and scores for a validation batch (Eq. 3-4)."""

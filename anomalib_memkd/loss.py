@@ -5,14 +5,22 @@
 * ``L_KD`` (Eq. 1-2): anomalib's :class:`ReverseDistillationLoss`, i.e. for every level the
   batch mean of ``1 - cos(flat(F_S), flat(F_T))`` over the whole flattened feature map,
   summed over the three levels.
-* ``L_NM`` (Eq. 10), :func:`normality_memorization_loss`: for every memory,
-  ``(1/N) sum_n ||F^{E_n} - F_bar^{E_n}||_2^2`` where the norm runs over the whole
-  flattened ``C*H*W`` exemplar feature (a *sum* of squared errors, not a mean), summed over
-  the three memories. Implemented exactly as written, so it is large in magnitude (tens of
-  thousands at 256 px with WideResNet50, hundreds at 64 px with ResNet18) compared with
-  ``L_KD`` (at most 6). Its reconstruction ``F_bar^E`` addresses the *values* only (Eq. 8-9)
-  and its targets carry no gradient, so ``L_NM`` reaches the value parameters only; the
-  optimiser (Adam) is invariant to the scale of a parameter's gradient.
+* ``L_NM`` (Eq. 10), :func:`normality_memorization_loss`, summed over the three memories, with two reductions:
+
+  - ``"sum"`` (the paper as written): ``(1/N) sum_n ||F^{E_n} - F_bar^{E_n}||_2^2``, the norm over the whole
+    flattened ``C*H*W`` exemplar feature. Its size grows with ``C*H*W`` (about 1e3-1e5 per memory: tens of
+    thousands at 256 px with WideResNet50) against ``L_KD <= 3``.
+  - ``"mean"``: the same squared error averaged per element, ``(1/(N*C*H*W)) sum_n ||.||_2^2`` (a mean squared
+    error), i.e. the ``"sum"`` figure divided by ``C*H*W`` of each memory.
+
+  The reconstruction ``F_bar^E`` addresses the *values* only (Eq. 8-9) and its targets carry no gradient, so
+  ``L_NM`` reaches the value parameters only. The values also get gradients from ``L_KD`` (through the recall) and
+  ``L_Orth``. With ``"sum"`` the ``L_NM`` gradient is 1e3-1e5 times larger than it would be per element, so it
+  swamps the others: Adam normalises each parameter's step by its gradient's magnitude, so the values' update is
+  then that of ``L_NM`` alone, whatever ``lambda_1`` is (0.1 or 0.001 give the same training). ``"mean"`` puts
+  ``L_NM`` on the per-element scale of ``L_KD`` (itself a mean of cosine distances), so ``lambda_1 = 0.1`` is again
+  the balancing weight Eq. 11 describes: "balancing hyper-parameters" only balance terms of comparable scale. Both
+  figures are computed every step (:class:`MemKDLossOutput` ``nm_sum`` / ``nm_mean``); ``MemKD`` logs both.
 * ``L_Orth`` (Eq. 7), :func:`orthogonality_loss`: the paper writes the *signed* mean
   ``(1/L^2) sum_i sum_j cos(k_i, v_j)`` while stating that every key should be "as
   independent as possible" from every value. A signed mean is minimised (to -1) by
@@ -36,29 +44,41 @@ from anomalib.models.image.reverse_distillation.loss import ReverseDistillationL
 from .components.memory import NRMemory
 
 
+#: reductions of ``L_NM`` (Eq. 10): the paper's per-exemplar sum over C*H*W, or the per-element mean
+NM_REDUCTIONS = ("sum", "mean")
+
+
 class MemKDLossOutput(NamedTuple):
-    """Total loss (Eq. 11) and its three terms (unweighted)."""
+    """Total loss (Eq. 11), its three terms (unweighted; ``nm`` in the configured reduction) and both ``L_NM`` figures."""
 
     loss: torch.Tensor
     kd: torch.Tensor
     nm: torch.Tensor
     orth: torch.Tensor
+    nm_sum: torch.Tensor | None = None
+    nm_mean: torch.Tensor | None = None
 
 
 def normality_memorization_loss(
     targets: Sequence[torch.Tensor],
     reconstructions: Sequence[torch.Tensor],
+    reduction: str = "sum",
 ) -> torch.Tensor:
-    """Eq. 10 summed over memories: ``sum_i (1/N) sum_n ||F_i^{E_n} - F_bar_i^{E_n}||_2^2``.
+    """Eq. 10 summed over memories: ``sum_i (1/N) sum_n ||F_i^{E_n} - F_bar_i^{E_n}||_2^2`` (``"sum"``).
 
     Args:
         targets (Sequence[torch.Tensor]): Per memory, the ``(N, C, H, W)`` normality embedding.
         reconstructions (Sequence[torch.Tensor]): Per memory, its value-addressed
             reconstruction (Eq. 9), same shape.
+        reduction (str): ``"sum"`` (the paper: squared L2 norm over ``C*H*W``, mean over exemplars) or ``"mean"``
+            (mean over ``N*C*H*W`` elements). Defaults to ``"sum"``.
 
     Returns:
         torch.Tensor: Scalar loss.
     """
+    if reduction not in NM_REDUCTIONS:
+        msg = f"reduction must be one of {NM_REDUCTIONS}, got {reduction!r}."
+        raise ValueError(msg)
     if len(targets) != len(reconstructions):
         msg = f"Got {len(targets)} targets but {len(reconstructions)} reconstructions."
         raise ValueError(msg)
@@ -67,8 +87,11 @@ def normality_memorization_loss(
         raise ValueError(msg)
     total = targets[0].new_zeros(())
     for target, reconstruction in zip(targets, reconstructions, strict=True):
-        squared_norm = (target - reconstruction).pow(2).flatten(1).sum(dim=1)  # ||.||_2^2 per exemplar
-        total = total + squared_norm.mean()
+        squared_error = (target - reconstruction).pow(2)
+        if reduction == "mean":
+            total = total + squared_error.mean()
+        else:
+            total = total + squared_error.flatten(1).sum(dim=1).mean()  # ||.||_2^2 per exemplar, mean over N
     return total
 
 
@@ -101,15 +124,23 @@ class MemKDLoss(nn.Module):
     Args:
         lambda_nm (float): Weight ``lambda_1`` of ``L_NM``. Defaults to ``0.1`` (paper).
         lambda_orth (float): Weight ``lambda_2`` of ``L_Orth``. Defaults to ``0.1`` (paper).
+        nm_reduction (str): ``"mean"`` (per element) or ``"sum"`` (the paper as written); see the module
+            docstring. Defaults to ``"mean"``.
+
+    Without memories (``memories`` empty: the "memory off" ablation) ``L_NM = L_Orth = 0``.
     """
 
-    def __init__(self, lambda_nm: float = 0.1, lambda_orth: float = 0.1) -> None:
+    def __init__(self, lambda_nm: float = 0.1, lambda_orth: float = 0.1, nm_reduction: str = "mean") -> None:
         super().__init__()
         if lambda_nm < 0 or lambda_orth < 0:
             msg = f"Loss weights must be non-negative, got lambda_nm={lambda_nm}, lambda_orth={lambda_orth}."
             raise ValueError(msg)
+        if nm_reduction not in NM_REDUCTIONS:
+            msg = f"nm_reduction must be one of {NM_REDUCTIONS}, got {nm_reduction!r}."
+            raise ValueError(msg)
         self.lambda_nm = lambda_nm
         self.lambda_orth = lambda_orth
+        self.nm_reduction = nm_reduction
         self.kd_loss = ReverseDistillationLoss()
 
     def forward(
@@ -129,11 +160,15 @@ class MemKDLoss(nn.Module):
                 per memory (same order as ``memories``). ``None`` gives ``L_NM = 0``.
 
         Returns:
-            MemKDLossOutput: ``loss`` (Eq. 11) and the unweighted ``kd``, ``nm`` and ``orth`` terms.
+            MemKDLossOutput: ``loss`` (Eq. 11), the unweighted ``kd``, ``nm`` (configured reduction) and ``orth``
+            terms, and ``nm_sum`` / ``nm_mean`` (both reductions, detached).
         """
         kd = self.kd_loss(list(teacher_features), list(student_features))
+        if len(memories) == 0:
+            zero = kd.new_zeros(())
+            return MemKDLossOutput(loss=kd, kd=kd, nm=zero, orth=zero, nm_sum=zero, nm_mean=zero)
         if exemplar_features is None:
-            nm = kd.new_zeros(())
+            nm = nm_sum = nm_mean = kd.new_zeros(())
         else:
             if len(exemplar_features) != len(memories):
                 msg = f"Got {len(exemplar_features)} exemplar targets for {len(memories)} memories."
@@ -141,7 +176,11 @@ class MemKDLoss(nn.Module):
             reconstructions = [
                 memory.reconstruct(target) for memory, target in zip(memories, exemplar_features, strict=True)
             ]
-            nm = normality_memorization_loss(list(exemplar_features), reconstructions)
+            nm = normality_memorization_loss(list(exemplar_features), reconstructions, self.nm_reduction)
+            with torch.no_grad():
+                other = "sum" if self.nm_reduction == "mean" else "mean"
+                nm_other = normality_memorization_loss(list(exemplar_features), reconstructions, other)
+            nm_sum, nm_mean = (nm.detach(), nm_other) if self.nm_reduction == "sum" else (nm_other, nm.detach())
         orth = orthogonality_loss([memory.keys for memory in memories], [memory.values for memory in memories])
         loss = kd + self.lambda_nm * nm + self.lambda_orth * orth
-        return MemKDLossOutput(loss=loss, kd=kd, nm=nm, orth=orth)
+        return MemKDLossOutput(loss=loss, kd=kd, nm=nm, orth=orth, nm_sum=nm_sum, nm_mean=nm_mean)

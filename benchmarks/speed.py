@@ -21,7 +21,8 @@ Derived, with the targets of the speed issue:
 * MemKD epoch / RD epoch (target <= 1.5)
 
 Inference (eval mode, the torch model = what runs between pre- and post-processing): latency at bs1 and bs16 for
-RD, AAND, MemKD in eager float32 (targets: AAND <= 1.10 x RD, MemKD <= 1.05 x RD), with ``fast_inference=True``
+RD, AAND, MemKD in eager float32 (targets: AAND <= 1.10 x RD, MemKD <= its FLOP ratio to RD), timed in alternating
+rounds (one call per model per round, the order rotated) so that the ratios to RD hold on a loaded machine, with ``fast_inference=True``
 (autocast bf16 on CPU / fp16 on CUDA + channels-last; anomaly map compared with float32), and OpenVINO FP32
 (``INFERENCE_PRECISION_HINT=f32``) on CPU.
 
@@ -52,6 +53,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
+INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", choices=("train", "inference"), default=None)
     parser.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
     parser.add_argument("--output", type=Path, default=Path("results/speed"))
+    parser.add_argument("--models", nargs="+", default=list(INFERENCE_MODELS), choices=INFERENCE_MODELS,
+                        help="inference models (ReverseDistillation is always timed: the ratios are to it)")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO inference rows")
     parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, bs 4, 1 step (smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -285,12 +290,21 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     common = {"backbone": args.backbone, "pre_trained": False}
+    classes = {"ReverseDistillation": ReverseDistillation, "Aand": Aand, "MemKD": MemKD}
+    wanted = {"ReverseDistillation", *getattr(args, "models", INFERENCE_MODELS)}
     modules = {
-        "ReverseDistillation": ReverseDistillation(**common, pre_processor=pre_processor(ReverseDistillation, args.image_size)),
-        "Aand": Aand(**common, pre_processor=pre_processor(Aand, args.image_size)),
-        "MemKD": MemKD(**common, pre_processor=pre_processor(MemKD, args.image_size)),
+        name: cls(**common, pre_processor=pre_processor(cls, args.image_size))
+        for name, cls in classes.items()
+        if name in wanted
     }
     rows = []
+    # eager fp32 latency: every model timed in the same rounds, alternating (see interleaved_eager_times)
+    eager: dict[tuple[str, int], list[float]] = {}
+    networks = {name: module.model.to(device).eval() for name, module in modules.items()}
+    for batch_size in (1, args.batch_size):
+        images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
+        for name, times in interleaved_eager_times(networks, images, args.runs, device).items():
+            eager[(name, batch_size)] = times
     for name, module in modules.items():
         model = module.model.to(device).eval()
         for batch_size in (1, args.batch_size):
@@ -306,8 +320,8 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
                     for _ in range(2):
                         out = model(images)
                     sync(device)
-                    times = []
-                    for _ in range(args.runs):
+                    times = list(eager[(name, batch_size)]) if label == "eager-fp32" else []
+                    for _ in range(0 if times else args.runs):
                         start = time.perf_counter()
                         out = model(images)
                         sync(device)
@@ -324,13 +338,48 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
             if hasattr(model, "set_fast_inference"):
                 model.set_fast_inference(False)
-        if device.type == "cpu":
+        if device.type == "cpu" and not getattr(args, "no_openvino", False):
             rows.extend(openvino_rows(name, module, args))
     rd = {(r["variant"], r["batch"]): r["ms"] for r in rows if r["model"] == "ReverseDistillation"}
     for row in rows:
         base = rd.get(("eager-fp32", row["batch"]))
         row["vs_rd_eager"] = row["ms"] / base if base else float("nan")
+        if row["variant"] == "eager-fp32" and ("ReverseDistillation", row["batch"]) in eager:
+            pairs = zip(eager[(row["model"], row["batch"])], eager[("ReverseDistillation", row["batch"])], strict=True)
+            row["vs_rd_eager_paired"] = statistics.median(t / t_rd for t, t_rd in pairs)
     return rows
+
+
+def interleaved_eager_times(
+    networks: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    runs: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Eager fp32 latency (seconds) of every network on ``images``, ``runs`` rounds of one call per network.
+
+    The calls alternate between the networks, in an order rotated every round, so that a change of load on a shared
+    machine hits every network alike; the latency ratios to RD (``vs_rd_eager`` from the medians, and
+    ``vs_rd_eager_paired``, the median of the per-round ratios) are therefore measured in the same run, side by side.
+    """
+    names = list(networks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for network in networks.values():
+        if hasattr(network, "set_fast_inference"):
+            network.set_fast_inference(False)
+    with torch.inference_mode():
+        for name in names:  # warm-up (allocator, oneDNN / cuDNN kernels)
+            for _ in range(2):
+                networks[name](images)
+        sync(device)
+        for round_index in range(runs):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                networks[name](images)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return times
 
 
 def gflop_per_image(model: torch.nn.Module, image: torch.Tensor) -> float:
@@ -400,13 +449,19 @@ def report(train: list[dict], derived: dict, inference: list[dict], args: argpar
                            f"± {exact['l_a_subsample_std']:.4f} (5 draws)")]  # fmt: skip
         lines.append("")
     if inference:
-        lines += ["| inference | variant | batch | ms / batch | img/s | / RD eager | GFLOP / image | "
-                  "map error vs fp32 (of range) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["| inference | variant | batch | ms / batch | img/s | / RD eager | / RD eager (paired rounds) | "
+                  "GFLOP / image | / RD GFLOP | map error vs fp32 (of range) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+        rd_flops = next((r["gflop_per_image"] for r in inference if r["model"] == "ReverseDistillation"
+                         and "gflop_per_image" in r), None)  # fmt: skip
         for row in inference:
             err = f"{row['map_err_vs_fp32']:.1e}" if "map_err_vs_fp32" in row else ""
             flops = f"{row['gflop_per_image']:.1f}" if "gflop_per_image" in row else ""
+            flop_ratio = f"{row['gflop_per_image'] / rd_flops:.3f}" if "gflop_per_image" in row and rd_flops else ""
+            paired = f"{row['vs_rd_eager_paired']:.3f}" if "vs_rd_eager_paired" in row else ""
             lines.append(f"| {row['model']} | {row['variant']} | {row['batch']} | {row['ms']:.1f} | "
-                         f"{row['img_per_s']:.1f} | {row['vs_rd_eager']:.2f} | {flops} | {err} |")  # fmt: skip
+                         f"{row['img_per_s']:.1f} | {row['vs_rd_eager']:.3f} | {paired} | {flops} | {flop_ratio} | "
+                         f"{err} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -69,10 +69,27 @@ def trained(dataset_root: Path, tmp_path_factory: pytest.TempPathFactory):
     torch.manual_seed(0)
     model = _model()
     initial = _memory_tensors(model)
+    steps: list[dict] = []  # per training step: exemplar count, overlap with the batch
+    builds: list[int] = []
+    original_next, original_build = model._next_exemplars, model._build_exemplar_iterator  # noqa: SLF001
+
+    def next_spy(batch=None) -> torch.Tensor:
+        exemplars = original_next(batch)
+        # batch.image is pre-processed by the PreProcessor callback, the exemplars by MemKD: compare them directly
+        same = (exemplars[:, None] - batch.image[None].to(exemplars)).flatten(2).abs().amax(-1) == 0
+        steps.append({"count": exemplars.shape[0], "overlap": int(same.any(dim=1).sum())})
+        return exemplars
+
+    def build_spy():
+        builds.append(1)
+        return original_build()
+
+    model._next_exemplars, model._build_exemplar_iterator = next_spy, build_spy  # noqa: SLF001
     engine = _engine(tmp_path_factory.mktemp("memkd_fit"), max_steps=2 * STEPS_PER_EPOCH)
     datamodule = mvtec_datamodule(dataset_root, batch_size=BATCH)
     engine.fit(model, datamodule=datamodule)
-    return {"model": model, "engine": engine, "datamodule": datamodule, "initial": initial}
+    return {"model": model, "engine": engine, "datamodule": datamodule, "initial": initial, "steps": steps,
+            "builds": builds}  # fmt: skip
 
 
 @pytest.mark.integration
@@ -80,8 +97,11 @@ def test_fit_trains_the_memories(trained) -> None:
     model, engine = trained["model"], trained["engine"]
     assert engine.trainer.global_step == 2 * STEPS_PER_EPOCH
     metrics = engine.trainer.callback_metrics
-    for key in ("train_loss", "train/kd", "train/nm", "train/orth"):
+    for key in ("train_loss", "train/kd", "train/nm", "train/nm_sum", "train/nm_mean", "train/orth"):
         assert math.isfinite(float(metrics[key])), key
+    # both L_NM figures are logged; the loss uses the per-element one (default nm_reduction="mean")
+    assert float(metrics["train/nm"]) == pytest.approx(float(metrics["train/nm_mean"]))
+    assert float(metrics["train/nm_sum"]) > 10 * float(metrics["train/nm_mean"])
     # the total is Eq. 11 of the logged (epoch-mean) terms
     expected = metrics["train/kd"] + 0.1 * metrics["train/nm"] + 0.1 * metrics["train/orth"]
     assert float(metrics["train_loss"]) == pytest.approx(float(expected), rel=1e-4)
@@ -89,6 +109,39 @@ def test_fit_trains_the_memories(trained) -> None:
     names = [f"memories.{i}.{kind}" for i in range(3) for kind in ("keys", "values")]
     for name, before, now in zip(names, trained["initial"], after, strict=True):
         assert not torch.equal(before, now), f"{name} did not change during training"
+
+
+@pytest.mark.integration
+def test_exemplars_stay_out_of_the_batch_and_reuse_one_loader(trained) -> None:
+    steps = trained["steps"]
+    assert len(steps) == 2 * STEPS_PER_EPOCH
+    assert all(step["count"] == 4 for step in steps)  # N = 4 of 12 training images, batch 4: N + B <= 12
+    assert sum(step["overlap"] for step in steps) == 0
+    assert trained["builds"] == [1]  # one exemplar loader for the two epochs
+
+
+def test_exemplar_loader_keeps_its_workers(dataset_root: Path) -> None:
+    from types import SimpleNamespace
+
+    datamodule = mvtec_datamodule(dataset_root, batch_size=BATCH, num_workers=2)
+    datamodule.setup()
+    model = _model()
+    model._trainer = SimpleNamespace(datamodule=datamodule)  # noqa: SLF001 - only what the loader builder reads
+    try:
+        model._build_exemplar_iterator()  # noqa: SLF001 - builds the loader, starts no worker yet
+    finally:
+        model._trainer = None  # noqa: SLF001
+    loader = model._exemplar_loader  # noqa: SLF001
+    assert loader.persistent_workers
+    assert loader.num_workers == 2
+    assert loader.batch_size == 4 + BATCH  # N + B: N remain once the batch's own images are dropped
+
+
+@pytest.mark.integration
+def test_empty_training_set_gets_memkd_message(make_dataset, tmp_path: Path) -> None:
+    root = make_dataset("memkd_empty_train", n_train=0)
+    with pytest.raises(ValueError, match="MemKD needs normal training images.*empty"):
+        _engine(tmp_path, max_steps=1).fit(_model(), datamodule=mvtec_datamodule(root, batch_size=2))
 
 
 @pytest.mark.integration
@@ -149,8 +202,8 @@ def test_exemplar_count_is_clamped_to_the_training_set(make_dataset, tmp_path: P
     drawn: list[int] = []
     original = model._next_exemplars  # noqa: SLF001
 
-    def spy() -> torch.Tensor:
-        exemplars = original()
+    def spy(batch=None) -> torch.Tensor:
+        exemplars = original(batch)
         drawn.append(exemplars.shape[0])
         # the pre-processor's transform (resize to 64 px + ImageNet normalisation) was applied
         assert exemplars.shape[-2:] == (SIZE, SIZE)
@@ -163,8 +216,9 @@ def test_exemplar_count_is_clamped_to_the_training_set(make_dataset, tmp_path: P
             model,
             datamodule=mvtec_datamodule(root, batch_size=2),
         )
-    assert "num_exemplars=50 exceeds the 3 training images" in caplog.text
-    assert drawn == [3, 3]
+    # 3 training images, batch 2: one image is outside each batch of 2, two outside the last batch of 1
+    assert "num_exemplars=50 exceeds the 1 training images outside a batch of 2" in caplog.text
+    assert drawn == [1, 1]
 
 
 @pytest.mark.integration

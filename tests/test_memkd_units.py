@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from anomalib.data import InferenceBatch
+from anomalib.data import ImageBatch, InferenceBatch
+from anomalib.models.components.backbone.resnet_decoder import get_decoder
 from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
 from anomalib_memkd import (
     MemKD,
     MemKDLoss,
     MemKDModel,
     NRMemory,
+    RecallBlock,
     get_memory_decoder,
     normality_memorization_loss,
     orthogonality_loss,
@@ -133,6 +137,30 @@ def test_normality_memorization_loss_is_eq10_summed_over_memories() -> None:
     target_b = torch.zeros(1, 4, 1, 1)
     recon_b = torch.tensor([3.0, 0.0, 0.0, 0.0]).reshape(1, 4, 1, 1)
     assert normality_memorization_loss([target_a, target_b], [recon_a, recon_b]).item() == pytest.approx(39.0)
+    # per element: A = (12 * 1 + 12 * 4) / 24 = 2.5, B = 9 / 4 = 2.25
+    mean = normality_memorization_loss([target_a, target_b], [recon_a, recon_b], reduction="mean")
+    assert mean.item() == pytest.approx(4.75)
+    with pytest.raises(ValueError, match="reduction"):
+        normality_memorization_loss([target_a], [recon_a], reduction="max")
+
+
+def test_loss_reports_both_nm_reductions_and_uses_the_configured_one() -> None:
+    torch.manual_seed(4)
+    teacher, student = [torch.randn(2, 4, 8, 8)], [torch.randn(2, 4, 8, 8)]
+    memories, targets = [NRMemory(5, 4, temperature=0.1)], [torch.randn(3, 4, 8, 8)]
+    by_mean = MemKDLoss(nm_reduction="mean")(teacher, student, memories, targets)
+    by_sum = MemKDLoss(nm_reduction="sum")(teacher, student, memories, targets)
+    torch.testing.assert_close(by_mean.nm_sum, by_sum.nm_sum)
+    torch.testing.assert_close(by_mean.nm_mean, by_sum.nm_mean)
+    torch.testing.assert_close(by_mean.nm_sum, by_mean.nm_mean * 4 * 8 * 8)  # sum = C*H*W x per-element mean
+    torch.testing.assert_close(by_mean.nm, by_mean.nm_mean)
+    torch.testing.assert_close(by_sum.nm, by_sum.nm_sum)
+    torch.testing.assert_close(by_sum.loss - by_mean.loss, 0.1 * (by_sum.nm_sum - by_mean.nm_mean))
+    assert MemKDLoss().nm_reduction == "mean"
+    # no memories ("memory off"): plain KD
+    plain = MemKDLoss()(teacher, student, [], None)
+    torch.testing.assert_close(plain.loss, ReverseDistillationLoss()(teacher, student))
+    assert plain.nm.item() == plain.orth.item() == 0.0
 
 
 def test_orthogonality_loss_is_mean_absolute_key_value_cosine() -> None:
@@ -156,7 +184,8 @@ def test_total_loss_is_eq11(torch_model: MemKDModel) -> None:
     targets = [torch.randn(3, 4, 8, 8), torch.randn(3, 6, 4, 4)]
     out = MemKDLoss(lambda_nm=0.25, lambda_orth=2.0)(teacher, student, memories, targets)
     kd = ReverseDistillationLoss()(teacher, student)
-    nm = normality_memorization_loss(targets, [m.reconstruct(t) for m, t in zip(memories, targets, strict=True)])
+    reconstructions = [m.reconstruct(t) for m, t in zip(memories, targets, strict=True)]
+    nm = normality_memorization_loss(targets, reconstructions, reduction="mean")  # MemKDLoss's default
     orth = orthogonality_loss([m.keys for m in memories], [m.values for m in memories])
     torch.testing.assert_close(out.kd, kd)
     torch.testing.assert_close(out.nm, nm)
@@ -168,67 +197,93 @@ def test_total_loss_is_eq11(torch_model: MemKDModel) -> None:
 
 # --------------------------------------------------------------------------- architecture
 @pytest.mark.parametrize(("arch", "expansion"), [("resnet18", 1), ("resnet50", 4)])
-def test_decoder_stages_take_query_plus_recall(arch: str, expansion: int) -> None:
+def test_each_decoder_stage_recalls_after_its_first_block(arch: str, expansion: int) -> None:
+    """Memory i sits inside decoder stage i after the up-sampling block, where the student has teacher level i's
+    channels; the stage's second block takes [query, recall] (2C) and its identity path is the query."""
+    reference = get_decoder(arch)
     decoder = get_memory_decoder(arch)
-    c_bottleneck, c_layer3, c_layer2 = 512 * expansion, 256 * expansion, 128 * expansion
-    assert decoder.memory_channels == (c_bottleneck, c_layer3, c_layer2)
-    for stage, c_in, c_out in (
-        (decoder.layer1, c_bottleneck, c_layer3),
-        (decoder.layer2, c_layer3, c_layer2),
-        (decoder.layer3, c_layer2, 64 * expansion),
-    ):
+    assert decoder.memory_channels == (64 * expansion, 128 * expansion, 256 * expansion)  # teacher order
+    for name, c_out in (("layer1", 256 * expansion), ("layer2", 128 * expansion), ("layer3", 64 * expansion)):
+        stage, plain = getattr(decoder, name), getattr(reference, name)
+        assert len(stage) == len(plain)
         first = stage[0]
-        assert first.conv1.in_channels == 2 * c_in
-        assert first.upsample[0].in_channels == 2 * c_in  # identity branch too
         assert first.upsample[0].out_channels == c_out
-        # later blocks of a stage are unchanged
-        assert all(block.conv1.in_channels == c_out for block in list(stage)[1:])
+        assert first.conv1.in_channels == plain[0].conv1.in_channels  # RD's stage input, unchanged
+        recall = stage[1]
+        assert isinstance(recall, RecallBlock)
+        assert type(recall.block) is type(plain[1])
+        assert recall.block.conv1.in_channels == 2 * c_out
+        assert all(block.conv1.in_channels == c_out for block in list(stage)[2:])
+        # identity path = the query: with a zero branch the block returns relu(query)
+        query, recall_map = torch.randn(2, c_out, 3, 3), torch.randn(2, c_out, 3, 3)
+        last_bn = recall.block.bn3 if hasattr(recall.block, "bn3") else recall.block.bn2
+        with torch.no_grad():
+            weight = last_bn.weight.clone()
+            last_bn.weight.zero_()
+            last_bn.bias.zero_()
+            recall.eval()
+            torch.testing.assert_close(recall(query, recall_map), torch.relu(query))
+            last_bn.weight.copy_(weight)
 
 
-def test_memories_are_placed_after_bottleneck_and_stages_1_2(torch_model: MemKDModel) -> None:
+def test_memories_serve_the_teacher_levels(torch_model: MemKDModel) -> None:
     channels = [memory.channels for memory in torch_model.memories]
-    assert channels == [512, 256, 128]
+    assert channels == [64, 128, 256] == list(torch_model.encoder.out_dims)  # memory m <-> teacher layers[m]
     assert all(memory.num_items == 10 for memory in torch_model.memories)
     names = {name for name, _ in torch_model.named_parameters()}
     assert {"memories.0.keys", "memories.0.values", "memories.2.values"} <= names
+    per_memory = MemKDModel("resnet18", input_size=(SIZE, SIZE), pre_trained=False, memory_size=(100, 50, 10))
+    assert [memory.num_items for memory in per_memory.memories] == [100, 50, 10]  # (L_1, L_2, L_3), Tab. 4b order
+    with pytest.raises(ValueError, match="memory_size"):
+        MemKDModel("resnet18", input_size=(SIZE, SIZE), pre_trained=False, memory_size=(50, 50))
 
 
-def test_training_forward_shapes_and_exemplar_targets(torch_model: MemKDModel) -> None:
+def test_queries_have_the_shapes_of_their_teacher_levels(torch_model: MemKDModel) -> None:
+    torch_model.eval()
+    images = torch.rand(2, 3, SIZE, SIZE)
+    queries = torch_model.memory_queries(images)
+    with torch.no_grad():
+        teacher = list(torch_model.encoder(images).values())
+    assert [q.shape for q in queries] == [t.shape for t in teacher]
+
+
+def test_every_nel_target_is_the_teacher_feature_of_its_level(torch_model: MemKDModel) -> None:
     torch.manual_seed(2)
     torch_model.train()
     images, exemplars = torch.randn(2, 3, SIZE, SIZE), torch.randn(3, 3, SIZE, SIZE)
     out = torch_model(images, exemplars)
     assert [f.shape for f in out.student_features] == [f.shape for f in out.teacher_features]
     assert [tuple(f.shape) for f in out.teacher_features] == [(2, 64, 16, 16), (2, 128, 8, 8), (2, 256, 4, 4)]
-    assert [tuple(f.shape) for f in out.exemplar_features] == [(3, 512, 2, 2), (3, 256, 4, 4), (3, 128, 8, 8)]
-    assert not out.exemplar_features[0].requires_grad  # detached bottleneck embedding
-
-    # M1 <- teacher layer3, M2 <- teacher layer2 of the exemplars; teacher features of the batch.
-    teacher_exemplars = list(torch_model.encoder(exemplars).values())
-    teacher_images = list(torch_model.encoder(images).values())
-    torch.testing.assert_close(out.exemplar_features[1], teacher_exemplars[2])
-    torch.testing.assert_close(out.exemplar_features[2], teacher_exemplars[1])
+    with torch.no_grad():
+        teacher_exemplars = list(torch_model.encoder(exemplars).values())
+        teacher_images = list(torch_model.encoder(images).values())
+    for memory, target, expected in zip(torch_model.memories, out.exemplar_features, teacher_exemplars, strict=True):
+        torch.testing.assert_close(target, expected)  # fixed teacher feature of the memory's level
+        assert target.shape[1] == memory.channels
+        assert not target.requires_grad
     for got, expected in zip(out.teacher_features, teacher_images, strict=True):
         torch.testing.assert_close(got, expected)
     assert not torch_model.encoder.training  # the teacher stays in eval mode
 
 
-def test_bottleneck_sees_batch_and_exemplars_separately(torch_model: MemKDModel) -> None:
-    """M0's target is the bottleneck embedding of the exemplars alone; the student decodes the batch's own embedding
-    (training-mode batch norm normalises each with its own statistics, as RD does for the batch)."""
+def test_exemplar_pass_leaves_the_bottleneck_and_student_alone(torch_model: MemKDModel) -> None:
+    """The exemplars change neither the student's output nor any BatchNorm statistic of bottleneck / decoder."""
     import copy
 
     torch.manual_seed(3)
     torch_model.train()
-    images, exemplars = torch.randn(2, 3, SIZE, SIZE), torch.randn(3, 3, SIZE, SIZE)
+    images, exemplars = torch.randn(2, 3, SIZE, SIZE), torch.randn(5, 3, SIZE, SIZE) * 3
     reference = copy.deepcopy(torch_model)
-    out = torch_model(images, exemplars)
-    with torch.no_grad():
-        exemplar_embedding = reference.bottleneck(list(reference.encoder(exemplars).values()))
-        student = reference.decoder(reference.bottleneck(list(reference.encoder(images).values())), reference.memories)
-    torch.testing.assert_close(out.exemplar_features[0], exemplar_embedding)
-    for got, expected in zip(out.student_features, student, strict=True):
+    with_exemplars = torch_model(images, exemplars)
+    without = reference(images)
+    for got, expected in zip(with_exemplars.student_features, without.student_features, strict=True):
         torch.testing.assert_close(got, expected)
+    for part in ("bottleneck", "decoder"):
+        state, state_ref = getattr(torch_model, part).state_dict(), getattr(reference, part).state_dict()
+        buffers = [key for key in state if "running_" in key or "num_batches_tracked" in key]
+        assert buffers
+        for key in buffers:
+            torch.testing.assert_close(state[key], state_ref[key], msg=f"{part}.{key} changed")
 
 
 def test_eval_forward_returns_inference_batch(torch_model: MemKDModel) -> None:
@@ -332,18 +387,31 @@ def test_lightning_module_contract() -> None:
     assert all(id(p) in optimised for p in model.model.bottleneck.parameters())
     assert not any(id(p) in optimised for p in model.model.encoder.parameters())
     state = model.state_dict()
-    assert state["model.memories.1.keys"].shape == (7, 256)
+    assert state["model.memories.1.keys"].shape == (7, 128)  # memory 1 serves teacher layer2
 
 
 def test_default_model_is_the_paper_configuration() -> None:
     model = MemKD(pre_trained=False)
-    assert model.hparams.backbone == "wide_resnet50_2.tv_in1k"
-    assert model.num_exemplars == 16
-    assert model.loss.lambda_nm == 0.1
-    assert model.loss.lambda_orth == 0.1
+    assert model.hparams.backbone == "wide_resnet50_2.tv_in1k"  # torchvision ImageNet-V1 weights (RD's)
+    assert inspect.signature(MemKD).parameters["pre_trained"].default is True
+    assert tuple(model.hparams.layers) == ("layer1", "layer2", "layer3")  # K = 3
+    assert model.num_exemplars == 16  # N
+    assert model.loss.lambda_nm == 0.1  # lambda_1
+    assert model.loss.lambda_orth == 0.1  # lambda_2
+    assert model.lr == 0.005
+    assert model.epochs == 100
+    assert model.trainer_arguments["max_epochs"] == 100
     assert tuple(model.input_size) == (256, 256)
-    assert [(m.num_items, m.channels) for m in model.model.memories] == [(50, 2048), (50, 1024), (50, 512)]
-    assert model.model.decoder.layer1[0].conv1.in_channels == 2 * 2048
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.Adam)
+    assert optimizer.defaults["lr"] == 0.005
+    # L = 50 for each of the three memories, at the channels of WRN50's layer1/2/3 (0.72 MB of keys + values)
+    assert [(m.num_items, m.channels) for m in model.model.memories] == [(50, 256), (50, 512), (50, 1024)]
+    assert sum(m.keys.numel() + m.values.numel() for m in model.model.memories) * 4 == 716_800
+    assert model.model.use_memory
+    # this package's documented choices where the paper is silent (or unworkable as written)
+    assert all(m.temperature == 0.1 for m in model.model.memories)
+    assert model.loss.nm_reduction == "mean"
 
 
 def test_exemplars_need_a_datamodule() -> None:
@@ -361,3 +429,88 @@ def test_memory_is_a_module_with_parameters() -> None:
     memory = NRMemory(3, 4)
     assert isinstance(memory, nn.Module)
     assert {name for name, _ in memory.named_parameters()} == {"keys", "values"}
+
+
+# --------------------------------------------------------------------------- Eq. 3-4
+def _bilinear_align_corners(grid: np.ndarray, size: int) -> np.ndarray:
+    """Hand-written bilinear up-sampling with align_corners=True (corner pixels map onto corner pixels)."""
+    h, w = grid.shape
+    out = np.empty((size, size))
+    for y in range(size):
+        sy = y * (h - 1) / (size - 1) if h > 1 else 0.0
+        y0 = min(int(np.floor(sy)), h - 1)
+        y1, ty = min(y0 + 1, h - 1), sy - y0
+        for x in range(size):
+            sx = x * (w - 1) / (size - 1) if w > 1 else 0.0
+            x0 = min(int(np.floor(sx)), w - 1)
+            x1, tx = min(x0 + 1, w - 1), sx - x0
+            out[y, x] = (
+                (1 - ty) * (1 - tx) * grid[y0, x0]
+                + (1 - ty) * tx * grid[y0, x1]
+                + ty * (1 - tx) * grid[y1, x0]
+                + ty * tx * grid[y1, x1]
+            )
+    return out
+
+
+def _gaussian_blur(image: np.ndarray, sigma: float = 4.0) -> np.ndarray:
+    radius = int(4.0 * sigma + 0.5)  # kernel 2 * 16 + 1 = 33 taps at sigma 4
+    taps = np.exp(-(np.arange(-radius, radius + 1) ** 2) / (2 * sigma**2))
+    taps /= taps.sum()
+    padded = np.pad(image, radius, mode="reflect")
+    rows = np.stack([np.convolve(row, taps, mode="valid") for row in padded])
+    return np.stack([np.convolve(col, taps, mode="valid") for col in rows.T]).T
+
+
+def test_anomaly_map_is_eq3_eq4_by_hand(torch_model: MemKDModel) -> None:
+    """Eq. 3-4: per level 1 - cos over channels, bilinear up-sampling, SUM over the three levels, Gaussian sigma=4."""
+    rng = np.random.default_rng(0)
+    sizes = [(16, 16), (8, 8), (4, 4)]
+    students = [rng.normal(size=(3, *s)) for s in sizes]
+    teachers = [rng.normal(size=(3, *s)) for s in sizes]
+    levels = []
+    for s, t in zip(students, teachers, strict=True):
+        cosine = (s * t).sum(0) / (np.linalg.norm(s, axis=0) * np.linalg.norm(t, axis=0))
+        levels.append(_bilinear_align_corners(1 - cosine, SIZE))
+    expected = _gaussian_blur(sum(levels))
+    got = torch_model.anomaly_map_generator(
+        [torch.tensor(s, dtype=torch.float32)[None] for s in students],
+        [torch.tensor(t, dtype=torch.float32)[None] for t in teachers],
+    )
+    assert got.shape == (1, 1, SIZE, SIZE)
+    np.testing.assert_allclose(got[0, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+    # the comparison tells the alternatives apart: a dropped level, or multiplying the levels
+    assert np.abs(_gaussian_blur(levels[0] + levels[1]) - expected).max() > 0.1
+    assert np.abs(_gaussian_blur(levels[0] * levels[1] * levels[2]) - expected).max() > 0.1
+
+
+# --------------------------------------------------------------------------- ablation switches
+def test_ablation_keyword_arguments() -> None:
+    """The benchmark's ablation builds MemKD with these keywords (INTERFACES.md)."""
+    pre = MemKD.configure_pre_processor(image_size=(SIZE, SIZE))
+    model = MemKD(backbone="resnet18", pre_trained=False, pre_processor=pre, lambda_nm=0.0, temperature=1.0,
+                  nm_reduction="sum", use_memory=True)  # fmt: skip
+    assert model.loss.lambda_nm == 0.0
+    assert model.loss.nm_reduction == "sum"
+    assert all(m.temperature == 1.0 for m in model.model.memories)
+    with pytest.raises(ValueError, match="nm_reduction"):
+        MemKD(backbone="resnet18", pre_trained=False, pre_processor=pre, nm_reduction="median")
+
+
+def test_exemplars_exclude_the_current_batch() -> None:
+    """The exemplar filter drops drawn images whose path is in the batch and keeps N of the rest."""
+    model = MemKD(
+        backbone="resnet18",
+        pre_trained=False,
+        num_exemplars=3,
+        pre_processor=MemKD.configure_pre_processor(image_size=(SIZE, SIZE)),
+    )
+    paths = [f"/data/{i}.png" for i in range(6)]
+    images = torch.stack([torch.full((3, SIZE, SIZE), float(i) / 10) for i in range(6)])
+    drawn = ImageBatch(image=images, image_path=paths)
+    model._exemplar_iterator = iter([drawn])  # noqa: SLF001
+    model._exemplars_per_step = 3  # noqa: SLF001
+    batch = ImageBatch(image=images[[0, 2]], image_path=[paths[0], paths[2]])
+    exemplars = model._next_exemplars(batch)  # noqa: SLF001
+    expected = model.pre_processor.transform(images[[1, 3, 4]])
+    torch.testing.assert_close(exemplars, expected)

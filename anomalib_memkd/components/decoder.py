@@ -1,20 +1,31 @@
-"""Student decoder of MemKD: anomalib's RD ``ResNetDecoder`` with 2C-channel stage inputs.
+"""Student decoder of MemKD: anomalib's RD ``ResNetDecoder`` with an NR memory inside each of its three stages.
 
-MemKD (Gu et al., ICCV 2023) builds on Reverse Distillation: a frozen teacher encoder,
-RD's one-class bottleneck (OCBE) and a ResNet decoder (the student). The paper inserts
-three NR memories "into the last three stages of the student"; the read ``F^R`` of each
-memory is concatenated with its query ``F`` and "the student network of the next stage
-encodes" the concatenation. This module reads that as:
+MemKD (Gu et al., ICCV 2023) builds on Reverse Distillation: a frozen teacher encoder, RD's one-class bottleneck
+(OCBE) and a ResNet decoder (the student) whose stages produce features of the shapes of teacher ``layer3``,
+``layer2`` and ``layer1``. The paper inserts three NR memories "into the last three stages of the student"; memory
+``i`` is queried by the student feature ``F_{S_i}`` of stage ``i`` and learns (NEL, Eq. 8-10) from the teacher's
+features "of the i-th stage" ``F_{T_i}^E``. Key, value, query and target therefore share one channel count ``C_i``,
+the teacher stage's. This module places them so (see :mod:`anomalib_memkd.torch_model` for the full reasoning and
+the memory arithmetic)::
 
-    x = OCBE(teacher features)              (C = 512 * expansion)
-    a = layer1(cat[x, M0(x)])               (C = teacher layer3 channels)
-    b = layer2(cat[a, M1(a)])               (C = teacher layer2 channels)
-    c = layer3(cat[b, M2(b)])               (C = teacher layer1 channels)
-    student features = [c, b, a]  aligned with teacher [layer1, layer2, layer3]
+    x = OCBE(teacher features)                                (RD's bottleneck, unchanged)
+    stage s in (layer1, layer2, layer3) of the decoder, serving teacher level (layer3, layer2, layer1):
+        q = stage[0](x)              first (up-sampling) block, unchanged: q has the teacher level's shape
+        r = memory(q)                recall F^R (Eq. 5-6), memory of that teacher level
+        x = stage[1](cat[q, r])      second block takes 2C channels; its residual (identity) path carries q
+        x = stage[2:](x)             remaining blocks unchanged
+    student features = [c, b, a] (outputs of layer3, layer2, layer1)  <->  teacher [layer1, layer2, layer3]
 
-i.e. each of the three decoder stages takes twice the channels of RD's decoder stage.
-The block type, block counts, groups and base width are read from anomalib's own
-``get_decoder(arch)`` so every backbone RD supports is supported here.
+The second block of each stage is anomalib's own block type with ``2C`` input channels. Its identity path is the
+query ``q`` (the first ``C`` of its ``2C`` input channels): a stride-1 block keeps its input's channels on the
+identity path, and the query is that input before the recall was appended, so no projection layer is invented.
+(Measured on the CPU: the concatenation copy costs < 1 % of the block's convolution, and convolving ``q`` and ``r``
+with the two halves of the weight instead was no faster, so the block keeps anomalib's own forward on the
+concatenation.)
+
+The block type, block counts, groups, base width and normalisation are those of anomalib's ``get_decoder(arch)``
+(its first blocks are reused as they are), so every backbone RD supports is supported here. Every stage of those
+decoders has at least two blocks.
 """
 
 from __future__ import annotations
@@ -31,93 +42,135 @@ from anomalib.models.components.backbone.resnet_decoder import (
     get_decoder,
 )
 
+STAGES = ("layer1", "layer2", "layer3")
 
-class MemoryResNetDecoder(ResNetDecoder):
-    """``ResNetDecoder`` whose three stages take the query concatenated with its recall.
 
-    Identical to anomalib's decoder except that the first block of each stage (and its
-    up-sampling identity branch) receives ``2 * C`` input channels.
+class QueryShortcut(nn.Module):
+    """Identity path of a :class:`RecallBlock`: the first ``channels`` channels of ``cat[query, recall]``, the query."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, batch: torch.Tensor) -> torch.Tensor:
+        """``batch[:, :channels]`` (a view, no copy)."""
+        return batch[:, : self.channels]
+
+
+class RecallBlock(nn.Module):
+    """A stride-1 decoder block whose input is ``cat[query, recall]`` (``2C`` channels), identity path = query.
 
     Args:
-        block: ``DecoderBasicBlock`` or ``DecoderBottleneck``.
-        layers (Sequence[int]): Number of blocks of stages 1, 2 and 3.
-        groups (int): Convolution groups (ResNeXt). Defaults to ``1``.
-        width_per_group (int): Base width (128 for wide ResNets). Defaults to ``64``.
-        norm_layer: Normalisation layer; ``None`` means ``BatchNorm2d``.
+        block_type: anomalib's ``DecoderBasicBlock`` or ``DecoderBottleneck``.
+        channels (int): ``C``, the query's (and the block's output) channels.
+        groups, base_width, norm_layer: as anomalib's decoder.
+
+    The block is anomalib's own (``block_type(2C, C / expansion, stride=1)``, initialised as anomalib's decoder
+    initialises its blocks) with :class:`QueryShortcut` on its identity branch; its own ``forward`` runs it.
     """
 
     def __init__(
         self,
-        block: type[DecoderBasicBlock | DecoderBottleneck],
-        layers: Sequence[int],
+        block_type: type[DecoderBasicBlock | DecoderBottleneck],
+        channels: int,
         groups: int = 1,
-        width_per_group: int = 64,
+        base_width: int = 64,
         norm_layer: type[nn.Module] | None = None,
     ) -> None:
-        super().__init__(
-            block,
-            list(layers),
+        super().__init__()
+        self.block = block_type(
+            2 * channels,
+            channels // block_type.expansion,
+            stride=1,
+            upsample=QueryShortcut(channels),
             groups=groups,
-            width_per_group=width_per_group,
+            base_width=base_width,
             norm_layer=norm_layer,
         )
-        self.block_expansion = block.expansion
+        for module in self.block.modules():  # anomalib's ResNetDecoder initialisation
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(module, nn.BatchNorm2d | nn.GroupNorm):
+                nn.init.constant_(module.weight, 1)
+                nn.init.constant_(module.bias, 0)
 
-    def _make_layer(
-        self,
-        block: type[DecoderBasicBlock | DecoderBottleneck],
-        planes: int,
-        blocks: int,
-        stride: int = 1,
-    ) -> nn.Sequential:
-        # The stage input is cat[query, recalled query]: twice the channels.
-        self.inplanes *= 2
-        return super()._make_layer(block, planes, blocks, stride)
+    def forward(self, query: torch.Tensor, recall: torch.Tensor) -> torch.Tensor:
+        """``relu(branch(cat[query, recall]) + query)``, anomalib's block forward on the concatenation."""
+        return self.block(torch.cat([query, recall], dim=1))
+
+
+class MemoryResNetDecoder(nn.Module):
+    """anomalib's RD decoder with a memory recall inside every stage (after its first, up-sampling block).
+
+    Args:
+        reference (ResNetDecoder): anomalib's decoder for the architecture (``get_decoder(arch)``); its first block
+            of each stage and its blocks after the second are reused, the second block of each stage is rebuilt
+            with ``2C`` input channels (same type, width, groups, normalisation; anomalib's initialisation).
+    """
+
+    def __init__(self, reference: ResNetDecoder) -> None:
+        super().__init__()
+        first = reference.layer1[0]
+        block_type = type(first)
+        self.block_expansion = block_type.expansion
+        norm_layer = reference._norm_layer  # noqa: SLF001
+        for name in STAGES:
+            stage = getattr(reference, name)
+            if len(stage) < 2:  # pragma: no cover - every anomalib decoder has >= 2 blocks per stage
+                msg = f"MemKD needs at least two blocks in decoder {name}, got {len(stage)}."
+                raise ValueError(msg)
+            channels = stage[0].upsample[0].out_channels
+            block = RecallBlock(block_type, channels, reference.groups, reference.base_width, norm_layer)
+            setattr(self, name, nn.Sequential(stage[0], block, *list(stage)[2:]))
 
     @property
     def memory_channels(self) -> tuple[int, int, int]:
-        """Channels of the three memory queries: bottleneck output, stage-1 and stage-2 outputs."""
+        """Channels of the three memories in *teacher* order ``(layer1, layer2, layer3)``: 64/128/256 x expansion."""
         expansion = self.block_expansion
-        return (512 * expansion, 256 * expansion, 128 * expansion)
+        return (64 * expansion, 128 * expansion, 256 * expansion)
 
-    def forward(self, batch: torch.Tensor, memories: Sequence[nn.Module]) -> list[torch.Tensor]:  # type: ignore[override]
-        """Decode the bottleneck embedding, recalling normality before every stage.
+    def decode(
+        self,
+        batch: torch.Tensor,
+        memories: Sequence[nn.Module],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Decode and also return the memory queries.
 
         Args:
             batch (torch.Tensor): ``(B, 512 * expansion, H/32, W/32)`` bottleneck output.
-            memories (Sequence[nn.Module]): The three NR memories ``(M0, M1, M2)``; each
-                maps a ``(B, C, h, w)`` query to a ``(B, C, h, w)`` read.
+            memories (Sequence[nn.Module]): The three NR memories in teacher order ``(layer1, layer2, layer3)``;
+                each maps a ``(B, C, h, w)`` query to a ``(B, C, h, w)`` read.
 
         Returns:
-            list[torch.Tensor]: ``[c, b, a]`` at strides 4, 8 and 16, aligned with the
-            teacher's ``[layer1, layer2, layer3]``.
+            tuple: student features ``[c, b, a]`` (strides 4, 8, 16, aligned with the teacher's
+            ``[layer1, layer2, layer3]``) and the three queries, also in teacher order.
         """
-        feature_a = self.layer1(torch.cat([batch, memories[0](batch)], dim=1))
-        feature_b = self.layer2(torch.cat([feature_a, memories[1](feature_a)], dim=1))
-        feature_c = self.layer3(torch.cat([feature_b, memories[2](feature_b)], dim=1))
-        return [feature_c, feature_b, feature_a]
+        queries: list[torch.Tensor] = [batch, batch, batch]
+        features = batch
+        outputs = []
+        for name, memory_index in zip(STAGES, (2, 1, 0), strict=True):
+            stage = getattr(self, name)
+            query = stage[0](features)
+            queries[memory_index] = query
+            features = stage[1](query, memories[memory_index](query))
+            for block in list(stage)[2:]:
+                features = block(features)
+            outputs.append(features)
+        feature_a, feature_b, feature_c = outputs
+        return [feature_c, feature_b, feature_a], queries
+
+    def forward(self, batch: torch.Tensor, memories: Sequence[nn.Module]) -> list[torch.Tensor]:  # type: ignore[override]
+        """Student features ``[c, b, a]`` (see :meth:`decode`)."""
+        return self.decode(batch, memories)[0]
 
 
 def get_memory_decoder(arch: str) -> MemoryResNetDecoder:
     """Build the MemKD student decoder for a ResNet-family architecture.
 
-    anomalib's ``get_decoder(arch)`` is built once to read its block type, block counts,
-    groups, base width and normalisation layer; the MemKD decoder reuses them.
-
     Args:
-        arch (str): Bare architecture name, e.g. ``"wide_resnet50_2"`` or ``"resnet18"``
-            (no timm pretrained tag).
+        arch (str): Bare architecture name, e.g. ``"wide_resnet50_2"`` or ``"resnet18"`` (no timm pretrained tag).
 
     Returns:
-        MemoryResNetDecoder: Randomly initialised decoder.
+        MemoryResNetDecoder: Randomly initialised decoder (anomalib's ``get_decoder(arch)`` plus the recall blocks).
     """
-    reference = get_decoder(arch)
-    block = type(reference.layer1[0])
-    layers = (len(reference.layer1), len(reference.layer2), len(reference.layer3))
-    return MemoryResNetDecoder(
-        block,
-        layers,
-        groups=reference.groups,
-        width_per_group=reference.base_width,
-        norm_layer=reference._norm_layer,  # noqa: SLF001
-    )
+    return MemoryResNetDecoder(get_decoder(arch))

@@ -17,10 +17,21 @@ An NR memory is a set of ``L`` learnable key-value pairs
       w_{l,j} = softmax_l( cos(F^E(:, j), v_l) / tau )         (Eq. 8)
       F_bar^E(:, j) = sum_l w_{l,j} v_l                        (Eq. 9)
 
-``tau`` is the softmax temperature; the paper has none, i.e. ``tau = 1``.
+**Temperature.** The paper has no temperature, i.e. ``tau = 1``. Cosines lie in ``[-1, 1]``, so at ``tau = 1`` the
+logits span at most 2 nats: with ``L = 50`` a key matching the query exactly (cos 1) against 49 orthogonal keys gets
+``e / (e + 49) = 0.053`` of the weight, and the read is ~95 % the *mean* of the values whatever the query (no
+selective recall; Eq. 8-9 likewise cannot reconstruct anything but a near-mean of the values). The default of the
+models is therefore ``tau = 0.1`` (see :class:`anomalib_memkd.MemKD` for the evidence); ``tau = 1`` is one flag away
+(``temperature=1.0``). The same ``tau`` is used in Eq. 5 and Eq. 8.
 
-Both operations are two batched matrix products over all ``H*W`` positions at once
-(no Python loop over positions), so they export to ONNX / OpenVINO unchanged.
+Layout (measured in the speed benchmark): both operations are batched matrix products over all ``H*W`` positions
+at once, reading the ``(B, C, H*W)`` flat view of the feature map without a copy. The similarities are computed as
+``(B, H*W, L)`` = (flat map)^T @ (normalised items / tau)^T, i.e. with the long ``H*W`` axis as the rows of the
+product (BLAS reads the transposed view in place) and the softmax over the contiguous last axis; they are divided by
+the per-position query norm (``L`` numbers per position, instead of normalising the ``C``-channel map). The read is
+``(B, C, H*W)`` = values^T @ weights^T, already the ``(B, C, H, W)`` memory layout: no transpose copy. The first
+layout tried (items @ flat map, softmax over a strided axis, ``torch.matmul`` broadcasting) was ~2x slower at bs1 on
+the CPU. No Python loop over positions, so the memory exports to ONNX / OpenVINO unchanged.
 """
 
 from __future__ import annotations
@@ -31,6 +42,9 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
+#: as ``torch.nn.functional.normalize``: norms are clamped to this before dividing
+_EPS = 1e-12
+
 
 class NRMemory(nn.Module):
     """Key-value normality recall memory.
@@ -39,8 +53,8 @@ class NRMemory(nn.Module):
         num_items (int): Number of key-value pairs ``L`` (paper: 50).
         channels (int): Channel count ``C`` of the feature maps the memory reads and learns.
         temperature (float): Softmax temperature ``tau`` applied to the cosine
-            similarities of Eq. 5 and Eq. 8. ``1.0`` reproduces the paper.
-            Defaults to ``1.0``.
+            similarities of Eq. 5 and Eq. 8. ``1.0`` reproduces the paper's formula.
+            Defaults to ``1.0`` here; :class:`anomalib_memkd.MemKD` defaults to ``0.1``.
 
     Attributes:
         keys (nn.Parameter): ``(L, C)`` key items ``k_l``.
@@ -82,7 +96,7 @@ class NRMemory(nn.Module):
         return f"num_items={self.num_items}, channels={self.channels}, temperature={self.temperature}"
 
     def _weights(self, features: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        """Softmax over items of the cosine similarity between every position and every item.
+        """Softmax over items of ``cos(position, item) / tau`` for every position and every item.
 
         Args:
             features (torch.Tensor): ``(B, C, H, W)`` feature map.
@@ -91,15 +105,18 @@ class NRMemory(nn.Module):
         Returns:
             torch.Tensor: ``(B, H*W, L)`` addressing weights; each row sums to one.
         """
-        positions = F.normalize(features.flatten(2).transpose(1, 2), dim=-1)  # (B, HW, C)
-        items = F.normalize(items, dim=-1)  # (L, C)
-        similarity = torch.matmul(positions, items.t())  # (B, HW, L) cosine similarities
-        return torch.softmax(similarity / self.temperature, dim=-1)
+        batch = features.shape[0]
+        flat = features.flatten(2)  # (B, C, HW), a view
+        inverse_norm = (flat * flat).sum(dim=1).clamp_min(_EPS * _EPS).rsqrt().unsqueeze(-1)  # (B, HW, 1)
+        scaled_items = F.normalize(items, dim=-1, eps=_EPS) * (1.0 / self.temperature)  # (L, C), 1/tau folded in
+        scaled_items = scaled_items.to(flat.dtype).t().expand(batch, -1, -1)  # (B, C, L), no copy
+        logits = torch.bmm(flat.transpose(1, 2), scaled_items) * inverse_norm  # (B, HW, L) = cos / tau
+        return torch.softmax(logits, dim=-1)
 
     def _aggregate(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-        """Weighted sum of the values, reshaped to ``like``'s ``(B, C, H, W)``."""
-        read = torch.matmul(weights, self.values)  # (B, HW, C)
-        return read.transpose(1, 2).reshape(like.shape)
+        """Weighted sum of the values: ``(C, L) @ (B, L, HW)``, viewed as ``like``'s ``(B, C, H, W)``."""
+        values = self.values.t().to(weights.dtype).expand(weights.shape[0], -1, -1)  # (B, C, L), no copy
+        return torch.bmm(values, weights.transpose(1, 2)).view(like.shape)
 
     def key_weights(self, query: torch.Tensor) -> torch.Tensor:
         """Eq. 5: read weights ``w_{k_l, j}``, shape ``(B, H*W, L)``, addressing by keys."""
@@ -131,3 +148,25 @@ class NRMemory(nn.Module):
             only :attr:`values` (and ``features`` if it requires grad).
         """
         return self._aggregate(self.value_weights(features), features)
+
+    @torch.no_grad()
+    def addressing_statistics(self, query: torch.Tensor) -> dict[str, torch.Tensor]:
+        """How selective the recall of ``query`` is, per position (the figures of ``MemKD.mechanism_report``).
+
+        Args:
+            query (torch.Tensor): ``(B, C, H, W)`` student query.
+
+        Returns:
+            dict[str, torch.Tensor]: each ``(B, H*W)``: ``peak`` = max read weight (``1/L`` for uniform addressing,
+            1 for one-hot), ``entropy_ratio`` = entropy of the read weights / ``log L`` (1 = uniform, 0 = one-hot;
+            0 when ``L = 1``), ``recall_dev`` = ``||F^R - mean_l(v_l)|| / ||F^R||`` (0 when every position reads
+            the mean of the values, i.e. the recall does not depend on the query).
+        """
+        weights = self.key_weights(query).float()  # (B, HW, L)
+        peak = weights.amax(dim=-1)
+        entropy = -(weights * weights.clamp_min(1e-30).log()).sum(dim=-1)
+        entropy_ratio = entropy / math.log(self.num_items) if self.num_items > 1 else torch.zeros_like(entropy)
+        read = torch.matmul(weights, self.values.float())  # (B, HW, C)
+        mean_value = self.values.float().mean(dim=0)
+        recall_dev = (read - mean_value).norm(dim=-1) / read.norm(dim=-1).clamp_min(_EPS)
+        return {"peak": peak, "entropy_ratio": entropy_ratio, "recall_dev": recall_dev}
