@@ -19,12 +19,18 @@ def calibrate_batchnorm(network: nn.Module, images: torch.Tensor | Iterable[torc
     """Re-estimate every BatchNorm running mean/var of ``network`` on ``images`` (cumulative average).
 
     Args:
-        network: the teacher (e.g. ``model.model.encoder``); its weights are not changed.
+        network: the teacher (e.g. ``model.model.encoder``; inside anomalib's ``TimmFeatureExtractor`` the timm network
+            is calibrated); its weights are not changed.
         images: one pre-processed ``(B, 3, H, W)`` batch, or an iterable of such batches (e.g. training images).
 
     Returns:
         The number of images seen. The network is left in eval mode.
     """
+    # anomalib's TimmFeatureExtractor switches a frozen network to eval mode in its forward, where BatchNorm collects
+    # nothing: calibrate the timm network inside it instead
+    inner = getattr(network, "feature_extractor", None)
+    if isinstance(inner, nn.Module):
+        network = inner
     batchnorms = [module for module in network.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
     saved = [module.momentum for module in batchnorms]
     for module in batchnorms:
@@ -43,6 +49,9 @@ def calibrate_batchnorm(network: nn.Module, images: torch.Tensor | Iterable[torc
     if seen == 0:
         msg = "calibrate_batchnorm needs at least one image"
         raise ValueError(msg)
+    if any(int(module.num_batches_tracked) == 0 for module in batchnorms if module.track_running_stats):
+        msg = f"calibrate_batchnorm: the forward of {type(network).__name__} left BatchNorm layers in eval mode"
+        raise RuntimeError(msg)
     return seen
 
 

@@ -120,8 +120,8 @@ def main(name: str, root: Path, out: Path) -> None:
     else:
         next_exemplars = model._next_exemplars  # noqa: SLF001
 
-        def recording_next_exemplars() -> torch.Tensor:
-            images = next_exemplars()
+        def recording_next_exemplars(batch=None) -> torch.Tensor:  # noqa: ANN001
+            images = next_exemplars(batch)
             draws.append(float(images.double().sum()))
             return images
 
