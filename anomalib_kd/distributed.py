@@ -356,8 +356,9 @@ class DistributedTrainingMixin(RunGuardMixin):
         """An endless iterator over ``loader`` whose position is saved in checkpoints and restored on resume.
 
         For loaders a model draws from during training (MemKD's exemplars): ``generator`` must be the one that
-        shuffles ``loader`` (its ``sampler`` / ``generator``). Creating it again after a resume (for example in
-        ``on_train_epoch_start``) continues exactly where the checkpoint was written.
+        shuffles ``loader`` (its ``sampler``'s, not also the ``DataLoader``'s: see :class:`ResumableCycle`). Creating
+        it again after a resume (for example in ``on_train_epoch_start``) continues exactly where the checkpoint was
+        written.
         """
         cycle = ResumableCycle(loader, generator)
         pending = (getattr(self, "_kd_pending_cycles", None) or {}).pop(name, None)

@@ -99,6 +99,9 @@ class ResumableCycle:
 
     The state is the generator's state at the start of the current pass plus the number of batches drawn in it;
     :meth:`load_state_dict` replays the pass to that point (it fetches, and discards, the batches already drawn).
+    ``generator`` must be consumed by the loader's sampler only: give the ``DataLoader`` itself another generator
+    (or none), because every new loader iterator draws its workers' base seed from the loader's generator, and a
+    resumed run starts a new iterator where an uninterrupted one with persistent workers does not.
     Create it with :meth:`DistributedTrainingMixin.resumable_cycle` and the model's checkpoints resume it exactly.
     """
 

@@ -61,18 +61,6 @@ def _empty_training_set_message(datamodule: Any) -> str:
     )
 
 
-def _cycle(loader: DataLoader) -> Iterator[Any]:
-    """Iterate a (reshuffling) data loader forever."""
-    while True:
-        yielded = False
-        for batch in loader:
-            yielded = True
-            yield batch
-        if not yielded:  # pragma: no cover - guarded by the clamp in _build_exemplar_iterator
-            msg = "The exemplar data loader is empty."
-            raise RuntimeError(msg)
-
-
 class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
     """Memory-guided Knowledge Distillation (MemKD) anomaly detector.
 
@@ -123,13 +111,16 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
     own batch (by ``image_path``) are dropped and ``N`` of the others are used. With fewer than ``N + B`` training
     images the step uses all ``|train| - B`` images outside its batch (``N`` clamped, with a warning); when the
     whole training set fits in one batch the exemplars cannot avoid it and are drawn from the whole set (warning).
+    Without ``image_path`` in the batches, or without the datamodule's ``train_batch_size``, the exclusion is impossible
+    and the exemplars may overlap the batch: a warning says so, once per fit.
     Training needs a datamodule: ``engine.fit(model, datamodule=...)`` or the CLI; an empty training set or a
     datamodule without ``train_data`` get MemKD's own error at fit start, and anomalous training images a warning.
 
     **Temperature** (``temperature``, default 0.1). Eq. 5 and Eq. 8 take a softmax over raw cosines, so at the
     paper's implicit ``tau = 1`` the logits span at most 2 and the read is ~95 % the mean of the values whatever the
     query (``e / (e + 49)`` = 0.053 for a perfect match among 50 orthogonal keys). Measured on trained models
-    (resnet18 proxy teacher, i.e. random init with BatchNorm statistics calibrated on the training images, 64 px,
+    (random-init resnet18 teacher - its BatchNorm statistics were meant to be calibrated, but the calibration did not
+    reach the network inside anomalib's extractor at the time; see the README - 64 px,
     generated data, 20 epochs; ``mechanism_report`` on the test set; memory m0/m1/m2 = teacher layer1/2/3; 1/L =
     0.02; see the README for the command and the full table):
 
@@ -178,7 +169,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         backbone: str = "wide_resnet50_2.tv_in1k",
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
-        memory_size: int = 50,
+        memory_size: int | Sequence[int] = 50,
         num_exemplars: int = 16,
         lambda_nm: float = 0.1,
         lambda_orth: float = 0.1,
@@ -242,6 +233,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         self._exemplar_iterator: Iterator[Any] | None = None
         self._exemplar_loader: DataLoader | None = None
         self._exemplars_per_step = num_exemplars
+        self._overlap_warned: set[str] = set()  # reasons already warned about in this fit (see _warn_overlap_once)
 
     # ------------------------------------------------------------------ exemplars
     def _build_exemplar_iterator(self) -> Iterator[Any]:
@@ -261,6 +253,12 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         if dataset_size == 0:
             raise ValueError(_empty_training_set_message(datamodule))
         batch_size = int(getattr(datamodule, "train_batch_size", 0) or 0)
+        if batch_size < 1:
+            self._warn_overlap_once(
+                "batch size",
+                f"{type(datamodule).__name__} has no train_batch_size, so the exemplar draw cannot hold the B extra "
+                "images that keep num_exemplars images outside the step's batch",
+            )
         num_exemplars = self.num_exemplars
         outside = dataset_size - batch_size  # images that are never in a given step's batch
         if outside < 1:
@@ -291,8 +289,13 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         workers = int(getattr(datamodule, "num_workers", 0) or 0)
         collate_fn = getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn
         # During fit: this rank's own reproducible stream (see DistributedTrainingMixin); else the global RNG.
+        # The sampler's generator is consumed by the sampler only (one permutation per pass), which is what
+        # ResumableCycle saves and replays. The loader gets its own generator (seed + 1): every new loader iterator
+        # draws its workers' base seed from it, and a resumed fit creates a new iterator where an uninterrupted one
+        # reuses its persistent workers, so a shared generator would shift every later permutation after a resume.
         seed = getattr(self, "rank_stream_seed", None)
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        loader_generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
         loader = DataLoader(
             dataset,
             batch_size=draw,
@@ -301,7 +304,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             num_workers=workers,
             persistent_workers=workers > 0,  # the same workers serve every pass over the training set
             collate_fn=collate_fn,
-            generator=generator,
+            generator=loader_generator,
         )
         self._exemplar_loader = loader
         return self.resumable_cycle(loader, generator, name="exemplars")  # position saved in checkpoints
@@ -323,6 +326,12 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             excluded = {str(path) for path in batch_paths}
             outside = [i for i, path in enumerate(drawn_paths) if str(path) not in excluded]
             keep = outside or keep  # only empty when the batch is the whole training set (warned at build)
+        elif batch is not None:
+            self._warn_overlap_once(
+                "image_path",
+                f"the {'training batch' if batch_paths is None else 'exemplar draw'} has no image_path, so the "
+                "exemplars cannot be told apart from the step's batch",
+            )
         keep = keep[: self._exemplars_per_step]
         if len(keep) < images.shape[0]:
             images = images[keep]
@@ -332,10 +341,18 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             images = transform(images)
         return images
 
+    def _warn_overlap_once(self, reason: str, detail: str) -> None:
+        """Warn, once per fit and reason, that the exemplars may overlap the step's batch (the paper assumes not)."""
+        if reason in self._overlap_warned:
+            return
+        self._overlap_warned.add(reason)
+        logger.warning("MemKD: %s; the exemplars may include images of the current batch.", detail)
+
     def on_fit_start(self) -> None:
         """Check the datamodule (before Lightning builds its training loader) and forget any previous exemplar loader."""
         super().on_fit_start()
         self._exemplar_iterator = None
+        self._overlap_warned = set()
         self._check_datamodule()
 
     def _check_datamodule(self) -> None:

@@ -17,8 +17,8 @@
   ``L_NM`` reaches the value parameters only. The values also get gradients from ``L_KD`` (through the recall) and
   ``L_Orth``. With ``"sum"`` the ``L_NM`` gradient is 1e3-1e5 times larger than it would be per element, so it
   swamps the others: Adam normalises each parameter's step by its gradient's magnitude, so the values' update is
-  then that of ``L_NM`` alone, whatever ``lambda_1`` is (0.1 or 0.001 give the same training). ``"mean"`` puts
-  ``L_NM`` on the per-element scale of ``L_KD`` (itself a mean of cosine distances), so ``lambda_1 = 0.1`` is again
+  then that of ``L_NM`` alone, whatever ``lambda_1`` is. ``"mean"`` puts ``L_NM`` on the per-element scale
+  of ``L_KD`` (itself a mean of cosine distances), so ``lambda_1 = 0.1`` is again
   the balancing weight Eq. 11 describes: "balancing hyper-parameters" only balance terms of comparable scale. Both
   figures are computed every step (:class:`MemKDLossOutput` ``nm_sum`` / ``nm_mean``); ``MemKD`` logs both.
 * ``L_Orth`` (Eq. 7), :func:`orthogonality_loss`: the paper writes the *signed* mean

@@ -25,8 +25,9 @@ student"). Sec. 4: memory ``i`` is queried by the student feature ``F_{S_i}`` "a
 "the teacher T encodes [the exemplars] into features of the i-th stage" ``F_{T_i}^E``, which the same value items
 must reconstruct (Eq. 8-10). Keys, values, the query and the NEL target thus share the channel count ``C_i`` of
 teacher stage ``i``: the three memories have the channels of teacher ``layer1/2/3`` (WRN50: 256 / 512 / 1024) and
-sit where the student has those shapes. Tab. 3 says the same thing by size. Memory bytes at WideResNet50-2, fp32,
-keys + values, ``sum_m L_m * C_m * 2 * 4``:
+sit where the student has those shapes. Their query is the stage's intermediate feature after its first block, not
+the stage output ``F_{S_i}`` that Eq. 1 compares (see the reading of "next stage" below). Of the placements below,
+Tab. 3's size is closest to this one. Memory bytes at WideResNet50-2, fp32, keys + values, ``sum_m L_m * C_m * 2 * 4``:
 
     ======================================================  ===========================  =================
     placement (C per memory)                                L = 50/50/50                 values only
@@ -37,12 +38,13 @@ keys + values, ``sum_m L_m * C_m * 2 * 4``:
     ======================================================  ===========================  =================
 
 Tab. 3 reports 0.3 MB for the three memories. No three-memory placement reaches 0.3 MB counting keys and values
-(the teacher-level one is the smallest: every other stage output of the student is wider); the teacher-level
-placement's stored normality (its values) is 0.34 MiB, the only candidate the paper's "0.3 M" can describe, and the
-bottleneck placement is twice the size under either count. The previous reading of this package (a memory on the
-bottleneck output) had no teacher feature of its channel count to learn from and had to invent a target that moved
-during training (the trainable bottleneck's own embedding). Here every target is a fixed teacher feature and the
-exemplar pass never runs the bottleneck (its BatchNorm statistics see the training batches only, as in RD).
+(the teacher-level one is the smallest: every other stage output of the student is wider). The teacher-level
+placement comes closest: its values alone are 0.36 MB (0.34 MiB) against the paper's 0.3 MB (the paper does not
+say what it counts), and the bottleneck placement is twice the size under either count. The previous reading of
+this package (a memory on the bottleneck output) had no teacher feature of its channel count to learn from and had
+to invent a target that moved during training (the trainable bottleneck's own embedding). Here every target is a
+fixed teacher feature and the exemplar pass never runs the bottleneck (its BatchNorm statistics see the training
+batches only, as in RD).
 
 "the student network of next stage encodes ``F^M_{S_i}``" is read as "the following blocks": RD's decoder has no
 stage after the one that reconstructs teacher ``layer1``, so a memory there could only be consumed by the blocks of

@@ -484,6 +484,50 @@ def test_anomaly_map_is_eq3_eq4_by_hand(torch_model: MemKDModel) -> None:
     assert np.abs(_gaussian_blur(levels[0] * levels[1] * levels[2]) - expected).max() > 0.1
 
 
+def test_model_forward_anomaly_map_is_eq3_eq4_of_its_features(torch_model: MemKDModel) -> None:
+    """The eval forward's map is Eq. 3-4 of the model's own teacher and decoded student features, all three levels.
+
+    Teacher ``[layer1, layer2, layer3]`` and student ``[c, b, a]`` come from the model's public pieces
+    (``encoder``, ``bottleneck``, ``decode``); the hand computation is the one above (1 - cos per level, bilinear
+    up-sampling with align_corners=True as anomalib's ``AnomalyMapGenerator`` does, sum, Gaussian sigma = 4).
+    A forward that dropped, swapped or multiplied levels would not match.
+    """
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, SIZE, SIZE)
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            teacher = list(torch_model.encoder(images).values())
+            student = torch_model.decode(torch_model.bottleneck(teacher))
+            got = torch_model(images).anomaly_map
+    finally:
+        torch_model.train(was_training)
+    assert [f.shape[-1] for f in teacher] == [16, 8, 4] and [f.shape for f in student] == [f.shape for f in teacher]
+    assert got.shape == (2, 1, SIZE, SIZE)
+    for index in range(images.shape[0]):
+        levels = []
+        for s, t in zip(student, teacher, strict=True):
+            s, t = s[index].double().numpy(), t[index].double().numpy()
+            norms = np.maximum(np.linalg.norm(s, axis=0), 1e-8) * np.maximum(np.linalg.norm(t, axis=0), 1e-8)
+            levels.append(_bilinear_align_corners(1 - (s * t).sum(0) / norms, SIZE))
+        expected = _gaussian_blur(sum(levels))
+        np.testing.assert_allclose(got[index, 0].numpy(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_parses_one_memory_size_per_memory() -> None:
+    """jsonargparse (the anomalib CLI) accepts ``--model.memory_size [100,50,10]`` (Tab. 4b) as well as one int."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(MemKD, "model")
+    common = ["--model.backbone", "resnet18", "--model.pre_trained", "false"]
+    for value, sizes in (("[100,50,10]", [100, 50, 10]), ("8", [8, 8, 8])):
+        config = parser.parse_args([*common, "--model.memory_size", value])
+        model = parser.instantiate_classes(config).model
+        assert [memory.num_items for memory in model.model.memories] == sizes
+
+
 # --------------------------------------------------------------------------- ablation switches
 def test_ablation_keyword_arguments() -> None:
     """The benchmark's ablation builds MemKD with these keywords (INTERFACES.md)."""
@@ -514,3 +558,86 @@ def test_exemplars_exclude_the_current_batch() -> None:
     exemplars = model._next_exemplars(batch)  # noqa: SLF001
     expected = model.pre_processor.transform(images[[1, 3, 4]])
     torch.testing.assert_close(exemplars, expected)
+
+
+class _Indices(torch.utils.data.Dataset):
+    """``len`` items, item ``i`` is ``i``; collated into a tensor (a stand-in for a training set)."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> int:
+        return index
+
+    @staticmethod
+    def collate_fn(items: list[int]) -> torch.Tensor:
+        return torch.tensor(items)
+
+
+def test_exemplar_stream_resumes_exactly_with_loader_workers() -> None:
+    """With ``num_workers > 0`` (persistent workers) a resumed exemplar stream continues the uninterrupted one.
+
+    A new loader iterator draws its workers' base seed from the loader's generator. An uninterrupted fit keeps one
+    iterator (persistent workers); a resumed fit restores the sampler's generator and starts a new iterator. If the
+    loader shared the sampler's generator, that draw would shift every later permutation after the resume.
+    """
+    from types import SimpleNamespace
+
+    model = MemKD(
+        backbone="resnet18",
+        pre_trained=False,
+        num_exemplars=2,
+        pre_processor=MemKD.configure_pre_processor(image_size=(SIZE, SIZE)),
+    )
+    # 8 images, batch 2: each draw holds N + B = 4 images, 2 draws per pass over the training set
+    datamodule = SimpleNamespace(train_data=_Indices(8), train_batch_size=2, num_workers=1, external_collate_fn=None)
+    model._trainer = SimpleNamespace(datamodule=datamodule)  # noqa: SLF001
+    model.rank_stream_seed = 1234  # what fit start sets (DistributedTrainingMixin)
+    draws = 6  # three passes
+    for stop in (1, 2, 3):  # inside pass 1, at the end of pass 1, inside pass 2
+        cycle = model._build_exemplar_iterator()  # noqa: SLF001
+        assert cycle.loader.num_workers == 1 and cycle.loader.persistent_workers
+        reference = [next(cycle) for _ in range(stop)]
+        state = cycle.state_dict()  # what a checkpoint written here holds
+        reference += [next(cycle) for _ in range(draws - stop)]
+        del cycle
+        model._kd_pending_cycles = {"exemplars": state}  # noqa: SLF001  # what on_load_checkpoint leaves
+        resumed = model._build_exemplar_iterator()  # noqa: SLF001
+        continued = [next(resumed) for _ in range(draws - stop)]
+        del resumed
+        assert all(torch.equal(a, b) for a, b in zip(continued, reference[stop:], strict=True)), stop
+    passes = [torch.cat(reference[i : i + 2]).sort().values for i in (0, 2, 4)]
+    assert all(torch.equal(p, torch.arange(8)) for p in passes)  # every pass is a permutation of the training set
+
+
+def test_warns_once_when_exemplars_cannot_be_kept_out_of_the_batch(caplog) -> None:
+    """No ``image_path`` in the batch, or no ``train_batch_size``: one warning each, not one per step."""
+    import logging
+    from types import SimpleNamespace
+
+    model = MemKD(
+        backbone="resnet18",
+        pre_trained=False,
+        num_exemplars=2,
+        pre_processor=MemKD.configure_pre_processor(image_size=(SIZE, SIZE)),
+    )
+    images = torch.rand(4, 3, SIZE, SIZE)
+    drawn = ImageBatch(image=images, image_path=[f"/data/{i}.png" for i in range(4)])
+    model._exemplar_iterator = iter([drawn, drawn, drawn])  # noqa: SLF001
+    model._exemplars_per_step = 2  # noqa: SLF001
+    with caplog.at_level(logging.WARNING, logger="anomalib_memkd"):
+        model._next_exemplars(ImageBatch(image=images[:2], image_path=drawn.image_path[:2]))  # noqa: SLF001
+        assert "may include images of the current batch" not in caplog.text  # paths known: excluded, no warning
+        for _ in range(2):
+            model._next_exemplars(ImageBatch(image=images[:2]))  # noqa: SLF001
+    assert caplog.text.count("training batch has no image_path") == 1
+    caplog.clear()
+    datamodule = SimpleNamespace(train_data=_Indices(8), num_workers=0)  # no train_batch_size
+    model._trainer = SimpleNamespace(datamodule=datamodule)  # noqa: SLF001
+    with caplog.at_level(logging.WARNING, logger="anomalib_memkd"):
+        model._build_exemplar_iterator()  # noqa: SLF001
+        model._build_exemplar_iterator()  # noqa: SLF001
+    assert caplog.text.count("has no train_batch_size") == 1

@@ -5,8 +5,15 @@ MemKD (Gu et al., ICCV 2023) builds on Reverse Distillation: a frozen teacher en
 ``layer2`` and ``layer1``. The paper inserts three NR memories "into the last three stages of the student"; memory
 ``i`` is queried by the student feature ``F_{S_i}`` of stage ``i`` and learns (NEL, Eq. 8-10) from the teacher's
 features "of the i-th stage" ``F_{T_i}^E``. Key, value, query and target therefore share one channel count ``C_i``,
-the teacher stage's. This module places them so (see :mod:`anomalib_memkd.torch_model` for the full reasoning and
-the memory arithmetic)::
+the teacher stage's.
+
+**The query here is not the paper's** ``F_{S_i}``. In the paper the query is the stage's output, the feature that
+Eq. 1 compares with ``F_{T_i}``, and the next stage consumes the recall. Here the query ``q`` is the stage's
+*intermediate* feature after its first (up-sampling) block, which has ``F_{T_i}``'s shape. The rest of the same
+stage consumes ``cat[q, recall]``, and the stage's output (the ``F_{S_i}`` compared in Eq. 1 and Eq. 3) comes after
+the recall. The reason: RD's decoder has no stage after the one that reconstructs teacher ``layer1``, so that memory
+could only be consumed inside its own stage; all three memories are placed alike. See
+:mod:`anomalib_memkd.torch_model` for the full reasoning and the memory arithmetic::
 
     x = OCBE(teacher features)                                (RD's bottleneck, unchanged)
     stage s in (layer1, layer2, layer3) of the decoder, serving teacher level (layer3, layer2, layer1):
