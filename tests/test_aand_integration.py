@@ -184,12 +184,16 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
     """Paper Fig. 8 and Eq. 7, with a proxy teacher (random init, BatchNorm calibrated on the training images).
 
     After stage 1 (150 steps of ``training_step``'s stage-1 code path):
-    * ``L_A`` has pushed the anomalous features away from the normal ones at every level: the mean cosine to
-      normal patches drops by > 0.2 (about 0.03 at init). This fails when ``L_A`` does not reach the generator.
+    * ``L_A`` has pushed the anomalous features away from the normal ones at every level: the similarity drop
+      (mean cosine to normal patches, :meth:`Aand.residual_intensity`) grows by > 0.1 over its value at init.
+      Measured with the calibrated proxy (model seeds 0 / 1 / 2): init 0.13-0.16 at level 1, 0.05-0.07 at levels
+      2-3; growth at level 1 / 2 / 3: 0.36 / 0.21 / 0.19, 0.31 / 0.19 / 0.17, 0.36 / 0.23 / 0.21. With ``L_A`` cut
+      off from the generator (its input detached) the drop stays at its init value (growth 0.000 at every level,
+      seed 0), so this fails.
     * the anomalous/normal gated residual energy ratio (Fig. 8) at level 1 grows by > 1.25x over its value at init
-      (the untrained gate already gives ~1.3, so an absolute bound would not test training). Measured growth at
-      seeds 0 / 1 / 2: 1.45 / 1.73 / 1.51. At 64 px the coarser levels are 8x8 / 4x4 grids and their gate does not
-      separate in this budget (growth 0.7-1.2); the benchmark's ablation reports all levels on real-size data.
+      (the untrained gate already gives ~2.0-2.2, so an absolute bound would not test training). Measured growth at
+      seeds 0 / 1 / 2: 1.37 / 2.38 / 2.77. At 64 px level 3 is a 4x4 grid and its gate does not separate in this
+      budget (growth 0.8-1.0); the benchmark's ablation reports all levels on real-size data.
     """
     torch.manual_seed(0)
     model = small_aand(stage1_epochs=100, anomaly_probability=1.0)
@@ -211,7 +215,8 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
     after = model.residual_intensity(images)
     assert torch.isfinite(after["normal"]).all()
     drop = after["similarity_drop"]
-    assert bool((drop > 0.2).all()), f"similarity drop per level {before['similarity_drop'].tolist()} -> {drop.tolist()}"
+    gain = drop - before["similarity_drop"]
+    assert bool((gain > 0.1).all()), f"similarity drop per level {before['similarity_drop'].tolist()} -> {drop.tolist()}"
     initial = before["anomalous"] / before["normal"]
     ratio = after["anomalous"] / after["normal"]
     assert ratio[0] > 1.25 * initial[0], f"anomalous/normal residual energy {initial.tolist()} -> {ratio.tolist()}"
