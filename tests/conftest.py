@@ -69,3 +69,21 @@ def mvtec_datamodule(root: Path, batch_size: int = 4, **kwargs):
     }
     params.update(kwargs)
     return MVTecAD(**params)
+
+
+def memory_with_items(keys, values, temperature: float = 1.0):  # noqa: ANN001, ANN201
+    """An NR memory of MemKD holding exactly the given ``(L, C)`` keys and values."""
+    import torch
+
+    from anomalib_memkd.components.memory import NRMemory
+
+    memory = NRMemory(num_items=keys.shape[0], channels=keys.shape[1], temperature=temperature)
+    with torch.no_grad():
+        memory.keys.copy_(keys)
+        memory.values.copy_(values)
+    return memory
+
+
+def positions_as_map(vectors):  # noqa: ANN001, ANN201
+    """``(P, C)`` position vectors -> ``(1, C, 1, P)`` feature map (position j = column j)."""
+    return vectors.t().reshape(1, vectors.shape[1], 1, vectors.shape[0])

@@ -12,20 +12,10 @@ from anomalib.data import ImageBatch
 from anomalib.models.components.backbone.resnet_decoder import ResNetDecoder, get_decoder
 from anomalib_memkd import MemKD, MemKDModel, NRMemory
 
+from conftest import memory_with_items as _memory  # noqa: E402
+from conftest import positions_as_map as _as_map  # noqa: E402
+
 SIZE = 64
-
-
-def _memory(keys: torch.Tensor, values: torch.Tensor, temperature: float = 1.0) -> NRMemory:
-    memory = NRMemory(num_items=keys.shape[0], channels=keys.shape[1], temperature=temperature)
-    with torch.no_grad():
-        memory.keys.copy_(keys)
-        memory.values.copy_(values)
-    return memory
-
-
-def _as_map(vectors: torch.Tensor) -> torch.Tensor:
-    """``(P, C)`` position vectors -> ``(1, C, 1, P)`` feature map (position j = column j)."""
-    return vectors.t().reshape(1, vectors.shape[1], 1, vectors.shape[0])
 
 
 # --------------------------------------------------------------------------- memory on the eval path
