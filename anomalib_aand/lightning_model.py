@@ -54,9 +54,9 @@ from torch import optim
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Normalize
 
-from anomalib_kd.distributed import DistributedTrainingMixin
-from anomalib_kd.export import ProvenanceExportMixin
-from anomalib_kd.quantization import AnomalyMapPTQMixin
+from anomalib_kd_base.distributed import DistributedTrainingMixin
+from anomalib_kd_base.export import ProvenanceExportMixin
+from anomalib_kd_base.quantization import AnomalyMapPTQMixin
 
 from .components.synthesis import (
     AUTO_FOREGROUND,
@@ -165,14 +165,14 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
             ``pre_trained`` says; every teacher tensor must be in it with the right shape. ``load_from_checkpoint``
             does not need the file (the checkpoint holds the teacher). Provenance: ``model.teacher_provenance``.
         fast_inference: opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on CPU) with
-            channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``); exports are unaffected.
+            channels-last weights, anomaly-map head in float32 (see ``anomalib_kd_base.fast``); exports are unaffected.
         pre_processor: anomalib pre-processor (default: resize to 256 x 256, the paper's size, and ImageNet
             normalisation).
         post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
         evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
         visualizer: anomalib visualizer (default: anomalib's image visualizer).
 
-    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd.distributed`): DDP runs with
+    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd_base.distributed`): DDP runs with
     ``find_unused_parameters=True`` (set by the model: each stage leaves the other stage's modules without
     gradients); every rank synthesises its own anomalies from its own seed (``rank_seed(base, global_rank)``);
     ``L_A`` pairs and the HKD top-K are taken within the rank's batch and DDP averages the gradients (the mean

@@ -17,9 +17,9 @@ from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGen
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
 from torch import nn
 
-from anomalib_kd.weights import build_teacher
+from anomalib_kd_base.weights import build_teacher
 
-from anomalib_kd.fast import inference_autocast, set_channels_last
+from anomalib_kd_base.fast import inference_autocast, set_channels_last
 
 from .components.raa import ResidualAnomalyAmplification
 
@@ -70,7 +70,7 @@ class AandModel(nn.Module):
         gate_temperature: ``tau`` of the gate's softmax over cosine similarities.
         sigma: Gaussian smoothing of the anomaly map.
         backbone_weights: local ``.safetensors`` / ``.pth`` file with the teacher's weights; loaded instead of
-            downloading (no network access), checked tensor by tensor (see :func:`anomalib_kd.weights.build_teacher`).
+            downloading (no network access), checked tensor by tensor (see :func:`anomalib_kd_base.weights.build_teacher`).
 
     Attributes:
         teacher_provenance: ``backbone``, ``weights_source``, ``weights_tag``, ``weights_file``, ``weights_sha256``
@@ -113,7 +113,7 @@ class AandModel(nn.Module):
         self.amplification = True
 
     def set_fast_inference(self, enabled: bool) -> None:
-        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd.fast`."""
+        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd_base.fast`."""
         self.fast_inference = bool(enabled)
         set_channels_last(self, self.fast_inference)
 

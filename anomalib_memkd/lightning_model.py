@@ -41,9 +41,9 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from anomalib_kd.distributed import DistributedTrainingMixin
-from anomalib_kd.export import ProvenanceExportMixin
-from anomalib_kd.quantization import AnomalyMapPTQMixin
+from anomalib_kd_base.distributed import DistributedTrainingMixin
+from anomalib_kd_base.export import ProvenanceExportMixin
+from anomalib_kd_base.quantization import AnomalyMapPTQMixin
 
 from .loss import MemKDLoss
 from .torch_model import MemKDModel, check_input_size
@@ -94,7 +94,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             with the right shape. ``load_from_checkpoint`` does not need the file (the checkpoint holds
             the teacher). Provenance: ``model.teacher_provenance``. Defaults to ``None``.
         fast_inference (bool): Opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on
-            CPU) with channels-last weights, anomaly-map head in float32 (see ``anomalib_kd.fast``);
+            CPU) with channels-last weights, anomaly-map head in float32 (see ``anomalib_kd_base.fast``);
             exports are unaffected. Defaults to ``False``.
         pre_processor (PreProcessor | bool): Pre-processor (resize + ImageNet normalisation;
             256x256 by default). Its output size must be a multiple of 32. Defaults to ``True``.
@@ -155,7 +155,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
     ``Engine`` lets a model's trainer arguments override the user's, so the schedule length is
     the ``epochs`` argument (``--model.epochs`` on the CLI); ``max_steps`` still bounds it further.
 
-    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd.distributed`): each rank draws
+    Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd_base.distributed`): each rank draws
     its exemplars from the whole training set with its own generator, seeded with
     ``rank_seed(base, global_rank)`` at fit start (distinct per rank, reproducible for a seeded run); ``L_NM``
     and ``L_KD`` are computed on the rank's exemplars and batch, and DDP averages the gradients. BatchNorm of the

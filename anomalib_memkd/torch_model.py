@@ -78,8 +78,8 @@ from anomalib.data import InferenceBatch
 from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGenerationMode, AnomalyMapGenerator
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
 
-from anomalib_kd.fast import inference_autocast, set_channels_last
-from anomalib_kd.weights import build_teacher
+from anomalib_kd_base.fast import inference_autocast, set_channels_last
+from anomalib_kd_base.weights import build_teacher
 
 from anomalib.models.components.backbone.resnet_decoder import get_decoder
 
@@ -164,7 +164,7 @@ class MemKDModel(nn.Module):
         use_memory (bool): ``False`` builds anomalib's plain RD decoder and no memories. Defaults to ``True``.
         backbone_weights (str | None): Local ``.safetensors`` / ``.pth`` file with the teacher's
             weights, loaded instead of downloading (no network access) and checked tensor by tensor
-            (see :func:`anomalib_kd.weights.build_teacher`). Defaults to ``None``.
+            (see :func:`anomalib_kd_base.weights.build_teacher`). Defaults to ``None``.
 
     Attributes:
         teacher_provenance (dict[str, str]): Where the teacher's weights came from: ``backbone``,
@@ -220,7 +220,7 @@ class MemKDModel(nn.Module):
         self.fast_inference = False
 
     def set_fast_inference(self, enabled: bool) -> None:
-        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd.fast`."""
+        """Opt-in fast eval path (autocast fp16 on CUDA / bf16 on CPU, channels-last), see :mod:`anomalib_kd_base.fast`."""
         self.fast_inference = bool(enabled)
         set_channels_last(self, self.fast_inference)
 

@@ -1,7 +1,7 @@
 """Issue 18 diagnosis: AAND vs RD localisation on a regular high-contrast texture (generated brick wall).
 
 Proxy-teacher experiment (random-init resnet18 whose BatchNorm statistics are calibrated on the training
-images with :func:`anomalib_kd.proxy.calibrate_batchnorm`; never ImageNet). For each seed it builds ONE
+images with :func:`anomalib_kd_tools.proxy.calibrate_batchnorm`; never ImageNet). For each seed it builds ONE
 teacher and ONE initial student (bottleneck + decoder) and trains, from the same starting point:
 
 * ``RD``: anomalib's ``ReverseDistillationModel`` (L_KD on ``F_T``, Adam 0.005 / (0.5, 0.99), as anomalib's RD);
@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from anomalib_kd.proxy import calibrate_batchnorm  # noqa: E402
-from anomalib_kd.synthetic import make_mvtec_like_dataset, make_texture_folder  # noqa: E402
+from anomalib_kd_tools.proxy import calibrate_batchnorm  # noqa: E402
+from anomalib_kd_tools.synthetic import make_mvtec_like_dataset, make_texture_folder  # noqa: E402
 
 DEFAULT_DEFECTS = ("foreign", "tint", "hole", "scratch")
 MORTAR_GREY = 0.6  # mortar ~0.84 grey, bricks ~0.38: a fixed cut separates them on the generated wall

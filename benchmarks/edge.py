@@ -11,7 +11,7 @@ OpenVINO, and measures on this machine's CPU:
 for these back-ends: ``torch`` (eager fp32, ``torch.inference_mode``), ``ov-fp32`` (OpenVINO FP32 IR run with
 ``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF post-training
 quantization calibrated on the training images with the anomaly-map head kept in float,
-:func:`anomalib_kd.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
+:func:`anomalib_kd_base.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
 with OpenVINO's default precision hint: bf16 on CPUs that support it - what a user gets without asking).
 
 It prints a markdown table (also written to ``--output``/edge.md with a CSV next to it) with the ratios the export
@@ -164,7 +164,7 @@ def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: 
     from anomalib.engine import Engine
     from lightning.pytorch import seed_everything
 
-    from anomalib_kd.quantization import calibration_batches, quantize_model
+    from anomalib_kd_base.quantization import calibration_batches, quantize_model
 
     seed_everything(args.seed, workers=True)
     model, engine_kwargs = build_model(name, args)
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
-    from anomalib_kd.synthetic import make_mvtec_like_dataset
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
 
     args.output.mkdir(parents=True, exist_ok=True)
     data_root = args.output / "data"

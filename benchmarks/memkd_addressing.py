@@ -12,8 +12,8 @@ import torch
 from pathlib import Path
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
-from anomalib_kd.synthetic import make_mvtec_like_dataset
-from anomalib_kd.proxy import calibrate_batchnorm
+from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
+from anomalib_kd_tools.proxy import calibrate_batchnorm
 from anomalib_memkd import MemKD
 
 p = argparse.ArgumentParser()

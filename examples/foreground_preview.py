@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> Path:
     args = parser.parse_args(argv)
 
     if args.images is None:
-        from anomalib_kd.synthetic import make_mvtec_like_dataset
+        from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
 
         with tempfile.TemporaryDirectory(prefix="aand_fg_") as tmp:
             make_mvtec_like_dataset(tmp, category="widget", image_size=args.size, n_train=args.count)

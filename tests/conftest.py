@@ -10,7 +10,7 @@ import pytest
 # Never let a test reach the Hugging Face hub; every model in the tests uses pre_trained=False.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from anomalib_kd.synthetic import make_mvtec_like_dataset  # noqa: E402
+from anomalib_kd_tools.synthetic import make_mvtec_like_dataset  # noqa: E402
 
 CATEGORY = "widget"
 

@@ -292,7 +292,7 @@ def test_stock_cli_trains_memkd(dataset_root: Path, tmp_path: Path) -> None:
 
 
 def test_config_file_parses(tmp_path: Path) -> None:
-    config = Path(__file__).resolve().parents[1] / "configs" / "memkd.yaml"
+    config = Path(__file__).resolve().parents[2] / "configs" / "memkd.yaml"
     anomalib_cli = Path(sys.executable).with_name("anomalib")
     if not anomalib_cli.exists():
         pytest.skip("anomalib console script not found next to the interpreter")

@@ -13,7 +13,7 @@ the README's export section with the figures measured on these models:
 * torch export, ONNX Runtime, OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``): <= 1e-4, identical labels
 * OpenVINO FP16 IR: <= 5e-3 (measured ~5e-4)
 * OpenVINO INT8 weight compression (``CompressionType.INT8``): <= 2e-2 (measured ~4e-3)
-* OpenVINO INT8 post-training quantization (``INT8_PTQ``, :mod:`anomalib_kd.quantization`): <= 0.25 (measured
+* OpenVINO INT8 post-training quantization (``INT8_PTQ``, :mod:`anomalib_kd_base.quantization`): <= 0.25 (measured
   0.03-0.13 on these barely trained tiny models), and at least 80 % identical labels
 """
 
@@ -241,7 +241,7 @@ def test_reduced_precision_within_tolerance(
 
 def test_int8_ptq_quantizes_networks_not_the_anomaly_map_head(trained, tmp_path: Path, monkeypatch) -> None:
     """Calibration uses training images only; FakeQuantize sits in the networks, never in the map head."""
-    from anomalib_kd.quantization import float_node_names
+    from anomalib_kd_base.quantization import float_node_names
 
     datamodule = trained["datamodule"]
 

@@ -27,10 +27,10 @@ from anomalib_aand import Aand, AandModel
 from anomalib_aand import lightning_model as aand_module
 from anomalib_aand.components import FOREGROUND_PRESETS, foreground_mask, foreground_preset
 from anomalib_aand.components import synthesis
-from anomalib_kd import dtd
-from anomalib_kd.synthetic import make_texture_folder
+from anomalib_kd_tools import dtd
+from anomalib_kd_tools.synthetic import make_texture_folder
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def tiny(**kwargs) -> Aand:
@@ -212,7 +212,7 @@ def test_dtd_command_downloads_with_anomalib_helpers_into_root_images(tmp_path, 
 
 def test_dtd_command_is_a_package_script() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["anomalib-kd-dtd"] == "anomalib_kd.dtd:main"
+    assert scripts["anomalib-kd-dtd"] == "anomalib_kd_tools.dtd:main"
 
 
 def test_texture_source_resolution(tmp_path) -> None:

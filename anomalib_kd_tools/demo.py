@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from anomalib_kd.synthetic import make_mvtec_like_dataset
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
 
     start = time.perf_counter()
     data_root = args.output / "data"

@@ -1,6 +1,6 @@
 """Distributed (DDP) training of AAND and MemKD: a real 2-process fit on CPU (gloo), plus unit tests.
 
-The 2-process runs go through ``tests/ddp_fit.py`` in a subprocess (Lightning's ``strategy="ddp"`` re-launches
+The 2-process runs go through ``tests/base/ddp_fit.py`` in a subprocess (Lightning's ``strategy="ddp"`` re-launches
 the running script for rank 1, which must not be pytest). The run fits, tests and exports; the tests here check
 what it left behind and recompute the metrics in this single process from the checkpoint.
 
@@ -27,7 +27,7 @@ from anomalib.engine import Engine
 from lightning.pytorch.strategies import DDPStrategy
 from torch.utils.data import BatchSampler, DistributedSampler
 
-from anomalib_kd.distributed import RNGStream, padded_positions_to_drop, rank_seed, select_batch_
+from anomalib_kd_base.distributed import RNGStream, padded_positions_to_drop, rank_seed, select_batch_
 from ddp_fit import CATEGORY, EvalRecorder, build_datamodule, build_model
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")

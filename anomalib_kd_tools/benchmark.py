@@ -1,6 +1,6 @@
 """Side-by-side benchmark: Patchcore, ReverseDistillation, Aand and MemKD on the same data and seeds.
 
-``anomalib-kd-benchmark`` (or ``python -m anomalib_kd.benchmark``) runs a grid of cells - one cell is one
+``anomalib-kd-benchmark`` (or ``python -m anomalib_kd_tools.benchmark``) runs a grid of cells - one cell is one
 (model, category, seed) - and writes to ``--output``:
 
 * ``results.csv`` - one row per finished cell, appended as soon as the cell ends. A re-run with the same
@@ -10,12 +10,12 @@
 * ``results.png`` - bars per metric per model (mean ± std over seeds) and inference latency vs image AUROC.
 * ``paper_comparison.csv`` (MVTec AD / VisA only, ``--dataset-name``) - the AAND / MemKD papers' published numbers
   for Aand, MemKD and RD beside the measured ones, with the delta; also a section of ``results.md``
-  (:mod:`anomalib_kd.paper_results`).
+  (:mod:`anomalib_kd_tools.paper_results`).
 * ``logs/<model>_<category>_seed<k>.log`` - each cell's own output.
 
 Data: ``--dataset-root DIR`` (MVTec AD layout: ``DIR/<category>/train/good``, ``test/<defect>``,
 ``ground_truth/<defect>``; ``--categories`` picks some) or ``--generated`` (a small MVTec-layout dataset written
-by :func:`anomalib_kd.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
+by :func:`anomalib_kd_tools.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
 
 Protocol (the same for the four models):
 
@@ -55,7 +55,7 @@ Numbers on generated data with random-init backbones only show that the pipeline
 paper numbers need ImageNet weights (``--pre-trained``, the default) and MVTec AD / VisA.
 
 ``--ablation aand|memkd|all`` runs the ablation variants instead of ``--models`` (cells are (variant, category,
-seed); ``--proxy-teacher``, ``--texture-dir``, ``--defects``: see :mod:`anomalib_kd.ablation`).
+seed); ``--proxy-teacher``, ``--texture-dir``, ``--defects``: see :mod:`anomalib_kd_tools.ablation`).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd import ablation, paper_results
+from anomalib_kd_tools import ablation, paper_results
 
 MODELS = ("Patchcore", "ReverseDistillation", "Aand", "MemKD")
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
@@ -145,7 +145,7 @@ RUN_CONFIG_KEYS = (
     "throughput_batch",
     "threads",
     "generated_spec",
-    # ablation mode (anomalib_kd.ablation); absent from older run configs, where they mean "off"
+    # ablation mode (anomalib_kd_tools.ablation); absent from older run configs, where they mean "off"
     "ablation",
     "proxy_teacher",
     "texture_dir",
@@ -379,7 +379,7 @@ def _dataset_line(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str
     if config.get("dataset_kind") == "generated":
         spec = config.get("generated_spec") or {}
         return (
-            "**generated** data (`anomalib_kd.synthetic.make_mvtec_like_dataset`, category "
+            "**generated** data (`anomalib_kd_tools.synthetic.make_mvtec_like_dataset`, category "
             f"`{GENERATED_CATEGORY}`, {spec.get('n_train', '?')} train / {spec.get('n_test_good', '?')} good + "
             f"{spec.get('n_test_per_defect', '?')} per defect type test images) - NOT MVTec AD or VisA: these numbers "
             "say nothing about the papers' results"
@@ -733,7 +733,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     model, fit_kwargs, backbone, schedule = build_model(spec)
     proxy_images = 0
     if spec.get("proxy_teacher"):
-        from anomalib_kd.ablation import calibrate_proxy_teacher
+        from anomalib_kd_tools.ablation import calibrate_proxy_teacher
 
         datamodule.setup()
         proxy_images = calibrate_proxy_teacher(model, datamodule.train_data, spec["batch_size"])
@@ -787,7 +787,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["openvino"]:
             row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
         if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
-            from anomalib_kd.ablation import PROXY_TEACHER, mechanism_figures
+            from anomalib_kd_tools.ablation import PROXY_TEACHER, mechanism_figures
 
             figures, status = mechanism_figures(model.to(device), datamodule.test_dataloader())
             row.update(variant=spec["variant"], overrides=json.dumps(spec.get("overrides") or {}))
@@ -834,7 +834,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _proxy_label() -> str:
-    from anomalib_kd.ablation import PROXY_TEACHER
+    from anomalib_kd_tools.ablation import PROXY_TEACHER
 
     return PROXY_TEACHER
 
@@ -908,7 +908,7 @@ class CellProcess:
         self.started = time.perf_counter()
         self._log = log_path.open("w", encoding="utf-8")
         self.process = subprocess.Popen(  # noqa: S603 - our own module with our own arguments
-            [sys.executable, "-m", "anomalib_kd.benchmark", "--run-cell", str(self.spec_path), str(self.result_path)],
+            [sys.executable, "-m", "anomalib_kd_tools.benchmark", "--run-cell", str(self.spec_path), str(self.result_path)],
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -1033,7 +1033,7 @@ def _prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], dict[str, 
 
 def _write_generated(root: Path, spec: dict[str, Any]) -> None:
     """Write the generated dataset unless the same one is already there."""
-    from anomalib_kd.synthetic import make_mvtec_like_dataset
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
 
     marker = root / "generated.json"
     if not marker.exists() or json.loads(marker.read_text(encoding="utf-8")) != spec:

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from anomalib_aand import Aand, AandModel
-from anomalib_kd import weights as kdw
-from anomalib_kd.export import read_onnx_metadata, read_openvino_metadata, read_torch_metadata
+from anomalib_kd_base import weights as kdw
+from anomalib_kd_base.export import read_onnx_metadata, read_openvino_metadata, read_torch_metadata
 from anomalib_memkd import MemKD, MemKDModel
 
 from conftest import CATEGORY, mvtec_datamodule
@@ -413,7 +413,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 def test_weights_command_round_trip(tmp_path: Path) -> None:
     """`anomalib-kd-weights export` (random resnet18, no download), then both models load it bit for bit."""
     script = Path(sys.executable).with_name("anomalib-kd-weights")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "anomalib_kd.weights"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "anomalib_kd_base.weights"]
     output = tmp_path / "r18.safetensors"
     result = _run([*command, "export", "--backbone", "resnet18", "--no-pretrained", "--output", str(output)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

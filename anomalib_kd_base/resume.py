@@ -1,6 +1,6 @@
 """Run guards shared by AAND and MemKD: resume, checkpoints, data checks, undefined metrics, schedule warnings.
 
-:class:`RunGuardMixin` is a base of :class:`anomalib_kd.distributed.DistributedTrainingMixin`, so both models get
+:class:`RunGuardMixin` is a base of :class:`anomalib_kd_base.distributed.DistributedTrainingMixin`, so both models get
 it without a change to their bases. What it does:
 
 * **Testing after a resumed fit.** anomalib's ``Engine.train`` (``anomalib train ... --ckpt_path last.ckpt``)
@@ -9,7 +9,7 @@ it without a change to their bases. What it does:
   ``ckpt_path`` and ran to its end, the next ``test`` / ``validate`` / ``predict`` with that same path uses the
   model in memory (a warning says so, with the command to test a checkpoint on its own). Once per fit.
 * **Mid-epoch checkpoints.** Checkpoints are exact at epoch boundaries (the random streams are in them, see
-  :mod:`anomalib_kd.distributed`). Lightning resumes a checkpoint written inside an epoch (``max_steps``, a
+  :mod:`anomalib_kd_base.distributed`). Lightning resumes a checkpoint written inside an epoch (``max_steps``, a
   step-interval ``ModelCheckpoint``) at the next epoch's start, skipping the rest of that epoch: a warning says
   how many batches are skipped.
 * **Checkpoint of the other model.** Loading a MemKD checkpoint into ``Aand`` (or the reverse) raises a
@@ -18,7 +18,7 @@ it without a change to their bases. What it does:
   (``load_from_checkpoint(..., pre_processor=...)``, ``--model.pre_processor`` with ``--ckpt_path``): a warning
   says the checkpoint's size wins (anomalib restores the checkpoint's pre-processor; the weights and the anomaly map
   were trained at it).
-* **Bad data** (:mod:`anomalib_kd.checks`): layout check in ``prepare_data`` (before the datamodule builds its
+* **Bad data** (:mod:`anomalib_kd_base.checks`): layout check in ``prepare_data`` (before the datamodule builds its
   sample table), decode check of every image in ``setup("fit")``. ``ANOMALIB_KD_DATA_CHECK=0`` or
   ``model.data_check = False`` switches both off.
 * **No anomalous test images.** AUROC, AUPR, AUPRO and F1 are undefined; they are reported as NaN (torchmetrics

@@ -228,7 +228,7 @@ class DistributedTrainingMixin(RunGuardMixin):
     """DDP behaviour of the anomalib-kd models (see the module docstring). Put it before ``AnomalibModule``.
 
     Also the exact-resume protocol (see "Exact resume" in the module docstring) and, through
-    :class:`anomalib_kd.resume.RunGuardMixin`, the data / checkpoint guards.
+    :class:`anomalib_kd_base.resume.RunGuardMixin`, the data / checkpoint guards.
     """
 
     #: set by models whose steps leave registered parameters without gradients (AAND's two stages)

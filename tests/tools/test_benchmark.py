@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalib_kd import benchmark as bench
+from anomalib_kd_tools import benchmark as bench
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "benchmark"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
 TINY = [
     "--generated",
@@ -295,10 +295,10 @@ def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) ->
 
 
 def test_entry_points() -> None:
-    module = import_module("anomalib_kd.benchmark")
+    module = import_module("anomalib_kd_tools.benchmark")
     assert callable(module.main)
     result = subprocess.run(
-        [sys.executable, "-m", "anomalib_kd.benchmark", "--help"],
+        [sys.executable, "-m", "anomalib_kd_tools.benchmark", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -307,11 +307,11 @@ def test_entry_points() -> None:
     from importlib.metadata import entry_points
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
-    assert scripts.get("anomalib-kd-benchmark") == "anomalib_kd.benchmark:main"
+    assert scripts.get("anomalib-kd-benchmark") == "anomalib_kd_tools.benchmark:main"
 
 
 # ---------------------------------------------------------------------------------------------- ablation mode
-from anomalib_kd import ablation  # noqa: E402
+from anomalib_kd_tools import ablation  # noqa: E402
 
 def test_ablation_variants_follow_the_agreed_interface() -> None:
     """The variants the model code is written against (INTERFACES): names, model classes, overrides."""
@@ -361,7 +361,7 @@ def test_ablation_defects_prefer_families_unlike_the_synthesis() -> None:
     assert ablation.default_ablation_defects(("scratch", "stain", "hole")) == ("scratch", "hole")
     assert ablation.default_ablation_defects(("scratch", "stain", "hole", "foreign", "tint")) == ("foreign", "tint")
     assert set(ablation.default_ablation_defects()) <= set(ablation.available_defects())
-    from anomalib_kd import synthetic
+    from anomalib_kd_tools import synthetic
 
     assert set(synthetic.DEFECT_TYPES) <= set(ablation.available_defects())
 

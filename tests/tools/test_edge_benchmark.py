@@ -14,7 +14,7 @@ pytestmark = pytest.mark.integration
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "edge.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edge.py"
 
 
 def test_edge_benchmark_quick_run(tmp_path: Path) -> None:

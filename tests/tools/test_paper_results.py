@@ -1,4 +1,4 @@
-"""The papers' published numbers (anomalib_kd.paper_results) and their place in the benchmark's report."""
+"""The papers' published numbers (anomalib_kd_tools.paper_results) and their place in the benchmark's report."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd import benchmark as bench
-from anomalib_kd import paper_results as pr
+from anomalib_kd_tools import benchmark as bench
+from anomalib_kd_tools import paper_results as pr
 
 ROUNDING = 0.05 + 1e-9  # the papers print one decimal: a printed mean is within 0.05 of the true mean
 

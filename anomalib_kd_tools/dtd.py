@@ -3,7 +3,7 @@
 AAND (paper Sec. III-B) fills its synthetic anomalies with DTD textures. The model never downloads anything
 itself; this command puts DTD where the configs expect it::
 
-    anomalib-kd-dtd --root ./datasets/dtd          # or: python -m anomalib_kd.dtd --root ./datasets/dtd
+    anomalib-kd-dtd --root ./datasets/dtd          # or: python -m anomalib_kd_tools.dtd --root ./datasets/dtd
     # -> ./datasets/dtd/images/<47 texture classes>/*.jpg
     anomalib train --model Aand --model.anomaly_source_path ./datasets/dtd/images ...
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from anomalib.models.components import TimmFeatureExtractor
 
-from anomalib_kd.proxy import calibrate_batchnorm
+from anomalib_kd_tools.proxy import calibrate_batchnorm
 
 
 def test_calibration_reaches_the_batchnorm_inside_timm_feature_extractor() -> None:

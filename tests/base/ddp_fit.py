@@ -1,6 +1,6 @@
-"""A short 2-process DDP fit + test on CPU (gloo), driven by ``tests/test_ddp.py``; not a pytest module.
+"""A short 2-process DDP fit + test on CPU (gloo), driven by ``tests/base/test_ddp.py``; not a pytest module.
 
-    python tests/ddp_fit.py {aand,memkd} DATA_ROOT OUT_DIR
+    python tests/base/ddp_fit.py {aand,memkd} DATA_ROOT OUT_DIR
 
 Lightning's ``strategy="ddp"`` re-runs this script for rank 1, so it must run as a script, never inside the
 pytest process. Every rank writes ``OUT_DIR/rank<r>.pt`` with its state dict after the fit, its test metrics,
@@ -95,7 +95,7 @@ class EvalRecorder(Callback):
 
 def record_torch_exports(out: Path) -> None:
     """Log every real torch export with the rank that wrote it."""
-    from anomalib_kd.export import ProvenanceExportMixin
+    from anomalib_kd_base.export import ProvenanceExportMixin
 
     write = ProvenanceExportMixin.to_torch
 

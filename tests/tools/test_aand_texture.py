@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from anomalib_kd import synthetic
-from anomalib_kd.synthetic import (
+from anomalib_kd_tools import synthetic
+from anomalib_kd_tools.synthetic import (
     ALL_DEFECT_TYPES,
     DEFECT_TYPES,
     EXTRA_DEFECT_TYPES,
@@ -174,7 +174,7 @@ def test_texture_diagnosis_runs_and_measures_per_level(tmp_path: Path) -> None:
     import importlib.util
     import json
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "aand_texture.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "aand_texture.py"
     spec = importlib.util.spec_from_file_location("aand_texture", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from anomalib_kd.fast import fast_dtype, inference_autocast
+from anomalib_kd_base.fast import fast_dtype, inference_autocast
 
 SIZE = 64
 

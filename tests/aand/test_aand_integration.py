@@ -17,7 +17,7 @@ from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch.callbacks import Callback
 
 from anomalib_aand import Aand
-from anomalib_kd.proxy import calibrate_batchnorm
+from anomalib_kd_tools.proxy import calibrate_batchnorm
 
 from conftest import CATEGORY, mvtec_datamodule
 

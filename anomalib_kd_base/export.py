@@ -3,7 +3,7 @@
 :class:`ProvenanceExportMixin` goes *before* ``AnomalibModule`` in the bases
 (``class Aand(ProvenanceExportMixin, AnomalibModule)``; ``AnomalibModule`` stays a direct base, anomalib's model
 lookup walks ``AnomalibModule.__subclasses__()``). It expects the torch model at ``self.model`` with the teacher at
-``self.model.encoder`` and its record at ``self.model.teacher_provenance`` (see :mod:`anomalib_kd.weights`), and:
+``self.model.encoder`` and its record at ``self.model.teacher_provenance`` (see :mod:`anomalib_kd_base.weights`), and:
 
 * stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them;
 * makes ``load_from_checkpoint`` build the teacher without downloading or reading ``backbone_weights`` (the
@@ -20,7 +20,7 @@ lookup walks ``AnomalibModule.__subclasses__()``). It expects the torch model at
     anomalib saved it (FP16 stays FP16, INT8 stays INT8);
   - torch: a ``"metadata"`` dict next to ``"model"`` in the saved ``.pt`` (``TorchInferencer`` reads ``["model"]``).
 
-Keys: ``model`` (class name) plus those of :data:`anomalib_kd.weights.PROVENANCE_KEYS`; ``teacher_sha256`` is
+Keys: ``model`` (class name) plus those of :data:`anomalib_kd_base.weights.PROVENANCE_KEYS`; ``teacher_sha256`` is
 recomputed from the teacher being exported.
 """
 

@@ -13,10 +13,10 @@ whatever flat ``{name: float}`` the model returns is aggregated; a model without
 * A variant whose keyword the installed model's constructor does not accept is skipped and listed as skipped in
   ``results.md`` (never run with the keyword silently dropped).
 * AAND's "as configured" variant reads textures (``anomaly_source_path``): ``--texture-dir`` (DTD's ``images``
-  folder), or with ``--generated`` a DTD-like folder written by :func:`anomalib_kd.synthetic.make_texture_folder`
+  folder), or with ``--generated`` a DTD-like folder written by :func:`anomalib_kd_tools.synthetic.make_texture_folder`
   into ``--output``/textures. The ``no textures`` variant passes ``anomaly_source_path=None``.
 * ``--proxy-teacher`` (random-init backbones only): before fitting, the teacher's BatchNorm running statistics are
-  re-estimated on the cell's training images (:func:`anomalib_kd.proxy.calibrate_batchnorm`), pre-processed like a
+  re-estimated on the cell's training images (:func:`anomalib_kd_tools.proxy.calibrate_batchnorm`), pre-processed like a
   training batch. Every output calls this a "proxy teacher (random init, BN calibrated on training images)".
 * ``--defects`` picks the generated test set's defect families. The ablation default is families unlike AAND's
   Perlin-texture synthesis: ``foreign`` and ``tint`` when the generator has them, else ``scratch`` and ``hole``.
@@ -123,7 +123,7 @@ def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str
 
 def available_defects() -> tuple[str, ...]:
     """Defect families of the installed generator: ``DEFECT_TYPES`` plus any other ``*DEFECT*`` name tuple."""
-    from anomalib_kd import synthetic
+    from anomalib_kd_tools import synthetic
 
     found: list[str] = list(synthetic.DEFECT_TYPES)
     for name, value in vars(synthetic).items():
@@ -142,7 +142,7 @@ def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[st
 
 
 def generator_fields() -> set[str]:
-    from anomalib_kd.synthetic import SyntheticSpec
+    from anomalib_kd_tools.synthetic import SyntheticSpec
 
     return {f.name for f in dataclasses.fields(SyntheticSpec)}
 
@@ -195,8 +195,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     elif args.generated and args.ablation:
         args.defects = list(default_ablation_defects())
     if args.product and "product" not in generator_fields():
-        parser.error("--product: this anomalib_kd.synthetic has no product option")
-    from anomalib_kd import synthetic
+        parser.error("--product: this anomalib_kd_tools.synthetic has no product option")
+    from anomalib_kd_tools import synthetic
 
     products = getattr(synthetic, "PRODUCTS", None)
     if args.product and products is not None and args.product not in products:
@@ -258,7 +258,7 @@ def write_textures(config: dict[str, Any]) -> None:
     spec = config.get("texture_spec")
     if not spec:
         return
-    from anomalib_kd.synthetic import make_texture_folder
+    from anomalib_kd_tools.synthetic import make_texture_folder
 
     root = Path(config["texture_dir"])
     marker = root / "textures.json"
@@ -297,7 +297,7 @@ def calibrate_proxy_teacher(model: Any, dataset: Any, batch_size: int) -> int:  
     seeded random streams of the fit are not consumed. Returns the number of images."""
     import torch
 
-    from anomalib_kd.proxy import calibrate_batchnorm
+    from anomalib_kd_tools.proxy import calibrate_batchnorm
 
     def batches():  # noqa: ANN202
         for start in range(0, len(dataset), batch_size):
@@ -347,7 +347,7 @@ def _figures(row: dict[str, Any]) -> dict[str, float]:
 
 def summarise(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
     """Per (variant, category): mean / std / n over seeds of the metrics and of every mechanism figure."""
-    from anomalib_kd.benchmark import NUMERIC, mean_std
+    from anomalib_kd_tools.benchmark import NUMERIC, mean_std
 
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for row in rows:
@@ -383,7 +383,7 @@ def write_markdown(
     skipped: dict[str, list[str]],
 ) -> str:
     """``results.md`` of an ablation run: per ablation a metrics table and a mechanism-figures table."""
-    from anomalib_kd.benchmark import _dataset_line, _versions, _when, format_mean_std, hardware_line
+    from anomalib_kd_tools.benchmark import _dataset_line, _versions, _when, format_mean_std, hardware_line
 
     seeds = sorted({int(r["seed"]) for r in rows})
     spec = config.get("generated_spec") or {}

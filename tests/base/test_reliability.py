@@ -147,7 +147,7 @@ def test_resume_at_every_epoch_boundary_is_bit_identical(uninterrupted, tmp_path
 
 
 def test_checkpoint_holds_the_run_random_state(uninterrupted) -> None:
-    from anomalib_kd.distributed import RNG_CHECKPOINT_KEY
+    from anomalib_kd_base.distributed import RNG_CHECKPOINT_KEY
 
     checkpoint = torch.load(uninterrupted["checkpoints"][0], map_location="cpu", weights_only=True)
     state = checkpoint[RNG_CHECKPOINT_KEY]
@@ -171,7 +171,7 @@ def _anomalib(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Comp
 
 def _size_snippet(tmp_path: Path, size: int) -> Path:
     """The shipped 128 px snippet rewritten to another size (the tests train at 64 px)."""
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "image_size" / "128.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "image_size" / "128.yaml"
     snippet = tmp_path / f"{size}.yaml"
     snippet.write_text(shipped.read_text().replace("128", str(size)))
     return snippet
@@ -260,7 +260,7 @@ def test_checkpoint_image_size_wins_with_a_warning(runs, caplog) -> None:
 
 # ---------------------------------------------------------------------------------------------- bad data
 def _fit_expecting_error(root: Path, tmp_path: Path, match: str) -> None:
-    from anomalib_kd.checks import DataCheckError
+    from anomalib_kd_base.checks import DataCheckError
 
     model = _aand(stage1_epochs=1, stage2_epochs=1)
     steps: list[int] = []
@@ -335,7 +335,7 @@ def test_image_size_snippets_build_the_models_own_pre_processor(size: int) -> No
 
     from anomalib_aand import Aand
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "image_size" / f"{size}.yaml"
+    path = Path(__file__).resolve().parents[2] / "configs" / "image_size" / f"{size}.yaml"
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--pre_processor", type=PreProcessor)
     import yaml
