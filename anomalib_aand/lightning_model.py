@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -54,9 +53,7 @@ from torch import optim
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Normalize
 
-from anomalib_kd_base.distributed import DistributedTrainingMixin
-from anomalib_kd_base.export import ProvenanceExportMixin
-from anomalib_kd_base.quantization import AnomalyMapPTQMixin
+from anomalib_kd_base.model import KDModelBase, check_at_least, check_choice, check_positive
 
 from .components.synthesis import (
     AUTO_FOREGROUND,
@@ -96,9 +93,7 @@ def _validate_optimisation(
     lr_gamma: float,
 ) -> None:
     """Fail early (at construction, not after the first epoch) on optimiser settings Adam / MultiStepLR reject."""
-    if not lr > 0:
-        msg = f"lr must be > 0, got {lr}"
-        raise ValueError(msg)
+    check_positive("lr", lr)
     betas = tuple(betas)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         msg = f"betas must be two values in [0, 1), got {betas}"
@@ -106,12 +101,10 @@ def _validate_optimisation(
     if not all(0.0 < fraction < 1.0 for fraction in lr_milestones):
         msg = f"lr_milestones must be fractions of a stage in (0, 1), got {tuple(lr_milestones)}"
         raise ValueError(msg)
-    if not lr_gamma > 0:
-        msg = f"lr_gamma must be > 0, got {lr_gamma}"
-        raise ValueError(msg)
+    check_positive("lr_gamma", lr_gamma)
 
 
-class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
+class Aand(KDModelBase, AnomalibModule):
     """AAND anomaly detector (two-stage knowledge distillation with an advanced teacher).
 
     Args:
@@ -223,19 +216,15 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if self.input_size is None:
-            msg = "AAND needs a fixed input size: give a pre_processor whose transform resizes the images."
-            raise ValueError(msg)
+        self.require_input_size(
+            "AAND needs a fixed input size: give a pre_processor whose transform resizes the images."
+        )
         if stage1_epochs < 0 or stage2_epochs < 1:
             msg = f"stage1_epochs must be >= 0 and stage2_epochs >= 1, got {stage1_epochs} and {stage2_epochs}"
             raise ValueError(msg)
-        if hard_samples < 1:
-            msg = f"hard_samples (K_h) must be >= 1, got {hard_samples}"
-            raise ValueError(msg)
+        check_at_least("hard_samples (K_h)", hard_samples, 1)
         _validate_optimisation(lr, betas, lr_milestones, lr_gamma)
-        if foreground not in (*FOREGROUND_STRATEGIES, AUTO_FOREGROUND):
-            msg = f"foreground must be one of {(AUTO_FOREGROUND, *FOREGROUND_STRATEGIES)}, got {foreground!r}"
-            raise ValueError(msg)
+        check_choice("foreground", foreground, (AUTO_FOREGROUND, *FOREGROUND_STRATEGIES))
         self.stage1_epochs = int(stage1_epochs)
         self.stage2_epochs = int(stage2_epochs)
         self.lr = lr
@@ -250,16 +239,10 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         self.foreground = foreground
         self.foreground_threshold = foreground_threshold
 
-        self.model = AandModel(
-            backbone=backbone,
-            input_size=tuple(self.input_size),
-            layers=layers,
-            pre_trained=pre_trained,
-            memory_size=memory_size,
-            gate_temperature=gate_temperature,
-            backbone_weights=backbone_weights,
+        self.model = self.build_network(
+            AandModel, backbone, layers, pre_trained, backbone_weights, fast_inference,
+            memory_size=memory_size, gate_temperature=gate_temperature,
         )
-        self.model.set_fast_inference(fast_inference)
         # stage1_epochs=0 is "RD + HKD on the vanilla teacher": an untrained RAA must not perturb F_T (issue 18)
         self.model.amplification = self.stage1_epochs > 0
         self.amplification_loss = AandAmplificationLoss(
@@ -309,16 +292,9 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
         return [raa, student], schedulers
 
     @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        return {
-            "gradient_clip_val": 0,
-            "num_sanity_val_steps": 0,
-            "max_epochs": self.stage1_epochs + self.stage2_epochs,
-        }
-
-    @property
-    def learning_type(self) -> LearningType:
-        return LearningType.ONE_CLASS
+    def training_epochs(self) -> int:
+        """Both stages, ``stage1_epochs + stage2_epochs``: the ``max_epochs`` of ``trainer_arguments``."""
+        return self.stage1_epochs + self.stage2_epochs
 
     def configure_trainable_parameters(self) -> None:
         """Before DDP wraps the module (``setup("fit")``): both stages' modules require grad, the teacher not.
@@ -445,15 +421,9 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
                     advice,
                 )
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore anomalib's components, then size the anomaly map like the restored pre-processor.
-
-        ``load_from_checkpoint`` builds the module with the default pre-processor (256 px) before
-        anomalib restores the saved one, so the model's input size is re-synchronised here.
-        """
-        super().on_load_checkpoint(checkpoint)
-        if self.input_size is not None and tuple(self.input_size) != self.model.input_size:
-            self.model.set_input_size(tuple(self.input_size))
+    def set_network_input_size(self, size: tuple[int, int]) -> None:
+        """Re-size the anomaly map (``load_from_checkpoint`` restored another pre-processor, see ``KDModelBase``)."""
+        self.model.set_input_size(size)
 
     def on_train_epoch_start(self) -> None:
         stage = self.stage
@@ -531,11 +501,6 @@ class Aand(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, 
             if name != "loss":
                 self.log(f"train/{name}", value.detach(), prog_bar=True, on_epoch=True, batch_size=batch_size)
         return {"loss": losses["loss"].detach()}
-
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        del args, kwargs
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
 
     # ------------------------------------------------------------------ introspection
     @torch.no_grad()

@@ -25,6 +25,8 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 from torchvision.ops import sigmoid_focal_loss
 
+from anomalib_kd_base.model import check_choice
+
 AMPLIFICATION_MODES = ("exact", "subsample")
 
 
@@ -119,9 +121,7 @@ def amplification_loss(
 
     Returns a scalar; ``0`` (still attached to the graph, never NaN) when either set is empty.
     """
-    if mode not in AMPLIFICATION_MODES:
-        msg = f"amplification mode must be one of {AMPLIFICATION_MODES}, got {mode!r}"
-        raise ValueError(msg)
+    check_choice("amplification mode", mode, AMPLIFICATION_MODES)
     anomalous = anomalous.bool()
     normal = normal.bool() & ~anomalous
     if not anomalous.any() or not normal.any():
@@ -182,9 +182,7 @@ class AandAmplificationLoss(nn.Module):
         chunk_elements: int = 1 << 24,
     ) -> None:
         super().__init__()
-        if mode not in AMPLIFICATION_MODES:
-            msg = f"amplification_pairs must be one of {AMPLIFICATION_MODES}, got {mode!r}"
-            raise ValueError(msg)
+        check_choice("amplification_pairs", mode, AMPLIFICATION_MODES)
         self.margin = margin
         self.focal_alpha = focal_alpha
         self.focal_gamma = focal_gamma

@@ -10,6 +10,6 @@ Layers, imports only downward (``tests/test_layering.py`` fails on an upward imp
 
 Modules: ``weights`` (teacher weights: timm tag, local files, provenance, the ``anomalib-kd-weights`` command),
 ``export`` (provenance in checkpoints and exported models), ``quantization`` (INT8 PTQ), ``distributed`` (DDP),
-``fast`` (opt-in fast eval path), ``resume`` and ``checks`` (interruption and bad-data handling). This
-``__init__`` imports nothing.
+``fast`` (opt-in fast eval path), ``resume`` and ``checks`` (interruption and bad-data handling), ``model`` (the
+Lightning base class and argument checks of both models). This ``__init__`` imports nothing.
 """

@@ -33,7 +33,6 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.utils.data import DataLoader, RandomSampler
 
-from anomalib import LearningType
 from anomalib.data import Batch
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
@@ -41,9 +40,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from anomalib_kd_base.distributed import DistributedTrainingMixin
-from anomalib_kd_base.export import ProvenanceExportMixin
-from anomalib_kd_base.quantization import AnomalyMapPTQMixin
+from anomalib_kd_base.model import KDModelBase, check_at_least, check_positive
 
 from .loss import MemKDLoss
 from .torch_model import MemKDModel, check_input_size
@@ -61,7 +58,7 @@ def _empty_training_set_message(datamodule: Any) -> str:
     )
 
 
-class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule):
+class MemKD(KDModelBase, AnomalibModule):
     """Memory-guided Knowledge Distillation (MemKD) anomaly detector.
 
     Args:
@@ -192,22 +189,14 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             evaluator=evaluator,
             visualizer=visualizer,
         )
-        if self.input_size is None:
-            msg = (
-                "Input size is required for MemKD: give it a pre-processor whose transform resizes the images, "
-                "e.g. MemKD(pre_processor=MemKD.configure_pre_processor(image_size=(256, 256)))."
-            )
-            raise ValueError(msg)
-        check_input_size(*self.input_size)
-        if num_exemplars < 1:
-            msg = f"num_exemplars must be at least 1, got {num_exemplars}."
-            raise ValueError(msg)
-        if epochs < 1:
-            msg = f"epochs must be at least 1, got {epochs}."
-            raise ValueError(msg)
-        if lr <= 0:
-            msg = f"lr must be positive, got {lr}."
-            raise ValueError(msg)
+        input_size = self.require_input_size(
+            "Input size is required for MemKD: give it a pre-processor whose transform resizes the images, "
+            "e.g. MemKD(pre_processor=MemKD.configure_pre_processor(image_size=(256, 256)))."
+        )
+        check_input_size(*input_size)
+        check_at_least("num_exemplars", num_exemplars, 1, sentence=True)
+        check_at_least("epochs", epochs, 1, sentence=True)
+        check_positive("lr", lr, sentence=True)
 
         self.backbone = backbone
         self.layers = layers
@@ -218,17 +207,10 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
         self.lr = lr
         self.betas = (float(betas[0]), float(betas[1]))
 
-        self.model: MemKDModel = MemKDModel(
-            backbone=backbone,
-            input_size=tuple(self.input_size),
-            layers=layers,
-            pre_trained=pre_trained,
-            memory_size=memory_size,
-            temperature=temperature,
-            backbone_weights=backbone_weights,
-            use_memory=use_memory,
+        self.model: MemKDModel = self.build_network(
+            MemKDModel, backbone, layers, pre_trained, backbone_weights, fast_inference,
+            memory_size=memory_size, temperature=temperature, use_memory=use_memory,
         )
-        self.model.set_fast_inference(fast_inference)
         self.loss = MemKDLoss(lambda_nm=lambda_nm, lambda_orth=lambda_orth, nm_reduction=nm_reduction)
         self._exemplar_iterator: Iterator[Any] | None = None
         self._exemplar_loader: DataLoader | None = None
@@ -478,30 +460,7 @@ class MemKD(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin,
             report[f"peak_over_uniform_m{index}"] = report[f"peak_weight_m{index}"] * memory.num_items
         return report
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
-        """Predict anomaly maps and scores for a validation batch (Eq. 3-4)."""
-        del args, kwargs  # These variables are not used.
-        predictions = self.model(batch.image)
-        return batch.update(**predictions._asdict())
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore components, then size the anomaly map to the restored pre-processor's output.
-
-        ``load_from_checkpoint`` builds the model with the default pre-processor (256 px)
-        before the checkpoint's pre-processor configuration is restored; without this the
-        anomaly map of a model trained at another size would come out at 256 px.
-        """
-        super().on_load_checkpoint(checkpoint)
-        input_size = self.input_size
-        if input_size is not None:
-            self.model.input_size = tuple(input_size)
-
     @property
-    def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation, ``epochs`` epochs (the paper's 100 by default)."""
-        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": self.epochs}
-
-    @property
-    def learning_type(self) -> LearningType:
-        """MemKD learns from normal images only."""
-        return LearningType.ONE_CLASS
+    def training_epochs(self) -> int:
+        """``epochs`` (the paper's 100 by default): the ``max_epochs`` of ``trainer_arguments``."""
+        return self.epochs

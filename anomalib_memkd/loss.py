@@ -41,6 +41,8 @@ from torch import nn
 
 from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
 
+from anomalib_kd_base.model import check_choice
+
 from .components.memory import NRMemory
 
 
@@ -76,9 +78,7 @@ def normality_memorization_loss(
     Returns:
         torch.Tensor: Scalar loss.
     """
-    if reduction not in NM_REDUCTIONS:
-        msg = f"reduction must be one of {NM_REDUCTIONS}, got {reduction!r}."
-        raise ValueError(msg)
+    check_choice("reduction", reduction, NM_REDUCTIONS, sentence=True)
     if len(targets) != len(reconstructions):
         msg = f"Got {len(targets)} targets but {len(reconstructions)} reconstructions."
         raise ValueError(msg)
@@ -135,9 +135,7 @@ class MemKDLoss(nn.Module):
         if lambda_nm < 0 or lambda_orth < 0:
             msg = f"Loss weights must be non-negative, got lambda_nm={lambda_nm}, lambda_orth={lambda_orth}."
             raise ValueError(msg)
-        if nm_reduction not in NM_REDUCTIONS:
-            msg = f"nm_reduction must be one of {NM_REDUCTIONS}, got {nm_reduction!r}."
-            raise ValueError(msg)
+        check_choice("nm_reduction", nm_reduction, NM_REDUCTIONS, sentence=True)
         self.lambda_nm = lambda_nm
         self.lambda_orth = lambda_orth
         self.nm_reduction = nm_reduction

@@ -28,6 +28,8 @@ from anomalib.models.image.cflow.utils import positional_encoding_2d
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from anomalib_kd_base.model import check_at_least, check_positive
+
 
 def _mlp(channels: int, hidden: int) -> nn.Sequential:
     """1x1-conv MLP ``C -> h -> h -> C`` applied independently at each position (Kaiming fan-out init)."""
@@ -57,12 +59,8 @@ class MatchingGuidedResidualGate(nn.Module):
 
     def __init__(self, channels: int, memory_size: int = 50, hidden: int | None = None, temperature: float = 0.2) -> None:
         super().__init__()
-        if memory_size < 1:
-            msg = f"memory_size must be >= 1, got {memory_size}"
-            raise ValueError(msg)
-        if temperature <= 0:
-            msg = f"temperature must be > 0, got {temperature}"
-            raise ValueError(msg)
+        check_at_least("memory_size", memory_size, 1)
+        check_positive("temperature", temperature)
         self.channels = channels
         self.memory_size = memory_size
         self.temperature = temperature

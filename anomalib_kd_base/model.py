@@ -1,0 +1,163 @@
+"""What the Lightning models ``Aand`` and ``MemKD`` share: argument checks, the teacher, the checkpoint re-sync.
+
+:class:`KDModelBase` is the first base of both models, ``AnomalibModule`` the last (it stays a direct base: anomalib's
+model lookup walks ``AnomalibModule.__subclasses__()``)::
+
+    class Aand(KDModelBase, AnomalibModule): ...
+
+It bundles the mixins both models use, in this order: :class:`~anomalib_kd_base.distributed.DistributedTrainingMixin`
+(with its run guards), :class:`~anomalib_kd_base.export.ProvenanceExportMixin` and
+:class:`~anomalib_kd_base.quantization.AnomalyMapPTQMixin`; and it adds:
+
+* :meth:`KDModelBase.require_input_size`: the fixed image size the pre-processor produces, or the model's own error;
+* :meth:`KDModelBase.build_network`: the torch model with its frozen teacher (``backbone`` / ``layers`` /
+  ``pre_trained`` / ``backbone_weights``, built by :func:`anomalib_kd_base.weights.build_teacher`, which also writes
+  the provenance record ``model.teacher_provenance`` that ``ProvenanceExportMixin`` keeps in checkpoints and
+  exports) at the pre-processor's size, with the opt-in fast eval path set;
+* ``on_load_checkpoint``: once anomalib has restored the saved pre-processor, the anomaly map is re-sized to it;
+* ``learning_type`` (one-class), ``validation_step`` and ``trainer_arguments`` (no gradient clipping, no sanity
+  validation, ``max_epochs`` = the model's :attr:`~KDModelBase.training_epochs`).
+
+It has no ``__init__``: the models' constructors call anomalib's directly, so Lightning's ``save_hyperparameters``
+records their own arguments, as before.
+
+The argument checks of the constructors (:func:`check_at_least`, :func:`check_positive`, :func:`check_choice`) keep
+each model's wording, which users and tests match: AAND's ``"lr must be > 0, got 0.0"``, and with ``sentence=True``
+MemKD's ``"lr must be positive, got 0.0."``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from typing import Any, NoReturn
+
+from anomalib import LearningType
+from anomalib.data import Batch
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch import nn
+
+from .distributed import DistributedTrainingMixin
+from .export import ProvenanceExportMixin
+from .quantization import AnomalyMapPTQMixin
+
+
+# ------------------------------------------------------------------ argument checks
+def _fail(name: str, requirement: str, value: Any, sentence: bool) -> NoReturn:  # noqa: ANN401
+    msg = f"{name} must be {requirement}, got {value}{'.' if sentence else ''}"
+    raise ValueError(msg)
+
+
+def check_at_least(name: str, value: float, minimum: float, *, sentence: bool = False) -> None:
+    """Raise ``ValueError("<name> must be >= <minimum>, got <value>")`` unless ``value >= minimum``.
+
+    ``sentence=True`` words it ``"<name> must be at least <minimum>, got <value>."``.
+    """
+    if not value >= minimum:
+        _fail(name, f"at least {minimum}" if sentence else f">= {minimum}", value, sentence)
+
+
+def check_positive(name: str, value: float, *, sentence: bool = False) -> None:
+    """Raise ``ValueError("<name> must be > 0, got <value>")`` unless ``value > 0`` (NaN is not).
+
+    ``sentence=True`` words it ``"<name> must be positive, got <value>."``.
+    """
+    if not value > 0:
+        _fail(name, "positive" if sentence else "> 0", value, sentence)
+
+
+def check_choice(name: str, value: Any, choices: Collection[Any], *, sentence: bool = False) -> None:  # noqa: ANN401
+    """Raise ``ValueError("<name> must be one of <choices>, got <value!r>")`` unless ``value in choices``.
+
+    ``choices`` is shown as a tuple, in its order; ``sentence=True`` ends the message with a full stop.
+    """
+    if value not in choices:
+        _fail(name, f"one of {tuple(choices)}", repr(value), sentence)
+
+
+# ------------------------------------------------------------------ the Lightning base
+class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin):
+    """Lightning boilerplate shared by ``Aand`` and ``MemKD`` (see the module docstring); a base before AnomalibModule.
+
+    A model sets ``self.model`` (its torch model, from :meth:`build_network`) and defines :attr:`training_epochs`.
+    """
+
+    model: nn.Module
+
+    def require_input_size(self, message: str) -> tuple[int, int]:
+        """The pre-processor's output ``(H, W)``; ``ValueError(message)`` when it does not resize to a fixed size."""
+        if self.input_size is None:
+            raise ValueError(message)
+        return tuple(self.input_size)
+
+    def build_network(
+        self,
+        network: Callable[..., nn.Module],
+        backbone: str,
+        layers: Sequence[str],
+        pre_trained: bool,
+        backbone_weights: str | None,
+        fast_inference: bool,
+        **options: Any,  # noqa: ANN401
+    ) -> nn.Module:
+        """The torch model ``network(...)`` at the pre-processor's size (call :meth:`require_input_size` first).
+
+        ``backbone``, ``layers``, ``pre_trained`` and ``backbone_weights`` are the model's constructor arguments of
+        those names: ``network`` hands them to :func:`anomalib_kd_base.weights.build_teacher`, which builds the frozen
+        teacher and its provenance record (``network.teacher_provenance``). ``options`` are the network's own
+        arguments; the opt-in fast eval path is set to ``fast_inference``.
+        """
+        model = network(
+            backbone=backbone,
+            input_size=tuple(self.input_size),
+            layers=layers,
+            pre_trained=pre_trained,
+            backbone_weights=backbone_weights,
+            **options,
+        )
+        model.set_fast_inference(fast_inference)
+        return model
+
+    # ------------------------------------------------------------------ checkpoints
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the mixins' records and anomalib's components, then size the anomaly map like the pre-processor.
+
+        ``load_from_checkpoint`` builds the module with the default pre-processor (256 px) before anomalib restores
+        the saved one; without this the anomaly map of a model trained at another size would come out at 256 px.
+        """
+        super().on_load_checkpoint(checkpoint)
+        size = self.input_size
+        if size is not None and tuple(size) != tuple(self.model.input_size):
+            self.set_network_input_size(tuple(size))
+
+    def set_network_input_size(self, size: tuple[int, int]) -> None:
+        """Make the torch model produce anomaly maps of ``size``: ``self.model.input_size = size`` unless overridden."""
+        self.model.input_size = size
+
+    # ------------------------------------------------------------------ what anomalib asks of a model
+    @property
+    def training_epochs(self) -> int:
+        """The model's whole schedule in epochs (``max_epochs`` of its ``trainer_arguments``)."""
+        raise NotImplementedError
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """No gradient clipping, no sanity validation, :attr:`training_epochs` epochs.
+
+        anomalib's ``Engine`` gives a model's trainer arguments precedence over the user's, so the schedule is set by
+        the model's own arguments (see :func:`anomalib_kd_base.resume.install_schedule_warning`).
+        """
+        return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": self.training_epochs}
+
+    @property
+    def learning_type(self) -> LearningType:
+        """Both models learn from normal images only."""
+        return LearningType.ONE_CLASS
+
+    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+        """Anomaly maps and scores of a validation batch (the torch model's eval predictions)."""
+        del args, kwargs  # These variables are not used.
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+
+__all__ = ["KDModelBase", "check_at_least", "check_choice", "check_positive"]

@@ -1,0 +1,491 @@
+"""Ablation mode of ``anomalib-kd-benchmark quality``: which mechanism of AAND / MemKD moves which number.
+
+``anomalib-kd-benchmark quality --ablation aand|memkd|all`` trains, on the same data and seeds, the variants below (a
+variant is a model name plus constructor keyword overrides) and reports image AUROC, pixel AUROC and AUPRO as
+mean ± std over ``--seeds`` (0 1 2 by default here), plus the figures of the model's own
+``mechanism_report(test_dataloader)`` (AAND: the Fig. 8 residual energy ratio per level, the gate's false-positive
+rate, each level's share of the map; MemKD: the addressing figures of each memory). The figures are generic:
+whatever flat ``{name: float}`` the model returns is aggregated; a model without the method gives none.
+
+* Cells are ``(variant, category, seed)``; ``results.csv`` has a ``variant`` column next to ``model`` (the model
+  class), the constructor ``overrides`` and the ``mechanism`` figures (a JSON object), and resumes like the
+  benchmark's. ``run_config.json`` records the ablation, the defect families, the texture folder and the teacher.
+* A variant whose keyword the installed model's constructor does not accept is skipped and listed as skipped in
+  ``results.md`` (never run with the keyword silently dropped).
+* AAND's "as configured" variant reads textures (``anomaly_source_path``): ``--texture-dir`` (DTD's ``images``
+  folder), or with ``--generated`` a DTD-like folder written by :func:`anomalib_kd_tools.synthetic.make_texture_folder`
+  into ``--output``/textures. The ``no textures`` variant passes ``anomaly_source_path=None``.
+* ``--proxy-teacher`` (random-init backbones only): before fitting, the teacher's BatchNorm running statistics are
+  re-estimated on the cell's training images (:func:`anomalib_kd_tools.proxy.calibrate_batchnorm`), pre-processed like a
+  training batch. Every output calls this a "proxy teacher (random init, BN calibrated on training images)".
+* ``--defects`` picks the generated test set's defect families. The ablation default is families unlike AAND's
+  Perlin-texture synthesis: ``foreign`` and ``tint`` when the generator has them, else ``scratch`` and ``hole``.
+
+The variant lists follow the interface agreed with the model code (``INTERFACES``: AAND Sec. IV ablations, MemKD
+Tab. 4a plus the temperature and the L_NM reduction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import re
+import traceback
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomalib_kd_tools.benchmark import report
+
+PROXY_TEACHER = "proxy teacher (random init, BN calibrated on training images)"
+TEXTURES = "<texture-dir>"  # placeholder in a variant's overrides, replaced by the run's texture folder
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A model (class name as the benchmark builds it) with constructor keyword overrides."""
+
+    name: str
+    model: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self, texture_dir: str | None) -> dict[str, Any]:
+        return {k: (texture_dir if v == TEXTURES else v) for k, v in self.overrides.items()}
+
+
+ABLATIONS: dict[str, tuple[Variant, ...]] = {
+    "aand": (
+        Variant("AAND", "Aand", {"anomaly_source_path": TEXTURES}),
+        Variant("AAND stage1=0", "Aand", {"anomaly_source_path": TEXTURES, "stage1_epochs": 0}),
+        Variant("AAND no L_A", "Aand", {"anomaly_source_path": TEXTURES, "amplification_weight": 0.0}),
+        Variant("AAND no fg mask", "Aand", {"anomaly_source_path": TEXTURES, "foreground": "none"}),
+        Variant("AAND no textures", "Aand", {"anomaly_source_path": None}),
+    ),
+    "memkd": (
+        Variant("MemKD", "MemKD"),
+        Variant("MemKD no memory", "MemKD", {"use_memory": False}),
+        Variant("MemKD no NEL", "MemKD", {"lambda_nm": 0.0}),
+        Variant("MemKD tau=1", "MemKD", {"temperature": 1.0}),
+        Variant("MemKD L_NM sum", "MemKD", {"nm_reduction": "sum"}),
+        Variant("MemKD L_NM mean", "MemKD", {"nm_reduction": "mean"}),
+    ),
+}
+ABLATION_CHOICES = (*ABLATIONS, "all")
+RUN_CONFIG_DEFAULT_OFF = ("ablation", "proxy_teacher", "texture_dir", "texture_spec", "aand_foreground")
+UNLIKE_SYNTHESIS = (("foreign", "tint"), ("scratch", "hole"))  # preferred first, when the generator has them
+
+
+def variants_of(ablation: str) -> list[Variant]:
+    names = list(ABLATIONS) if ablation == "all" else [ablation]
+    return [v for name in names for v in ABLATIONS[name]]
+
+
+def ablation_of(variant: str) -> str:
+    return next(name for name, variants in ABLATIONS.items() if any(v.name == variant for v in variants))
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def model_class(model: str) -> type:
+    if model == "Aand":
+        from anomalib_aand import Aand
+
+        return Aand
+    if model == "MemKD":
+        from anomalib_memkd import MemKD
+
+        return MemKD
+    import anomalib.models
+
+    return getattr(anomalib.models, model)
+
+
+def missing_kwargs(variant: Variant, cls: type | None = None) -> list[str]:
+    """The override keywords the installed model's constructor does not accept (``**kwargs`` accepts all)."""
+    parameters = inspect.signature(cls or model_class(variant.model)).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return []
+    return [k for k in variant.overrides if k not in parameters]
+
+
+def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str, list[str]]]:
+    """``(runnable variants, {skipped variant: missing keywords})``."""
+    runnable, skipped = [], {}
+    for variant in variants:
+        missing = missing_kwargs(variant)
+        if missing:
+            skipped[variant.name] = missing
+        else:
+            runnable.append(variant)
+    return runnable, skipped
+
+
+def available_defects() -> tuple[str, ...]:
+    """Defect families of the installed generator: ``DEFECT_TYPES`` plus any other ``*DEFECT*`` name tuple."""
+    from anomalib_kd_tools import synthetic
+
+    found: list[str] = list(synthetic.DEFECT_TYPES)
+    for name, value in vars(synthetic).items():
+        if "DEFECT" in name.upper() and name != "DEFECT_TYPES" and isinstance(value, (tuple, list, frozenset, set)):
+            found += [v for v in value if isinstance(v, str) and v not in found]
+    return tuple(found)
+
+
+def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[str, ...]:
+    available = tuple(available_defects() if available is None else available)
+    for preferred in UNLIKE_SYNTHESIS:
+        chosen = tuple(d for d in preferred if d in available)
+        if chosen:
+            return chosen
+    return available
+
+
+def generator_fields() -> set[str]:
+    from anomalib_kd_tools.synthetic import SyntheticSpec
+
+    return {f.name for f in dataclasses.fields(SyntheticSpec)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("ablations and the proxy teacher")
+    group.add_argument(
+        "--ablation",
+        choices=ABLATION_CHOICES,
+        help="run the ablation variants of AAND / MemKD (or both) instead of --models; seeds default to 0 1 2",
+    )
+    group.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants of the ablation")
+    group.add_argument(
+        "--proxy-teacher",
+        action="store_true",
+        help=f"with --no-pre-trained: {PROXY_TEACHER} before fitting (never ImageNet)",
+    )
+    group.add_argument(
+        "--texture-dir",
+        type=Path,
+        help="texture images for AAND's synthesis (anomaly_source_path, e.g. ./datasets/dtd/images); with "
+        "--generated and --ablation a DTD-like folder is generated when not given",
+    )
+    group.add_argument(
+        "--aand-foreground",
+        help="AAND's foreground strategy for every AAND variant but 'no fg mask' (default: the model's default); "
+        "the generated product is a bright disc on a dark background: 'bright'",
+    )
+    group.add_argument(
+        "--defects",
+        nargs="+",
+        help="defect families of the generated test set (default: the generator's; with --ablation families unlike "
+        "AAND's synthesis: foreign/tint when available, else scratch/hole)",
+    )
+    group.add_argument("--product", help="product of the generated data (if the generator has a product option)")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Validate the ablation options and fill their run-dependent defaults (seeds, defects)."""
+    if args.seeds is None:
+        args.seeds = [0, 1, 2] if args.ablation else [0]
+    if args.proxy_teacher and args.pre_trained:
+        parser.error("--proxy-teacher calibrates a random-init teacher: add --no-pre-trained")
+    if not args.generated and (args.defects or args.product):
+        parser.error("--defects / --product describe generated data: use them with --generated")
+    if args.defects:
+        unknown = sorted(set(args.defects) - set(available_defects()))
+        if unknown:
+            parser.error(f"--defects: unknown {unknown}; the generator has {list(available_defects())}")
+    elif args.generated and args.ablation:
+        args.defects = list(default_ablation_defects())
+    if args.product and "product" not in generator_fields():
+        parser.error("--product: this anomalib_kd_tools.synthetic has no product option")
+    from anomalib_kd_tools import synthetic
+
+    products = getattr(synthetic, "PRODUCTS", None)
+    if args.product and products is not None and args.product not in products:
+        parser.error(f"--product {args.product}: the generator has {list(products)}")
+    if args.variants:
+        if not args.ablation:
+            parser.error("--variants selects variants of an --ablation")
+        unknown = sorted(set(args.variants) - {v.name for v in variants_of(args.ablation)})
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; --ablation {args.ablation} has "
+                         f"{[v.name for v in variants_of(args.ablation)]}")
+    if args.texture_dir is not None and not args.texture_dir.is_dir():
+        parser.error(f"--texture-dir {args.texture_dir}: not a folder")
+    needs_textures = args.ablation in {"aand", "all"}
+    if needs_textures and args.texture_dir is None and not args.generated:
+        parser.error("--ablation aand runs AAND as configured, with textures: give --texture-dir (DTD's images)")
+
+
+def plan(args: argparse.Namespace, output: Path) -> tuple[list[Variant], dict[str, list[str]], dict[str, Any]]:
+    """Variants to run, variants skipped (missing keywords) and the run-config entries of these options."""
+    texture_dir, texture_spec = None, None
+    if args.texture_dir is not None:
+        texture_dir = str(args.texture_dir.resolve())
+    elif args.ablation in {"aand", "all"}:
+        texture_spec = {"n_classes": 5, "n_per_class": 6, "size": args.image_size, "seed": 0}
+        texture_dir = str((output / "textures").resolve())
+    if args.ablation:
+        chosen = [v for v in variants_of(args.ablation) if not args.variants or v.name in args.variants]
+        variants, skipped = split_runnable(chosen)
+    else:
+        variants, skipped = [Variant(m, m) for m in args.models], {}
+    if args.aand_foreground:
+        variants = [
+            Variant(v.name, v.model, {"foreground": args.aand_foreground, **v.overrides}) if v.model == "Aand" else v
+            for v in variants
+        ]
+    config = {
+        "ablation": args.ablation,
+        "proxy_teacher": bool(args.proxy_teacher),
+        "texture_dir": texture_dir,
+        "texture_spec": texture_spec,
+        "aand_foreground": args.aand_foreground,
+    }
+    return variants, skipped, config
+
+
+def generated_extras(args: argparse.Namespace) -> dict[str, Any]:
+    """Generator options beyond the benchmark's original ones (only when given, so old run configs still match)."""
+    extras: dict[str, Any] = {}
+    if args.defects:
+        extras["defects"] = list(args.defects)
+    if args.product:
+        extras["product"] = args.product
+    return extras
+
+
+def write_textures(config: dict[str, Any]) -> None:
+    """Write the generated texture folder unless the same one is already there."""
+    spec = config.get("texture_spec")
+    if not spec:
+        return
+    from anomalib_kd_tools.synthetic import make_texture_folder
+
+    root = Path(config["texture_dir"])
+    marker = root / "textures.json"
+    if not marker.exists() or json.loads(marker.read_text(encoding="utf-8")) != spec:
+        make_texture_folder(root, **spec)
+        marker.write_text(json.dumps(spec), encoding="utf-8")
+
+
+def teacher_label(config: dict[str, Any]) -> str:
+    if config.get("proxy_teacher"):
+        return PROXY_TEACHER
+    return "ImageNet (pre-trained)" if config.get("pre_trained") else "random init (no pre-trained weights)"
+
+
+# ---------------------------------------------------------------------------------------------- in the cell
+def teacher_network(model: Any) -> Any:  # noqa: ANN401
+    """The frozen teacher network of an anomalib module: Aand / MemKD / RD ``model.encoder``, Patchcore
+    ``model.feature_extractor``; inside anomalib's ``TimmFeatureExtractor`` the timm network itself, because the
+    extractor's ``forward`` switches a frozen network to eval mode, where BatchNorm would not collect statistics."""
+    from torch import nn
+
+    torch_model = model.model
+    teacher = getattr(torch_model, "encoder", None)
+    if teacher is None:
+        teacher = getattr(torch_model, "feature_extractor", None)
+    if not isinstance(teacher, nn.Module):
+        msg = f"{type(model).__name__}: no teacher found (model.encoder / model.feature_extractor)"
+        raise TypeError(msg)
+    inner = getattr(teacher, "feature_extractor", None)
+    return inner if isinstance(inner, nn.Module) else teacher
+
+
+def calibrate_proxy_teacher(model: Any, dataset: Any, batch_size: int) -> int:  # noqa: ANN401
+    """BatchNorm statistics of the teacher re-estimated on all training images, pre-processed like training
+    batches (``model.pre_processor.transform``). Reads the dataset in index order without a DataLoader, so the
+    seeded random streams of the fit are not consumed. Returns the number of images."""
+    import torch
+
+    from anomalib_kd_tools.proxy import calibrate_batchnorm
+
+    def batches():  # noqa: ANN202
+        for start in range(0, len(dataset), batch_size):
+            images = torch.stack([dataset[i].image for i in range(start, min(start + batch_size, len(dataset)))])
+            images = images.float()
+            if images.shape[1] == 1:
+                images = images.expand(-1, 3, -1, -1)
+            yield model.pre_processor.transform(images[:, :3])
+
+    return calibrate_batchnorm(teacher_network(model), batches())
+
+
+def mechanism_figures(model: Any, dataloader: Any) -> tuple[dict[str, float], str]:  # noqa: ANN401
+    """``(figures, status)`` of ``model.mechanism_report(dataloader)`` in eval mode under ``no_grad``.
+
+    ``status`` is ``ok``, ``absent`` (the model has no such method) or ``error: ...`` (the traceback goes to the
+    cell's log; the cell's metrics are kept). Non-numeric values are dropped.
+    """
+    import torch
+
+    report = getattr(model, "mechanism_report", None)
+    if not callable(report):
+        return {}, "absent"
+    model.eval()
+    try:
+        with torch.no_grad():
+            raw = report(dataloader)
+    except Exception as error:  # noqa: BLE001 - reported in the results, the metrics of the cell stay valid
+        traceback.print_exc()
+        return {}, f"error: {type(error).__name__}: {error}"[:300]
+    figures = {}
+    for key, value in dict(raw or {}).items():
+        try:
+            figures[str(key)] = float(value)
+        except (TypeError, ValueError):
+            continue
+    return figures, "ok"
+
+
+# ---------------------------------------------------------------------------------------------- the report
+def _figures(row: dict[str, Any]) -> dict[str, float]:
+    text = row.get("mechanism") or ""
+    if not text:
+        return {}
+    return {k: (math.nan if v is None else float(v)) for k, v in json.loads(text).items()}
+
+
+def summarise(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
+    """Per (variant, category): mean / std / n over seeds of the metrics and of every mechanism figure."""
+    from anomalib_kd_tools.benchmark.job import NUMERIC
+
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["variant"], row["category"]), []).append(row)
+    order = {name: i for i, name in enumerate(variants)}
+    out = []
+    for (variant, category), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
+        figures = [_figures(r) for r in members]
+        keys = sorted({k for f in figures for k in f}, key=_natural)
+        out.append(
+            {
+                "variant": variant,
+                "category": category,
+                "seeds": sorted(int(r["seed"]) for r in members),
+                "schedule": members[0].get("schedule", ""),
+                "status": sorted({str(r.get("mechanism_status", "")) for r in members}),
+                **{k: report.mean_std(r[k] for r in members) for k in NUMERIC},
+                "figures": {k: report.mean_std(f.get(k, math.nan) for f in figures) for k in keys},
+            },
+        )
+    return out
+
+
+def _natural(key: str) -> list[Any]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
+
+
+def write_markdown(
+    path: Path,
+    rows: Sequence[dict[str, Any]],
+    config: dict[str, Any],
+    variants: Sequence[Variant],
+    skipped: dict[str, list[str]],
+) -> str:
+    """``results.md`` of an ablation run: per ablation a metrics table and a mechanism-figures table."""
+    from anomalib_kd_tools.benchmark import quality_report  # imported here: quality_report imports this module
+
+
+    seeds = sorted({int(r["seed"]) for r in rows})
+    spec = config.get("generated_spec") or {}
+    lines = report.header(
+        f"Ablation ({config.get('ablation')}): same data, same seeds",
+        quality_report.hardware_line(rows),
+        quality_report.finished_line(rows),
+        [
+            f"Dataset: {quality_report.dataset_line(rows, config)}",
+            f"Test defects: {', '.join(spec.get('defects', [])) or 'the dataset’s own'}"
+            + (f"; product: {spec['product']}" if spec.get("product") else ""),
+            f"Teacher: **{teacher_label(config)}**; backbone {config.get('backbone') or 'model default'}; image size "
+            f"{config.get('image_size')} px; batch size {config.get('batch_size')}; seeds: {', '.join(map(str, seeds))}",
+            f"AAND textures (`anomaly_source_path`): {_texture_line(config)}; AAND foreground: "
+            f"{config.get('aand_foreground') or 'model default'}",
+            "Values: mean ± sample std over seeds; metrics on the raw scores of the test images outside the "
+            "validation split",
+        ],
+    )
+    by_ablation: dict[str, list[Variant]] = {}
+    for variant in variants:
+        by_ablation.setdefault(ablation_of(variant.name), []).append(variant)
+    for name in ABLATIONS:
+        listed = [v.name for v in by_ablation.get(name, [])]
+        skipped_here = {v.name: skipped[v.name] for v in ABLATIONS[name] if v.name in skipped}
+        if not listed and not skipped_here:
+            continue
+        summaries = summarise([r for r in rows if r["variant"] in listed], listed)
+        overrides = {v.name: v.overrides for v in variants}
+        lines += [
+            f"## {name}: metrics",
+            "",
+            "| variant | overrides | category | seeds | image AUROC | pixel AUROC | AUPRO | schedule | train s |",
+            "|" + "---|" * 9,
+        ]
+        for s in summaries:
+            lines.append(
+                f"| {s['variant']} | {_overrides(overrides.get(s['variant'], {}))} | {s['category']} | "
+                f"{len(s['seeds'])} | "
+                + " | ".join(report.format_mean_std(s[m]) for m in ("image_auroc", "pixel_auroc", "aupro"))
+                + f" | {s['schedule']} | {report.format_mean_std(s['train_time_s'], 1)} |"
+            )
+        for variant, missing in skipped_here.items():
+            lines.append(f"| {variant} | skipped: the constructor has no `{'`, `'.join(missing)}` | | | | | | | |")
+        keys = sorted({k for s in summaries for k in s["figures"]}, key=_natural)
+        lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
+        if keys:
+            lines += [
+                "| variant | category | " + " | ".join(keys) + " |",
+                "|" + "---|" * (len(keys) + 2),
+            ]
+            for s in summaries:
+                cells = [report.format_mean_std(s["figures"].get(k, (math.nan, math.nan, 0))) for k in keys]
+                lines.append(f"| {s['variant']} | {s['category']} | " + " | ".join(cells) + " |")
+        notes = {f"{s['variant']}: {', '.join(x for x in s['status'] if x != 'ok')}" for s in summaries}
+        notes = sorted(n for n in notes if not n.endswith(": "))
+        if not keys:
+            lines.append("No figures: the model has no `mechanism_report` or it returned none.")
+        if notes:
+            lines += ["", "Status: " + "; ".join(notes)]
+        lines.append("")
+    lines += [
+        "## Raw rows (results.csv)",
+        "",
+        "| variant | category | seed | image AUROC | pixel AUROC | AUPRO | train s | mechanism |",
+        "|" + "---|" * 8,
+    ]
+    for r in sorted(rows, key=lambda r: (r["variant"], r["category"], r["seed"])):
+        lines.append(
+            f"| {r['variant']} | {r['category']} | {r['seed']} | "
+            + " | ".join(report.fmt(r[m]) for m in ("image_auroc", "pixel_auroc", "aupro"))
+            + f" | {report.fmt(r['train_time_s'], 1)} | {r.get('mechanism_status', '')} |"
+        )
+    if config.get("dataset_kind") == "generated":
+        lines += [
+            "",
+            f"Generated data and a {teacher_label(config)}: these numbers test whether each mechanism moves the "
+            "metrics on this data; they are not the papers' MVTec AD / VisA results.",
+        ]
+    return report.write_text(path, lines)
+
+
+def _texture_line(config: dict[str, Any]) -> str:
+    if config.get("texture_spec"):
+        return f"generated DTD-like folder (`make_texture_folder`, {config['texture_spec']}) - not DTD"
+    return f"`{config['texture_dir']}`" if config.get("texture_dir") else "none"
+
+
+def _overrides(overrides: dict[str, Any]) -> str:
+    shown = {k: ("<textures>" if v == TEXTURES else v) for k, v in overrides.items()}
+    return ", ".join(f"`{k}={v!r}`" for k, v in shown.items()) or "defaults"
+
+
+__all__ = [
+    "ABLATIONS",
+    "PROXY_TEACHER",
+    "Variant",
+    "calibrate_proxy_teacher",
+    "mechanism_figures",
+    "teacher_network",
+    "variants_of",
+]

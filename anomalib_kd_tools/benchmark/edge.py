@@ -1,0 +1,356 @@
+"""Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side.
+
+For each of Aand, MemKD, ReverseDistillation and Patchcore (same backbone, same generated data, same seed) the
+script trains briefly, exports the *whole* AnomalibModule (pre-processing + model + post-processing) to ONNX and
+OpenVINO, and measures on this machine's CPU:
+
+* latency at batch size 1 (p50 / p95 over ``--runs`` timed calls after warm-up) and throughput at batch size
+  ``--throughput-batch`` (images/s), and
+* image AUROC on the generated test split,
+
+for these back-ends: ``torch`` (eager fp32, ``torch.inference_mode``), ``ov-fp32`` (OpenVINO FP32 IR run with
+``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF post-training
+quantization calibrated on the training images with the anomaly-map head kept in float,
+:func:`anomalib_kd_base.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
+with OpenVINO's default precision hint: bf16 on CPUs that support it - what a user gets without asking).
+
+It prints a markdown table with the ratios the export issue targets: latency of Aand and MemKD relative to RD in the same back-end, and INT8 speed-up and AUROC drop
+relative to OpenVINO FP32. Results on generated data with random-init backbones measure speed and numerical
+agreement, not detection quality. The table is written through :mod:`.report` into ``--output``: ``edge.md`` (the
+report header, then the table), ``edge.csv``, ``edge.png`` (latency and image AUROC per back-end) and ``edge.json``.
+
+Examples::
+
+    anomalib-kd-benchmark edge                                  # 256 px, wide_resnet50_2, random init
+    anomalib-kd-benchmark edge --quick --output /tmp/edge       # tiny smoke run (resnet18, 64 px)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from anomalib_kd_tools.benchmark import report
+
+if TYPE_CHECKING:
+    import numpy as np
+
+MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
+BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+DESCRIPTION = "Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
+    parser.add_argument("--backbone", default="wide_resnet50_2", help="same architecture for all four models")
+    parser.add_argument("--pre-trained", action="store_true", help="ImageNet weights (needs them locally or network)")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=24)
+    parser.add_argument("--n-test-good", type=int, default=10)
+    parser.add_argument("--n-test-per-defect", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=3, help="RD and MemKD epochs; AAND gets 1 + (epochs - 1)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=20, help="timed bs1 calls per back-end")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--throughput-batch", type=int, default=16)
+    parser.add_argument("--throughput-runs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", type=Path, default=Path("results/edge"))
+    parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, tiny data and few runs (smoke test)")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:  # noqa: ARG001
+    """``--quick``: the tiny smoke-test settings."""
+    if args.quick:
+        args.backbone, args.image_size, args.n_train, args.n_test_good, args.n_test_per_defect = "resnet18", 64, 8, 4, 2
+        args.epochs, args.batch_size, args.runs, args.warmup = 2, 4, 3, 1
+        args.throughput_batch, args.throughput_runs = 4, 1
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``anomalib-kd-benchmark edge`` (``argv`` without the subcommand)."""
+    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
+
+    return parse(["edge", *(sys.argv[1:] if argv is None else argv)])
+
+
+def build_model(name: str, args: argparse.Namespace):
+    from anomalib.pre_processing import PreProcessor
+    from torchvision.transforms.v2 import Compose, Normalize, Resize
+
+    size = (args.image_size, args.image_size)
+    pre_processor = PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    common = {"backbone": args.backbone, "pre_trained": args.pre_trained, "pre_processor": pre_processor}
+    if name == "Aand":
+        from anomalib_aand import Aand
+
+        return Aand(**common, stage1_epochs=1, stage2_epochs=max(1, args.epochs - 1)), {}
+    if name == "MemKD":
+        from anomalib_memkd import MemKD
+
+        return MemKD(**common, epochs=args.epochs, num_exemplars=min(16, args.n_train)), {}
+    if name == "ReverseDistillation":
+        from anomalib.models import ReverseDistillation
+
+        return ReverseDistillation(**common), {"max_epochs": args.epochs}
+    from anomalib.models import Patchcore
+
+    layers = ("layer2", "layer3")
+    return Patchcore(**common, layers=layers, coreset_sampling_ratio=0.1), {}
+
+
+def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    import numpy as np
+    from PIL import Image
+
+    paths = sorted((root / category / split).rglob("*.png"))
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 for p in paths])
+    labels = np.array([p.parent.name != "good" for p in paths])
+    return images, labels
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def time_calls(call, batch: np.ndarray, runs: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        call(batch)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call(batch)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def measure(call, scores_of, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    single = images[:1]
+    latencies = time_calls(call, single, args.runs, args.warmup)
+    batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
+    batch_times = time_calls(call, batch, args.throughput_runs, 1)
+    scores = np.concatenate([scores_of(call(images[i : i + 1])) for i in range(len(images))])
+    return {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "p95_ms": 1000 * percentile(latencies, 95),
+        "throughput": args.throughput_batch / statistics.median(batch_times),
+        "image_auroc": float(roc_auc_score(labels, scores)),
+    }
+
+
+def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> list[dict]:
+    import openvino as ov
+    import torch
+    from lightning.pytorch import seed_everything
+
+    from anomalib_kd_base.quantization import calibration_batches, quantize_model
+    from anomalib_kd_tools.fit import cpu_engine, folder_datamodule
+
+    seed_everything(args.seed, workers=True)
+    model, engine_kwargs = build_model(name, args)
+    datamodule = folder_datamodule(data_root, "widget", args.batch_size, args.seed)
+    engine = cpu_engine(work / name, enable_progress_bar=False, **engine_kwargs)
+    start = time.perf_counter()
+    engine.fit(model, datamodule=datamodule)
+    fit_s = time.perf_counter() - start
+    model.eval()
+    images, labels = load_split(data_root, "widget", "test")
+    train_images, _ = load_split(data_root, "widget", "train")
+    size = (args.image_size, args.image_size)
+    params = sum(p.numel() for p in model.model.parameters())
+    rows = []
+
+    def record(backend: str, call, scores_of) -> None:
+        try:
+            metrics = measure(call, scores_of, images, labels, args)
+        except Exception as error:  # noqa: BLE001 - one failing back-end must not lose the other rows
+            print(f"  {name:<20} {backend:<10} FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
+            nan = float("nan")
+            metrics = {"p50_ms": nan, "p95_ms": nan, "throughput": nan, "image_auroc": nan}
+        rows.append({"model": name, "backend": backend, "params_M": params / 1e6, "fit_s": fit_s, **metrics})
+        print(f"  {name:<20} {backend:<10} p50 {metrics['p50_ms']:8.1f} ms  p95 {metrics['p95_ms']:8.1f} ms  "
+              f"{metrics['throughput']:7.1f} img/s  AUROC {metrics['image_auroc']:.3f}", flush=True)  # fmt: skip
+
+    if "torch" in args.backends:
+
+        @torch.inference_mode()
+        def torch_call(batch: np.ndarray):
+            return model(torch.from_numpy(batch))
+
+        record("torch", torch_call, lambda out: out.pred_score.reshape(-1).float().numpy())
+
+    ov_backends = [b for b in args.backends if b.startswith("ov-")]
+    if ov_backends:
+        with tempfile.TemporaryDirectory() as tmp:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                onnx_path = model.to_onnx(tmp, input_size=size)
+            core = ov.Core()
+            variants = {}
+            if {"ov-fp32", "ov-default"} & set(ov_backends):
+                variants["fp32"] = ov.convert_model(str(onnx_path))
+            if "ov-fp16" in ov_backends:
+                fp16_path = Path(tmp) / "fp16.xml"
+                ov.save_model(ov.convert_model(str(onnx_path)), fp16_path, compress_to_fp16=True)
+                variants["fp16"] = core.read_model(str(fp16_path))
+            if "ov-int8" in ov_backends:
+                calibration = calibration_batches([torch.from_numpy(train_images)], size)
+                try:
+                    variants["int8"] = quantize_model(onnx_path, calibration)
+                except Exception as error:  # noqa: BLE001 - reported as a failed row
+                    print(f"  {name:<20} INT8 quantization FAILED: {type(error).__name__}: {str(error)[:300]}")
+                    ov_backends = [b for b in ov_backends if b != "ov-int8"]
+            for backend in ov_backends:
+                variant = "fp32" if backend == "ov-default" else backend[3:]
+                config = {} if backend == "ov-default" else {"INFERENCE_PRECISION_HINT": "f32"}
+                call = OpenVINOCall(core, variants[variant], config)
+                record(backend, call, lambda out: out["pred_score"].reshape(-1))
+    return rows
+
+
+class OpenVINOCall:
+    """Compiled model per batch size. An export whose batch dimension came out static (anomalib's Patchcore export
+    can specialise it) is reshaped to the batch size asked for; outputs are returned by name."""
+
+    def __init__(self, core, model, config: dict) -> None:
+        self.core, self.model, self.config, self.compiled = core, model, config, {}
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        size = batch.shape[0]
+        if size not in self.compiled:
+            model = self.model
+            batch_dim = model.input(0).get_partial_shape()[0]
+            if batch_dim.is_static and batch_dim.get_length() != size:
+                model = model.clone()
+                model.reshape({model.input(0).any_name: list(batch.shape)})
+            self.compiled[size] = self.core.compile_model(model, "CPU", self.config)
+        compiled = self.compiled[size]
+        result = compiled(batch)
+        return {output.any_name: result[output] for output in compiled.outputs}
+
+
+def add_ratios(rows: list[dict]) -> None:
+    by_key = {(r["model"], r["backend"]): r for r in rows}
+    for row in rows:
+        rd = by_key.get(("ReverseDistillation", row["backend"]))
+        row["latency_vs_rd"] = row["p50_ms"] / rd["p50_ms"] if rd else float("nan")
+        fp32 = by_key.get((row["model"], "ov-fp32"))
+        row["speedup_vs_ov_fp32"] = fp32["p50_ms"] / row["p50_ms"] if fp32 else float("nan")
+        row["auroc_drop_vs_ov_fp32"] = fp32["image_auroc"] - row["image_auroc"] if fp32 else float("nan")
+
+
+COLUMNS = [
+    ("model", "model", "{}"),
+    ("backend", "back-end", "{}"),
+    ("p50_ms", "bs1 p50 ms", "{:.1f}"),
+    ("p95_ms", "bs1 p95 ms", "{:.1f}"),
+    ("throughput", "img/s (bs{tb})", "{:.1f}"),
+    ("latency_vs_rd", "latency / RD", "{:.2f}"),
+    ("speedup_vs_ov_fp32", "speed-up vs ov-fp32", "{:.2f}"),
+    ("image_auroc", "image AUROC", "{:.3f}"),
+    ("auroc_drop_vs_ov_fp32", "AUROC drop vs ov-fp32", "{:+.3f}"),
+    ("params_M", "params (M)", "{:.1f}"),
+    ("fit_s", "fit s", "{:.0f}"),
+]
+
+
+def markdown(rows: list[dict], args: argparse.Namespace, header: Sequence[str]) -> str:
+    names = [title.format(tb=args.throughput_batch) for _, title, _ in COLUMNS]
+    lines = [*header, *report.table(names, ([fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows))]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, rows: list[dict], title: str) -> None:
+    """``edge.png``: bs1 p50 latency (log scale) and image AUROC per back-end, one bar per model."""
+    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    by_key = {(r["model"], r["backend"]): r for r in rows}
+    nan = float("nan")
+
+    def series(key: str) -> dict[str, list[tuple[float, float]]]:
+        return {m: [(by_key[(m, b)][key] if (m, b) in by_key else nan, nan) for b in backends] for m in models}
+
+    panels = [
+        report.Bars(backends, series("p50_ms"), "latency, batch 1, p50 (ms, log scale)", log=True),
+        report.Bars(backends, series("image_auroc"), "image AUROC", ylim=(0, 1.05)),
+    ]
+    report.write_png(path, panels, title)
+
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    data_root = args.output / "data"
+    if not (data_root / "widget").exists():
+        make_mvtec_like_dataset(
+            data_root,
+            category="widget",
+            image_size=args.image_size,
+            n_train=args.n_train,
+            n_test_good=args.n_test_good,
+            n_test_per_defect=args.n_test_per_defect,
+            seed=args.seed,
+        )
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory() as work:
+        for name in args.models:
+            print(f"[{name}] training and measuring ...", flush=True)
+            rows.extend(benchmark_model(name, args, data_root, Path(work)))
+    add_ratios(rows)
+    n_test = len(list((data_root / "widget" / "test").rglob("*.png")))
+    table = write_tables(args.output, rows, args, argv, n_test)
+    print("\n" + table)
+    return 0
+
+
+def write_tables(output: Path, rows: list[dict], args: argparse.Namespace, argv: Sequence[str], n_test: int) -> str:
+    """``edge.md`` (report header + table), ``edge.csv``, ``edge.png`` and ``edge.json`` in ``output``."""
+    import torch
+
+    weights = "ImageNet" if args.pre_trained else "random init"
+    setting = (
+        f"{args.backbone} ({weights}), {args.image_size} px, generated data ({args.n_train} train / {n_test} test "
+        f"images), seed {args.seed}; bs1 over {args.runs} runs, throughput at batch {args.throughput_batch}"
+    )
+    hardware = report.hardware(threads=torch.get_num_threads())
+    header = report.header(
+        "Edge benchmark: CPU latency, throughput and image AUROC per precision",
+        hardware,
+        report.today(),
+        [f"Setting: {setting}"],
+        command=" ".join(["anomalib-kd-benchmark", "edge", *argv]),
+    )
+    table = markdown(rows, args, header)
+    (output / "edge.md").write_text(table, encoding="utf-8")
+    report.write_csv(output / "edge.csv", rows)
+    plot(output / "edge.png", rows, f"{setting} - {hardware}")
+    (output / "edge.json").write_text(json.dumps({"header": "\n".join(header), "rows": rows}, indent=2))
+    return table

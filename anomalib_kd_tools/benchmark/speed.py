@@ -1,0 +1,546 @@
+"""Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run.
+
+Training (one process per configuration, so that each peak-memory figure is its own):
+
+* ``rd``            anomalib ReverseDistillation training step (KD loss, Adam on bottleneck + decoder)
+* ``aand-s1``       AAND stage 1, exact ``L_A`` over every (anomalous, normal) patch pair of the batch (streamed)
+* ``aand-s1-sub``   AAND stage 1, ``amplification_pairs="subsample"`` (1000 x 5000 patches, the reference's caps)
+* ``aand-s2``       AAND stage 2 (KD + hard KD)
+* ``memkd``         MemKD step including the teacher forward of the N exemplar images
+
+Per configuration: median step time over ``--steps`` steps after one warm-up step, and peak memory - on CUDA
+``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set size (``ru_maxrss``) minus the resident
+size just before the first step, i.e. what the training step itself adds (weights and libraries excluded). The AAND
+stage-1 rows also give the share of the step spent in anomaly synthesis, and the exact vs subsampled ``L_A`` values on
+the same features.
+
+Derived, with the targets of the speed issue:
+
+* AAND stage-1 peak memory / RD (target <= 1.5)
+* whole AAND schedule (100 stage-1 + 120 stage-2 epochs) / RD's 200 epochs, from per-step times (target <= 1.3)
+* MemKD epoch / RD epoch (target <= 1.5)
+
+Inference (eval mode, the torch model = what runs between pre- and post-processing): latency at bs1 and bs16 for
+RD, AAND, MemKD in eager float32 (targets: AAND <= 1.10 x RD, MemKD <= its FLOP ratio to RD), timed in alternating
+rounds (one call per model per round, the order rotated) so that the ratios to RD hold on a loaded machine, with ``fast_inference=True``
+(autocast bf16 on CPU / fp16 on CUDA + channels-last; anomaly map compared with float32), and OpenVINO FP32
+(``INFERENCE_PRECISION_HINT=f32``) on CPU. The ``fast`` rows are the models' opt-in fast eval path
+(:mod:`anomalib_kd_base.fast`); there is no option for them, they are timed whenever a model has the path.
+
+The tables are written through :mod:`.report` into ``--output``: ``speed.md`` (the report header, then the
+tables), ``speed_train.csv`` / ``speed_inference.csv``, ``speed.png`` (step time, peak memory, bs1 latency) and
+``speed.json`` (all rows and the derived ratios).
+
+Examples::
+
+    anomalib-kd-benchmark speed                       # 256 px, bs 16, wide_resnet50_2 (random init)
+    anomalib-kd-benchmark speed --quick               # smoke run: resnet18, 64 px, bs 4
+    anomalib-kd-benchmark speed --only inference      # skip the training part
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+import torch
+
+from anomalib_kd_tools.benchmark import report
+
+TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
+INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
+
+
+DESCRIPTION = "Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backbone", default="wide_resnet50_2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--exemplars", type=int, default=16, help="MemKD's N")
+    parser.add_argument("--steps", type=int, default=3, help="timed training steps per configuration")
+    parser.add_argument("--runs", type=int, default=10, help="timed inference calls per configuration")
+    parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    parser.add_argument("--only", choices=("train", "inference"), default=None)
+    parser.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
+    parser.add_argument("--output", type=Path, default=Path("results/speed"))
+    parser.add_argument("--models", nargs="+", default=list(INFERENCE_MODELS), choices=INFERENCE_MODELS,
+                        help="inference models (ReverseDistillation is always timed: the ratios are to it)")
+    parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO inference rows")
+    parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, bs 4, 1 step (smoke test)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:  # noqa: ARG001
+    """``--quick``: the tiny smoke-test settings; ``--device`` defaults to CUDA when available."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.quick:
+        args.backbone, args.image_size, args.batch_size, args.exemplars, args.steps, args.runs = (
+            "resnet18", 64, 4, 4, 1, 3
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``anomalib-kd-benchmark speed`` (``argv`` without the subcommand)."""
+    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
+
+    return parse(["speed", *(sys.argv[1:] if argv is None else argv)])
+
+
+def hardware(device: str) -> str:
+    if device.startswith("cuda"):
+        return report.hardware([torch.cuda.get_device_name(0)])
+    return report.hardware(threads=torch.get_num_threads())
+
+
+def rss_bytes() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+
+
+def pre_processor(cls, size: int):
+    return cls.configure_pre_processor(image_size=(size, size))
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------------------------- training (child)
+def build_step(config: str, args: argparse.Namespace, device: torch.device):
+    """Return ``(step, extra)`` where ``step(images)`` runs one optimisation step."""
+    common = {"backbone": args.backbone, "pre_trained": False}
+    if config == "rd":
+        from anomalib.models import ReverseDistillation
+        from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
+
+        module = ReverseDistillation(**common, pre_processor=pre_processor(ReverseDistillation, args.image_size))
+        module.to(device).train()
+        loss_fn = ReverseDistillationLoss()
+        optimizer = torch.optim.Adam(
+            [*module.model.bottleneck.parameters(), *module.model.decoder.parameters()], lr=0.005, betas=(0.5, 0.999)
+        )
+
+        def step(images: torch.Tensor) -> None:
+            loss = loss_fn(*module.model(images))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step, {}
+
+    if config.startswith("aand"):
+        from anomalib_aand import Aand
+
+        pairs = "subsample" if config == "aand-s1-sub" else "exact"
+        module = Aand(**common, amplification_pairs=pairs, pre_processor=pre_processor(Aand, args.image_size))
+        module.to(device).train()
+        module.model.encoder.eval()
+        stage = 1 if config.startswith("aand-s1") else 2
+        module._set_trainable(stage)  # noqa: SLF001 - what the Lightning hook does at the stage's first epoch
+        params = module.model.raa.parameters() if stage == 1 else [
+            *module.model.bottleneck.parameters(), *module.model.decoder.parameters()
+        ]  # fmt: skip
+        optimizer = torch.optim.Adam(params, lr=0.005, betas=(0.5, 0.999))
+        losses_of = module.stage1_losses if stage == 1 else module.stage2_losses
+        extra: dict = {"synthesis_s": []}
+
+        def step(images: torch.Tensor) -> None:
+            if stage == 1:
+                mean, std = module._normalisation(images)  # noqa: SLF001
+                sync(device)
+                start = time.perf_counter()
+                module.synthesizer((images * std + mean).clamp(0, 1))
+                sync(device)
+                extra["synthesis_s"].append(time.perf_counter() - start)
+            losses = losses_of(images)
+            optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            optimizer.step()
+
+        extra["module"] = module
+        return step, extra
+
+    from anomalib_memkd import MemKD
+
+    module = MemKD(**common, num_exemplars=args.exemplars, pre_processor=pre_processor(MemKD, args.image_size))
+    module.to(device).train()
+    optimizer = module.configure_optimizers()
+    exemplars = torch.randn(args.exemplars, 3, args.image_size, args.image_size, device=device)
+
+    def step(images: torch.Tensor) -> None:
+        outputs = module.model(images, exemplars)
+        losses = module.loss(
+            outputs.teacher_features, outputs.student_features, module.model.memories, outputs.exemplar_features
+        )
+        optimizer.zero_grad(set_to_none=True)
+        losses.loss.backward()
+        optimizer.step()
+
+    return step, {}
+
+
+def amplification_modes(module, images: torch.Tensor, draws: int = 5) -> dict[str, float]:
+    """Exact vs subsampled ``L_A`` on the same synthetic batch and features."""
+    from anomalib_aand.loss import amplification_loss
+
+    with torch.no_grad():
+        mean, std = module._normalisation(images)  # noqa: SLF001
+        augmented, mask, _ = module.synthesizer((images * std + mean).clamp(0, 1))
+        vanilla = module.model.teacher_features((augmented - mean) / std)
+        sizes = [tuple(f.shape[-2:]) for f in vanilla]
+        anomalous = [module.level_labels(mask, s) for s in sizes]
+        advanced = module.model.amplify(vanilla, [a.to(vanilla[0].dtype) for a in anomalous])[0]
+        normal = [~a for a in anomalous]
+        margin = module.amplification_loss.margin
+
+        def total(mode: str) -> float:
+            return float(sum(amplification_loss(ad, va, an, no, margin, mode) for ad, va, an, no in zip(
+                advanced, vanilla, anomalous, normal, strict=True)))  # fmt: skip
+
+        exact = total("exact")
+        subsampled = [total("subsample") for _ in range(draws)]
+    return {
+        "l_a_exact": exact,
+        "l_a_subsample_mean": statistics.mean(subsampled),
+        "l_a_subsample_std": statistics.pstdev(subsampled),
+        "anomalous_patches": int(sum(int(a.sum()) for a in anomalous)),
+    }
+
+
+def run_child(config: str, args: argparse.Namespace) -> dict:
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device)
+    step, extra = build_step(config, args, device)
+    images = torch.rand(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    module = extra.pop("module", None)
+    if module is not None:  # AAND normalises like the pre-processor
+        mean, std = module._normalisation(images)  # noqa: SLF001
+        images = (images - mean) / std
+    step(images)  # warm-up (allocator, oneDNN / cuDNN kernels)
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    baseline = rss_bytes()
+    times = []
+    for _ in range(args.steps):
+        start = time.perf_counter()
+        step(images)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    result = {"config": config, "step_s": statistics.median(times)}
+    if device.type == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        result["peak_bytes"] = max(0, peak_rss_bytes() - baseline)
+    if extra.get("synthesis_s"):
+        result["synthesis_s"] = statistics.median(extra["synthesis_s"][1:] or extra["synthesis_s"])
+    if config == "aand-s1" and module is not None:
+        result.update(amplification_modes(module, images))
+    return result
+
+
+def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
+    results = []
+    for config in args.configs:
+        command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config, "--backbone", args.backbone, "--image-size",
+                   str(args.image_size), "--batch-size", str(args.batch_size), "--exemplars", str(args.exemplars),
+                   "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
+        print(f"[train] {config} ...", flush=True)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
+            raise SystemExit(f"training benchmark {config} failed")
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    by = {r["config"]: r for r in results}
+    derived = {}
+    if "rd" in by:
+        rd = by["rd"]
+        if "aand-s1" in by:
+            derived["aand_s1_peak_vs_rd"] = by["aand-s1"]["peak_bytes"] / max(rd["peak_bytes"], 1)
+        if {"aand-s1", "aand-s2"} <= by.keys():
+            aand = 100 * by["aand-s1"]["step_s"] + 120 * by["aand-s2"]["step_s"]
+            derived["aand_schedule_vs_rd_200"] = aand / (200 * rd["step_s"])
+        if "memkd" in by:
+            derived["memkd_epoch_vs_rd"] = by["memkd"]["step_s"] / rd["step_s"]
+    return results, derived
+
+
+# --------------------------------------------------------------------------------------------- inference
+def inference_table(args: argparse.Namespace) -> list[dict]:
+    from anomalib.models import ReverseDistillation
+
+    from anomalib_aand import Aand
+    from anomalib_memkd import MemKD
+
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    common = {"backbone": args.backbone, "pre_trained": False}
+    classes = {"ReverseDistillation": ReverseDistillation, "Aand": Aand, "MemKD": MemKD}
+    wanted = {"ReverseDistillation", *getattr(args, "models", INFERENCE_MODELS)}
+    modules = {
+        name: cls(**common, pre_processor=pre_processor(cls, args.image_size))
+        for name, cls in classes.items()
+        if name in wanted
+    }
+    rows = []
+    # eager fp32 latency: every model timed in the same rounds, alternating (see interleaved_eager_times)
+    eager: dict[tuple[str, int], list[float]] = {}
+    networks = {name: module.model.to(device).eval() for name, module in modules.items()}
+    for batch_size in (1, args.batch_size):
+        images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
+        for name, times in interleaved_eager_times(networks, images, args.runs, device).items():
+            eager[(name, batch_size)] = times
+    for name, module in modules.items():
+        model = module.model.to(device).eval()
+        for batch_size in (1, args.batch_size):
+            images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
+            variants = [("eager-fp32", False)]
+            if hasattr(model, "set_fast_inference"):
+                variants.append(("fast", True))
+            reference = None
+            for label, fast in variants:
+                if hasattr(model, "set_fast_inference"):
+                    model.set_fast_inference(fast)
+                with torch.inference_mode():
+                    for _ in range(2):
+                        out = model(images)
+                    sync(device)
+                    times = list(eager[(name, batch_size)]) if label == "eager-fp32" else []
+                    for _ in range(0 if times else args.runs):
+                        start = time.perf_counter()
+                        out = model(images)
+                        sync(device)
+                        times.append(time.perf_counter() - start)
+                row = {"model": name, "variant": label, "batch": batch_size, "ms": 1000 * statistics.median(times)}
+                if label == "eager-fp32":
+                    row["gflop_per_image"] = gflop_per_image(model, images[:1])
+                row["img_per_s"] = batch_size / statistics.median(times)
+                if reference is None:
+                    reference = out.anomaly_map.float()
+                else:
+                    span = (reference.max() - reference.min()).clamp_min(1e-12)
+                    row["map_err_vs_fp32"] = float((out.anomaly_map.float() - reference).abs().max() / span)
+                rows.append(row)
+            if hasattr(model, "set_fast_inference"):
+                model.set_fast_inference(False)
+        if device.type == "cpu" and not getattr(args, "no_openvino", False):
+            rows.extend(openvino_rows(name, module, args))
+    rd = {(r["variant"], r["batch"]): r["ms"] for r in rows if r["model"] == "ReverseDistillation"}
+    for row in rows:
+        base = rd.get(("eager-fp32", row["batch"]))
+        row["vs_rd_eager"] = row["ms"] / base if base else float("nan")
+        if row["variant"] == "eager-fp32" and ("ReverseDistillation", row["batch"]) in eager:
+            pairs = zip(eager[(row["model"], row["batch"])], eager[("ReverseDistillation", row["batch"])], strict=True)
+            row["vs_rd_eager_paired"] = statistics.median(t / t_rd for t, t_rd in pairs)
+    return rows
+
+
+def interleaved_eager_times(
+    networks: dict[str, torch.nn.Module],
+    images: torch.Tensor,
+    runs: int,
+    device: torch.device,
+) -> dict[str, list[float]]:
+    """Eager fp32 latency (seconds) of every network on ``images``, ``runs`` rounds of one call per network.
+
+    The calls alternate between the networks, in an order rotated every round, so that a change of load on a shared
+    machine hits every network alike; the latency ratios to RD (``vs_rd_eager`` from the medians, and
+    ``vs_rd_eager_paired``, the median of the per-round ratios) are therefore measured in the same run, side by side.
+    """
+    names = list(networks)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for network in networks.values():
+        if hasattr(network, "set_fast_inference"):
+            network.set_fast_inference(False)
+    with torch.inference_mode():
+        for name in names:  # warm-up (allocator, oneDNN / cuDNN kernels)
+            for _ in range(2):
+                networks[name](images)
+        sync(device)
+        for round_index in range(runs):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                start = time.perf_counter()
+                networks[name](images)
+                sync(device)
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def gflop_per_image(model: torch.nn.Module, image: torch.Tensor) -> float:
+    """Floating-point operations of one eval forward (``torch.utils.flop_counter``): the profile evidence for
+    latency ratios - a model that does more arithmetic than RD cannot be as fast as RD in the same runtime."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(image)
+    return counter.get_total_flops() / 1e9
+
+
+def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
+    try:
+        import openvino as ov
+    except ImportError:
+        return []
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnx_path = module.to_onnx(tmp, input_size=(args.image_size, args.image_size))
+        compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+        for batch_size in (1, args.batch_size):
+            images = torch.rand(batch_size, 3, args.image_size, args.image_size).numpy()
+            for _ in range(2):
+                compiled(images)
+            times = []
+            for _ in range(args.runs):
+                start = time.perf_counter()
+                compiled(images)
+                times.append(time.perf_counter() - start)
+            median = statistics.median(times)
+            rows.append({"model": name, "variant": "openvino-fp32 (whole module)", "batch": batch_size,
+                         "ms": 1000 * median, "img_per_s": batch_size / median})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------- report
+def markdown(train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace, argv: Sequence[str]) -> str:
+    lines = report.header(
+        "Speed benchmark: AAND and MemKD relative to ReverseDistillation (training step, memory, inference)",
+        hardware(args.device),
+        report.today(),
+        [f"Setting: {args.backbone} (random init), {args.image_size} px, training bs {args.batch_size}, "
+         f"MemKD N={args.exemplars}; device {args.device}"],  # fmt: skip
+        command=" ".join(["anomalib-kd-benchmark", "speed", *argv]),
+    )
+    if train:
+        unit = "peak GPU memory (GB)" if args.device.startswith("cuda") else "step peak RSS increase (GB)"
+        lines += report.table(
+            ["training", "step s", unit, "synthesis share"],
+            (
+                [row["config"], f"{row['step_s']:.3f}", f"{row['peak_bytes'] / 1e9:.2f}",
+                 f"{row['synthesis_s'] / row['step_s']:.0%}" if "synthesis_s" in row else ""]  # fmt: skip
+                for row in train
+            ),
+        )
+        lines.append("")
+        targets = {
+            "aand_s1_peak_vs_rd": ("AAND stage-1 (exact L_A) peak memory / RD", 1.5),
+            "aand_schedule_vs_rd_200": ("AAND 100+120 epochs / RD 200 epochs (from step times)", 1.3),
+            "memkd_epoch_vs_rd": ("MemKD epoch / RD epoch", 1.5),
+        }
+        lines += report.table(
+            ["ratio", "measured", "target", "met"],
+            (
+                [title, f"{derived[key]:.2f}", f"<= {target}", "yes" if derived[key] <= target else "NO"]
+                for key, (title, target) in targets.items()
+                if key in derived
+            ),
+        )
+        exact = next((r for r in train if "l_a_exact" in r), None)
+        if exact:
+            lines += ["", (f"L_A on one stage-1 batch ({exact['anomalous_patches']} anomalous patches over 3 levels): "
+                           f"exact {exact['l_a_exact']:.4f}, subsampled {exact['l_a_subsample_mean']:.4f} "
+                           f"± {exact['l_a_subsample_std']:.4f} (5 draws)")]  # fmt: skip
+        lines.append("")
+    if inference:
+        rd_flops = next((r["gflop_per_image"] for r in inference if r["model"] == "ReverseDistillation"
+                         and "gflop_per_image" in r), None)  # fmt: skip
+
+        def cells(row: dict) -> list[str]:
+            err = f"{row['map_err_vs_fp32']:.1e}" if "map_err_vs_fp32" in row else ""
+            flops = f"{row['gflop_per_image']:.1f}" if "gflop_per_image" in row else ""
+            flop_ratio = f"{row['gflop_per_image'] / rd_flops:.3f}" if "gflop_per_image" in row and rd_flops else ""
+            paired = f"{row['vs_rd_eager_paired']:.3f}" if "vs_rd_eager_paired" in row else ""
+            return [row["model"], row["variant"], row["batch"], f"{row['ms']:.1f}", f"{row['img_per_s']:.1f}",
+                    f"{row['vs_rd_eager']:.3f}", paired, flops, flop_ratio, err]  # fmt: skip
+
+        lines += report.table(
+            ["inference", "variant", "batch", "ms / batch", "img/s", "/ RD eager", "/ RD eager (paired rounds)",
+             "GFLOP / image", "/ RD GFLOP", "map error vs fp32 (of range)"],  # fmt: skip
+            (cells(row) for row in inference),
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, train: list[dict], inference: list[dict], title: str) -> None:
+    """``speed.png``: training step time and peak memory per configuration, inference latency at batch 1."""
+    nan = float("nan")
+    panels: list = []
+    if train:
+        configs = [row["config"] for row in train]
+        panels.append(report.Bars(configs, {"step": [(row["step_s"], nan) for row in train]}, "training step (s)"))
+        memory = {"peak": [(row["peak_bytes"] / 1e9, nan) for row in train]}
+        panels.append(report.Bars(configs, memory, "training step peak memory (GB)"))
+    single = [row for row in inference if row["batch"] == 1]
+    if single:
+        variants = list(dict.fromkeys(row["variant"] for row in single))
+        models = list(dict.fromkeys(row["model"] for row in single))
+        by_key = {(row["model"], row["variant"]): row["ms"] for row in single}
+        series = {m: [(by_key.get((m, v), nan), nan) for v in variants] for m in models}
+        panels.append(report.Bars(variants, series, "inference latency, batch 1 (ms, log scale)", log=True))
+    if panels:
+        report.write_png(path, panels, title)
+
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
+    warnings.filterwarnings("ignore")
+    if args.child:
+        print(json.dumps(run_child(args.child, args)))
+        return 0
+    train, derived, inference = [], {}, []
+    if args.only in (None, "train"):
+        train, derived = train_table(args)
+    if args.only in (None, "inference"):
+        print("[inference] ...", flush=True)
+        inference = inference_table(args)
+    table = write_tables(args.output, train, derived, inference, args, argv)
+    print("\n" + table)
+    return 0
+
+
+def write_tables(
+    output: Path,
+    train: list[dict],
+    derived: dict,
+    inference: list[dict],
+    args: argparse.Namespace,
+    argv: Sequence[str],
+) -> str:
+    """``speed.md`` (report header + tables), ``speed_train.csv``, ``speed_inference.csv``, ``speed.png`` and
+    ``speed.json`` in ``output``."""
+    table = markdown(train, derived, inference, args, argv)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "speed.md").write_text(table, encoding="utf-8")
+    if train:
+        report.write_csv(output / "speed_train.csv", train)
+    if inference:
+        report.write_csv(output / "speed_inference.csv", inference)
+    setting = f"{args.backbone} (random init), {args.image_size} px, bs {args.batch_size}"
+    plot(output / "speed.png", train, inference, f"{setting} - {hardware(args.device)}")
+    (output / "speed.json").write_text(json.dumps({"train": train, "derived": derived, "inference": inference}))
+    return table
