@@ -7,7 +7,7 @@ datamodule's *validation* loader. For feature-discrepancy models (RD, AAND, MemK
   (normalisation, thresholds) get activation quantizers: the map is a small difference of two large feature maps, so
   8-bit steps wipe it out (measured on a tiny trained AAND/MemKD: anomaly-map error 104-117 % of the map's range,
   every image label flipped). Quantizing only the networks and keeping the head in floating point brings the error
-  down to a few percent of the range with identical labels (see the README's export section for the figures);
+  down to a few percent of the range with identical labels (see docs/export.md for the figures);
 * the validation split of anomalib's MVTec datamodules is the test split by default, and it holds anomalous images:
   calibrating on it uses test data and non-normal statistics. Here the calibration set is the training split
   (normal images only), resized to the exported graph's static input size.

@@ -8,7 +8,7 @@ The exports are made with ``input_size=(64, 64)`` but take any input size (the r
 parity is checked at 64x64 and on 100x100, 200x150 and 90x130 frames.
 
 Tolerances (anomaly-map max |difference| relative to the map's range, against the Lightning model), written down in
-the README's export section with the figures measured on these models:
+docs/export.md (section Parity) with the figures measured on these models:
 
 * torch export, ONNX Runtime, OpenVINO FP32 (``INFERENCE_PRECISION_HINT=f32``): <= 1e-4, identical labels
 * OpenVINO FP16 IR: <= 5e-3 (measured ~5e-4)
