@@ -117,9 +117,9 @@ class MemKD(KDModelBase, AnomalibModule):
     paper's implicit ``tau = 1`` the logits span at most 2 and the read is ~95 % the mean of the values whatever the
     query (``e / (e + 49)`` = 0.053 for a perfect match among 50 orthogonal keys). Measured on trained models
     (random-init resnet18 teacher - its BatchNorm statistics were meant to be calibrated, but the calibration did not
-    reach the network inside anomalib's extractor at the time; see the README - 64 px,
+    reach the network inside anomalib's extractor at the time; see docs/memkd.md - 64 px,
     generated data, 20 epochs; ``mechanism_report`` on the test set; memory m0/m1/m2 = teacher layer1/2/3; 1/L =
-    0.02; see the README for the command and the full table):
+    0.02; see docs/memkd.md for the command and the full table):
 
     ====== ========================= ==================== ========================= ===================
     tau    mean peak weight (x 1/L)  entropy / log L      ||F^R - mean v|| / ||F^R||  L_NM per element
