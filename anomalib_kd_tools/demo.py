@@ -22,8 +22,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 def _train_and_test(name: str, data_root: Path, output: Path, args: argparse.Namespace) -> dict:
     import torch
-    from anomalib.data import MVTecAD
-    from anomalib.engine import Engine
+
+    from anomalib_kd_tools.fit import cpu_engine, folder_datamodule
 
     torch.manual_seed(args.seed)
     image_size = (args.image_size, args.image_size)
@@ -47,21 +47,8 @@ def _train_and_test(name: str, data_root: Path, output: Path, args: argparse.Nam
             epochs=args.memkd_epochs,
             pre_processor=MemKD.configure_pre_processor(image_size=image_size),
         )
-    datamodule = MVTecAD(
-        root=data_root,
-        category=args.category,
-        train_batch_size=args.batch_size,
-        eval_batch_size=args.batch_size,
-        num_workers=0,
-        seed=args.seed,
-    )
-    engine = Engine(
-        accelerator="cpu",
-        devices=1,
-        default_root_dir=output / name,
-        logger=False,
-        **engine_kwargs,
-    )
+    datamodule = folder_datamodule(data_root, args.category, args.batch_size, args.seed)
+    engine = cpu_engine(output / name, **engine_kwargs)
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
     fit_s = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Temperature / L_NM-reduction sweep for MemKD with a BatchNorm-calibrated random-init (proxy) teacher.
 
-Example (the README's addressing table): ``OMP_NUM_THREADS=1 python benchmarks/memkd_addressing.py
+Example (the addressing table of docs/memkd.md): ``OMP_NUM_THREADS=1 python benchmarks/memkd_addressing.py
 --configs t1.0:mean t0.1:mean t0.1:sum --seeds 0 1 --epochs 20``. Each run prints one JSON row (test AUROCs, logged
 train losses and ``MemKD.mechanism_report``) and appends it to ``--out``. Generated data, not MVTec AD.
 """

@@ -399,7 +399,8 @@ def write_markdown(
             f"Test defects: {', '.join(spec.get('defects', [])) or 'the dataset’s own'}"
             + (f"; product: {spec['product']}" if spec.get("product") else ""),
             f"Teacher: **{teacher_label(config)}**; backbone {config.get('backbone') or 'model default'}; image size "
-            f"{config.get('image_size')} px; batch size {config.get('batch_size')}; seeds: {', '.join(map(str, seeds))}",
+            f"{config.get('image_size')} px; batch size {config.get('batch_size')}; "
+            f"seeds: {', '.join(map(str, seeds))}",
             f"AAND textures (`anomaly_source_path`): {_texture_line(config)}; AAND foreground: "
             f"{config.get('aand_foreground') or 'model default'}",
             "Values: mean ± sample std over seeds; metrics on the raw scores of the test images outside the "

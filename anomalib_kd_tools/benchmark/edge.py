@@ -1,4 +1,4 @@
-"""Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side.
+"""``anomalib-kd-benchmark edge``: CPU latency / throughput and image AUROC per precision, four models side by side.
 
 For each of Aand, MemKD, ReverseDistillation and Patchcore (same backbone, same generated data, same seed) the
 script trains briefly, exports the *whole* AnomalibModule (pre-processing + model + post-processing) to ONNX and
@@ -14,8 +14,8 @@ quantization calibrated on the training images with the anomaly-map head kept in
 :func:`anomalib_kd_base.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
 with OpenVINO's default precision hint: bf16 on CPUs that support it - what a user gets without asking).
 
-It prints a markdown table with the ratios the export issue targets: latency of Aand and MemKD relative to RD in the same back-end, and INT8 speed-up and AUROC drop
-relative to OpenVINO FP32. Results on generated data with random-init backbones measure speed and numerical
+It prints a markdown table with the ratios the export issue targets: latency of Aand and MemKD relative to RD in
+the same back-end, and INT8 speed-up and AUROC drop relative to OpenVINO FP32. Results on generated data with random-init backbones measure speed and numerical
 agreement, not detection quality. The table is written through :mod:`.report` into ``--output``: ``edge.md`` (the
 report header, then the table), ``edge.csv``, ``edge.png`` (latency and image AUROC per back-end) and ``edge.json``.
 
@@ -48,8 +48,6 @@ MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
 BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 DESCRIPTION = "Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side."
 
 

@@ -1,4 +1,4 @@
-"""Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run.
+"""``anomalib-kd-benchmark speed``: speed and memory of AAND and MemKD relative to anomalib's RD, in one run.
 
 Training (one process per configuration, so that each peak-memory figure is its own):
 
@@ -52,14 +52,13 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
 import torch
 
 from anomalib_kd_tools.benchmark import report
 
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
 INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
-
-
 DESCRIPTION = "Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run."
 
 
@@ -265,9 +264,10 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
 def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
     results = []
     for config in args.configs:
-        command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config, "--backbone", args.backbone, "--image-size",
-                   str(args.image_size), "--batch-size", str(args.batch_size), "--exemplars", str(args.exemplars),
-                   "--steps", str(args.steps), "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
+        command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config,
+                   "--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size",
+                   str(args.batch_size), "--exemplars", str(args.exemplars), "--steps", str(args.steps),
+                   "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
         print(f"[train] {config} ...", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
@@ -426,7 +426,9 @@ def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
 
 
 # --------------------------------------------------------------------------------------------- report
-def markdown(train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace, argv: Sequence[str]) -> str:
+def markdown(train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace,
+             argv: Sequence[str]) -> str:  # fmt: skip
+    """``speed.md``: the report header, the training and ratio tables, the inference table."""
     lines = report.header(
         "Speed benchmark: AAND and MemKD relative to ReverseDistillation (training step, memory, inference)",
         hardware(args.device),

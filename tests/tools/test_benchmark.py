@@ -1,9 +1,10 @@
-"""The side-by-side benchmark: stock ``anomalib benchmark`` configs, the offline runner, placement, resuming.
+"""``anomalib-kd-benchmark quality``: stock ``anomalib benchmark`` configs, the offline runner, placement, resuming.
 
 The runner is exercised end to end on tiny settings (generated 64 px data, ResNet18 without pretrained weights,
-one epoch, one CPU thread): the four models once with seed 0, then Patchcore with seeds 0 and 1 into the same
-output (seed 0 is skipped, seed 1 runs), then the first command again (everything is skipped). One cell is then
-run again in this process and must reproduce the numbers of its child-process run exactly.
+one epoch, one CPU thread): the four models once with seed 0 (``quality`` subcommand), then Patchcore with seeds 0
+and 1 into the same output without a subcommand (seed 0 is skipped, seed 1 runs), then the first command again
+(everything is skipped). One cell is then run again in this process and must reproduce the numbers of its
+child-process run exactly.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalib_kd_tools import benchmark as bench
+from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, quality_report, report, runner
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
@@ -75,11 +76,11 @@ def test_stock_benchmark_config_expands_to_the_grid(name: str, datamodule: str, 
     assert sorted({job.seed for job in jobs}) == [0, 1, 2]
     cells = {(job.model, job.datamodule.category, job.seed) for job in jobs}
     assert len(cells) == len(jobs)  # every (model, category, seed) exactly once
-    for job in jobs:
-        assert type(job.datamodule).__name__ == datamodule
-        assert job.datamodule.val_split_mode.value == "from_test"  # thresholds never set on the test images
-        assert job.datamodule.train_batch_size == 16
-        assert job.flat_cfg["seed"] == job.seed
+    for stock_job in jobs:
+        assert type(stock_job.datamodule).__name__ == datamodule
+        assert stock_job.datamodule.val_split_mode.value == "from_test"  # thresholds never set on the test images
+        assert stock_job.datamodule.train_batch_size == 16
+        assert stock_job.flat_cfg["seed"] == stock_job.seed
 
     # The four class paths resolve by bare name through anomalib's get_model (the plugin autoload hook for
     # Aand / MemKD); tiny init args keep this fast and offline.
@@ -99,7 +100,7 @@ def test_stock_benchmark_config_expands_to_the_grid(name: str, datamodule: str, 
 class _FakeRun:
     """A cell that ends after ``polls`` polls; records which cells run concurrently on which device."""
 
-    def __init__(self, cell: bench.Cell, device: str, log: dict, polls: int) -> None:
+    def __init__(self, cell: generator.Cell, device: str, log: dict, polls: int) -> None:
         self.cell, self.device, self.log, self.left = cell, device, log, polls
         with log["lock"]:
             assert device not in log["busy"], f"{device} got {cell.name} while running {log['busy'].get(device)}"
@@ -117,12 +118,12 @@ class _FakeRun:
 
 @pytest.mark.parametrize("devices", [["cuda:0", "cuda:1", "cuda:2"], ["cpu"]])
 def test_schedule_runs_one_cell_per_device_at_a_time(devices: list[str]) -> None:
-    cells = bench.make_cells(FOUR, ["a", "b"], [0, 1])  # 16 cells
+    cells = generator.make_cells(FOUR, ["a", "b"], [0, 1])  # 16 cells
     log = {"lock": threading.Lock(), "busy": {}, "max_parallel": 0, "placed": []}
     finished = []
     durations = iter([3, 1, 4, 1, 5, 2, 6, 2, 3, 5, 1, 2, 4, 1, 1, 3])
 
-    bench.run_schedule(
+    runner.run_schedule(
         cells,
         devices,
         start=lambda cell, device: _FakeRun(cell, device, log, next(durations)),
@@ -140,37 +141,37 @@ def test_schedule_runs_one_cell_per_device_at_a_time(devices: list[str]) -> None
 
 
 def test_resolve_devices() -> None:
-    assert bench.resolve_devices("auto", cuda_count=0) == ["cpu"]
-    assert bench.resolve_devices("auto", cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
-    assert bench.resolve_devices("cpu", cuda_count=4) == ["cpu"]
-    assert bench.resolve_devices("2", cuda_count=4) == ["cuda:0", "cuda:1"]
-    assert bench.resolve_devices("1,3", cuda_count=4) == ["cuda:1", "cuda:3"]
+    assert runner.resolve_devices("auto", cuda_count=0) == ["cpu"]
+    assert runner.resolve_devices("auto", cuda_count=3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert runner.resolve_devices("cpu", cuda_count=4) == ["cpu"]
+    assert runner.resolve_devices("2", cuda_count=4) == ["cuda:0", "cuda:1"]
+    assert runner.resolve_devices("1,3", cuda_count=4) == ["cuda:1", "cuda:3"]
     for bad in ("5", "0", "1,1", "1,4"):
         with pytest.raises(ValueError):  # noqa: PT011
-            bench.resolve_devices(bad, cuda_count=4)
+            runner.resolve_devices(bad, cuda_count=4)
     # a cell process sees exactly its GPU, also when this process was itself restricted to some GPUs
-    assert bench.child_visible_devices("cuda:1", None) == "1"
-    assert bench.child_visible_devices("cuda:1", "2,3") == "3"
-    assert bench.child_visible_devices("cuda:0", "GPU-uuid-a,GPU-uuid-b") == "GPU-uuid-a"
-    assert bench.child_visible_devices("cpu", "0,1") == ""
+    assert runner.child_visible_devices("cuda:1", None) == "1"
+    assert runner.child_visible_devices("cuda:1", "2,3") == "3"
+    assert runner.child_visible_devices("cuda:0", "GPU-uuid-a,GPU-uuid-b") == "GPU-uuid-a"
+    assert runner.child_visible_devices("cpu", "0,1") == ""
 
 
 def test_mean_std_and_aggregation() -> None:
     rows = []
     for seed, (auroc, latency) in enumerate([(0.9, 10.0), (0.8, 14.0), (0.7, 12.0)]):
-        row = {key: math.nan for key in bench.NUMERIC}
+        row = {key: math.nan for key in job.NUMERIC}
         row.update(model="Aand", category="x", seed=seed, image_auroc=auroc, latency_bs1_ms=latency)
         row.update(backbone="b", weights_tag="t", schedule="s")
         rows.append(row)
     rows.append({**rows[0], "category": "y", "image_auroc": 0.5})
-    summary = {s["category"]: s for s in bench.aggregate(rows)}
+    summary = {s["category"]: s for s in quality_report.aggregate(rows)}
     mean, std, n = summary["x"]["image_auroc"]
     assert (n, mean, std) == (3, pytest.approx(0.8), pytest.approx(statistics.stdev([0.9, 0.8, 0.7])))
     assert summary["x"]["pixel_auroc"][2] == 0  # all-nan column: no values
-    assert bench.format_mean_std(summary["x"]["image_auroc"]) == "0.800 ± 0.100"
-    assert bench.format_mean_std(summary["y"]["image_auroc"]) == "0.500"  # one seed: no std
+    assert report.format_mean_std(summary["x"]["image_auroc"]) == "0.800 ± 0.100"
+    assert report.format_mean_std(summary["y"]["image_auroc"]) == "0.500"  # one seed: no std
     # over categories: per seed the mean over categories, then mean / std over seeds (seed 0 has x and y)
-    overall = bench.aggregate_over_categories(rows)[0]
+    overall = quality_report.aggregate_over_categories(rows)[0]
     per_seed = [(0.9 + 0.5) / 2, 0.8, 0.7]
     assert overall["image_auroc"][0] == pytest.approx(statistics.fmean(per_seed))
     assert overall["image_auroc"][1] == pytest.approx(statistics.stdev(per_seed))
@@ -185,25 +186,26 @@ def _csv(path: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory):
     out = tmp_path_factory.mktemp("bench")
-    first = bench.main([*TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"])
+    first = main(["quality", *TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"])
     after_first = (out / "results.csv").read_bytes()
-    second = bench.main([*TINY, "--output", str(out), "--models", "Patchcore", "--seeds", "0", "1"])
+    second = main([*TINY, "--output", str(out), "--models", "Patchcore", "--seeds", "0", "1"])
     return {"out": out, "codes": (first, second), "after_first": after_first}
 
 
 @pytest.mark.integration
-def test_runner_writes_csv_markdown_and_plot(runs) -> None:
+def test_cli_quality_subcommand(runs) -> None:
+    """The quality subcommand (then the same without a subcommand) writes results.csv, results.md and results.png."""
     out = runs["out"]
     assert runs["codes"] == (0, 0)
     rows = _csv(out / "results.csv")
-    assert list(rows[0]) == list(bench.COLUMNS)
+    assert list(rows[0]) == list(job.COLUMNS)
     assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
         [(m, "0") for m in FOUR] + [("Patchcore", "1")],
     )
     for row in rows:
         assert row["dataset_kind"] == "generated"
-        assert row["category"] == bench.GENERATED_CATEGORY
-        for metric in bench.METRICS:
+        assert row["category"] == generator.GENERATED_CATEGORY
+        for metric in job.METRICS:
             assert 0.0 <= float(row[metric]) <= 1.0, (row["model"], metric, row[metric])
         for key in ("latency_bs1_ms", "throughput_ips", "peak_memory_mb", "params_m", "train_time_s", "state_mb"):
             value = float(row[key])
@@ -244,7 +246,7 @@ def test_rerun_skips_finished_cells(runs, capsys) -> None:
     before = (out / "results.csv").read_bytes()
     capsys.readouterr()
 
-    assert bench.main([*TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"]) == 0
+    assert main([*TINY, "--output", str(out), "--models", *FOUR, "--seeds", "0"]) == 0
 
     printed = capsys.readouterr().out
     assert "(0 to run)" in printed
@@ -253,7 +255,7 @@ def test_rerun_skips_finished_cells(runs, capsys) -> None:
     assert {p.name: p.stat().st_mtime_ns for p in (out / "logs").iterdir()} == logs  # no cell process started
     # a different setting must not be mixed into the same results
     data_spec = (out / "data" / "generated.json").read_text()
-    assert bench.main([*TINY, "--output", str(out), "--seeds", "0", "--image-size", "96"]) == 2
+    assert main([*TINY, "--output", str(out), "--seeds", "0", "--image-size", "96"]) == 2
     assert (out / "data" / "generated.json").read_text() == data_spec  # refused before touching the data
 
 
@@ -267,7 +269,7 @@ def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) ->
     config = __import__("json").loads((out / "run_config.json").read_text())
     spec = {
         "model": "Aand",
-        "category": bench.GENERATED_CATEGORY,
+        "category": generator.GENERATED_CATEGORY,
         "seed": 0,
         "slug": "Aand_widget_seed0",
         "device": "cpu",
@@ -275,7 +277,7 @@ def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) ->
         "dataset_kind": "generated",
         "dataset_label": "generated",
         "work_dir": str(tmp_path),
-        **{k: config[k] for k in bench.RUN_CONFIG_KEYS if k not in {"dataset_kind", "dataset"}},
+        **{k: config[k] for k in quality.RUN_CONFIG_KEYS if k not in {"dataset_kind", "dataset"}},
         "openvino": True,  # the OpenVINO path too, here where it costs one export
         "num_workers": 0,
         "timing_runs": 2,
@@ -283,10 +285,10 @@ def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) ->
     }
     threads = torch.get_num_threads()
     try:
-        row = bench.run_cell(spec)
+        row = job.run_cell(spec)
     finally:
         torch.set_num_threads(threads)
-    for metric in bench.METRICS:
+    for metric in job.METRICS:
         assert float(f"{row[metric]:.6g}") == float(reference[metric]), metric
     assert row["params_m"] == pytest.approx(float(reference["params_m"]), rel=1e-5)
     assert math.isfinite(row["ov_latency_bs1_ms"]) and row["ov_latency_bs1_ms"] > 0
@@ -298,20 +300,35 @@ def test_entry_points() -> None:
     module = import_module("anomalib_kd_tools.benchmark")
     assert callable(module.main)
     result = subprocess.run(
-        [sys.executable, "-m", "anomalib_kd_tools.benchmark", "--help"],
+        [sys.executable, "-m", "anomalib_kd_tools.benchmark", "quality", "--help"],
         capture_output=True,
         text=True,
         check=True,
     )
     assert "--generated" in result.stdout and "--seeds" in result.stdout
+    top = subprocess.run(
+        [sys.executable, "-m", "anomalib_kd_tools.benchmark", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert "{quality,edge,speed}" in top and "Without a subcommand the arguments are quality's" in top
     from importlib.metadata import entry_points
 
     scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
     assert scripts.get("anomalib-kd-benchmark") == "anomalib_kd_tools.benchmark:main"
 
 
+def test_no_subcommand_means_quality(tmp_path: Path) -> None:
+    """``anomalib-kd-benchmark --generated ...`` parses exactly like ``... quality --generated ...``."""
+    argv = [*TINY, "--output", str(tmp_path), "--seeds", "0", "1"]
+    plain, explicit = cli.parse(argv), cli.parse(["quality", *argv])
+    assert plain.command == explicit.command == "quality"
+    assert vars(plain) == vars(explicit) == vars(quality.parse_args(argv))
+    assert cli.parse(["speed", "--quick", "--device", "cpu"]).command == "speed"
+    with pytest.raises(SystemExit):
+        cli.parse(["edge", "--generated"])  # a quality option is not an edge option
+
+
 # ---------------------------------------------------------------------------------------------- ablation mode
-from anomalib_kd_tools import ablation  # noqa: E402
+from anomalib_kd_tools.benchmark import ablation  # noqa: E402
 
 def test_ablation_variants_follow_the_agreed_interface() -> None:
     """The variants the model code is written against (INTERFACES): names, model classes, overrides."""
@@ -336,8 +353,8 @@ def test_ablation_variants_follow_the_agreed_interface() -> None:
     assert resolved == {"anomaly_source_path": "/textures"}
     assert variants[4].resolved("/textures") == {"anomaly_source_path": None}  # "no textures" stays None
     # the slug of a variant is a safe file name; the four models keep theirs
-    assert bench.Cell("AAND stage1=0", "widget", 1).slug == "AAND-stage1-0_widget_seed1"
-    assert bench.Cell("MemKD", "widget", 0).slug == "MemKD_widget_seed0"
+    assert generator.Cell("AAND stage1=0", "widget", 1).slug == "AAND-stage1-0_widget_seed1"
+    assert generator.Cell("MemKD", "widget", 0).slug == "MemKD_widget_seed0"
 
 
 def test_variants_whose_keywords_the_model_lacks_are_skipped(monkeypatch) -> None:
@@ -369,11 +386,11 @@ def test_ablation_defects_prefer_families_unlike_the_synthesis() -> None:
 def test_run_config_keys_of_the_ablation_mean_off_when_absent() -> None:
     """An output written before the ablation keys existed still resumes; a real change is refused."""
     for key in ablation.RUN_CONFIG_DEFAULT_OFF:
-        assert key in bench.RUN_CONFIG_KEYS
-        assert bench._same_setting(key, None, None if key != "proxy_teacher" else False)  # noqa: SLF001
-    assert not bench._same_setting("proxy_teacher", None, True)  # noqa: SLF001
-    assert not bench._same_setting("ablation", "aand", "memkd")  # noqa: SLF001
-    assert not bench._same_setting("threads", None, 0)  # noqa: SLF001 - old keys compare exactly
+        assert key in quality.RUN_CONFIG_KEYS
+        assert quality._same_setting(key, None, None if key != "proxy_teacher" else False)  # noqa: SLF001
+    assert not quality._same_setting("proxy_teacher", None, True)  # noqa: SLF001
+    assert not quality._same_setting("ablation", "aand", "memkd")  # noqa: SLF001
+    assert not quality._same_setting("threads", None, 0)  # noqa: SLF001 - old keys compare exactly
 
 
 @pytest.mark.parametrize("name", ["Patchcore", "ReverseDistillation", "Aand", "MemKD"])
@@ -390,7 +407,7 @@ def test_proxy_teacher_calibrates_the_teachers_batchnorm(name: str, dataset_root
 
     spec = {"model": name, "image_size": 64, "backbone": "resnet18", "pre_trained": False, "coreset_ratio": 0.1}
     spec.update(epochs=1, aand_stage_epochs=[1, 1])
-    model, *_ = bench.build_model(spec)
+    model, *_ = job.build_model(spec)
     network = ablation.teacher_network(model)
     expected_module = model.model.feature_extractor if name == "Patchcore" else model.model.encoder
     assert network is expected_module.feature_extractor  # the timm network inside anomalib's extractor
@@ -445,7 +462,7 @@ def test_mechanism_figures_are_flat_floats_and_tolerate_absence() -> None:
 
 
 def _ablation_row(variant: str, seed: int, auroc: float, figures: dict) -> dict:
-    row = {key: math.nan for key in bench.NUMERIC}
+    row = {key: math.nan for key in job.NUMERIC}
     row.update(model="MemKD", variant=variant, category="widget", seed=seed, image_auroc=auroc)
     row.update(schedule="1 epoch", mechanism=__import__("json").dumps(figures), mechanism_status="ok")
     row.update(threads=1.0, device="cpu", device_name="cpu", finished_at="2026-01-01T00:00:00")
@@ -467,14 +484,14 @@ def test_ablation_markdown_aggregates_metrics_and_mechanism_figures(tmp_path: Pa
     assert ablation.PROXY_TEACHER in text and "ImageNet" not in text
     assert "foreign, tint" in text
     metric_line = next(ln for ln in text.splitlines() if ln.startswith("| MemKD | defaults |"))
-    auroc = bench.format_mean_std((statistics.fmean([0.9, 0.7]), statistics.stdev([0.9, 0.7]), 2))
+    auroc = report.format_mean_std((statistics.fmean([0.9, 0.7]), statistics.stdev([0.9, 0.7]), 2))
     assert metric_line.split(" | ")[4] == auroc
     assert "| MemKD no memory | skipped: the constructor has no `use_memory` |" in text
     header = next(ln for ln in text.splitlines() if ln.startswith("| variant | category | peak"))
     assert header.split(" | ")[2:] == ["peak_weight_m0", "recall_dev_m10 |"]  # generic keys, natural order
     section = text.split("mechanism figures")[1].split("## Raw rows")[0]
     figure_lines = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in section.splitlines() if "| widget | " in ln}
-    assert figure_lines["MemKD"][2] == bench.format_mean_std((0.4, statistics.stdev([0.3, 0.5]), 2))
+    assert figure_lines["MemKD"][2] == report.format_mean_std((0.4, statistics.stdev([0.3, 0.5]), 2))
     assert figure_lines["MemKD no NEL"][2] == "0.100"  # NaN seeds are left out of the mean
 
 
@@ -491,7 +508,7 @@ def ablation_run(tmp_path_factory: pytest.TempPathFactory):
             spec = json.loads(json.dumps(spec))
             threads = torch.get_num_threads()
             try:
-                self.outcome = {"ok": True, "row": json.loads(json.dumps(bench.run_cell(spec))), "elapsed": 0.0}
+                self.outcome = {"ok": True, "row": json.loads(json.dumps(job.run_cell(spec))), "elapsed": 0.0}
             finally:
                 torch.set_num_threads(threads)
             log_path.write_text("in process\n")
@@ -505,9 +522,9 @@ def ablation_run(tmp_path_factory: pytest.TempPathFactory):
     argv = [*TINY, "--output", str(out), "--ablation", "all", "--seeds", "0", "--proxy-teacher"]
     argv += ["--aand-foreground", "bright"]
     patch = pytest.MonkeyPatch()
-    patch.setattr(bench, "CellProcess", InProcess)
+    patch.setattr(runner, "CellProcess", InProcess)
     try:
-        code = bench.main(argv)
+        code = main(argv)
     finally:
         patch.undo()
     return {"out": out, "code": code, "argv": argv}
@@ -525,7 +542,7 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
         accepted = inspect.signature(ablation.model_class(variant.model)).parameters
         (expected_runnable if all(k in accepted for k in variant.overrides) else expected_skipped).append(variant)
     rows = _csv(out / "results.csv")
-    assert list(rows[0]) == list(bench.ABLATION_COLUMNS)
+    assert list(rows[0]) == list(job.ABLATION_COLUMNS)
     assert sorted(r["variant"] for r in rows) == sorted(v.name for v in expected_runnable)
     md = (out / "results.md").read_text()
     for variant in expected_skipped:
@@ -560,21 +577,21 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
     # resumable: the same command again runs nothing; other settings are refused
     before = (out / "results.csv").read_bytes()
     capsys.readouterr()
-    assert bench.main(ablation_run["argv"]) == 0
+    assert main(ablation_run["argv"]) == 0
     assert "(0 to run)" in capsys.readouterr().out
     assert (out / "results.csv").read_bytes() == before
-    assert bench.main([*ablation_run["argv"], "--aand-foreground", "none"]) == 2
+    assert main([*ablation_run["argv"], "--aand-foreground", "none"]) == 2
 
 
 def test_ablation_arguments_are_checked(tmp_path: Path) -> None:
     base = ["--output", str(tmp_path), "--devices", "cpu"]
     with pytest.raises(SystemExit):
-        bench.parse_args(["--generated", "--ablation", "memkd", "--proxy-teacher", *base])  # proxy needs random init
+        quality.parse_args(["--generated", "--ablation", "memkd", "--proxy-teacher", *base])  # proxy needs random init
     with pytest.raises(SystemExit):
-        bench.parse_args(["--dataset-root", str(tmp_path), "--ablation", "aand", *base])  # AAND needs textures
+        quality.parse_args(["--dataset-root", str(tmp_path), "--ablation", "aand", *base])  # AAND needs textures
     with pytest.raises(SystemExit):
-        bench.parse_args(["--generated", "--defects", "no-such-defect", *base])
-    args = bench.parse_args(["--generated", "--ablation", "memkd", "--no-pre-trained", "--proxy-teacher", *base])
+        quality.parse_args(["--generated", "--defects", "no-such-defect", *base])
+    args = quality.parse_args(["--generated", "--ablation", "memkd", "--no-pre-trained", "--proxy-teacher", *base])
     assert args.seeds == [0, 1, 2] and tuple(args.defects) == ablation.default_ablation_defects()
-    assert bench.parse_args(["--generated", *base]).seeds == [0]  # the benchmark's own default is unchanged
-    assert bench.parse_args(["--generated", *base]).defects is None
+    assert quality.parse_args(["--generated", *base]).seeds == [0]  # the benchmark's own default is unchanged
+    assert quality.parse_args(["--generated", *base]).defects is None

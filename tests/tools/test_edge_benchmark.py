@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/edge.py`` on tiny settings: it runs, and its table is internally consistent."""
+"""Smoke test of ``anomalib-kd-benchmark edge`` on tiny settings: it runs, and its table is internally consistent."""
 
 from __future__ import annotations
 
@@ -14,12 +14,10 @@ pytestmark = pytest.mark.integration
 pytest.importorskip("openvino")
 pytest.importorskip("nncf")
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "edge.py"
 
-
-def test_edge_benchmark_quick_run(tmp_path: Path) -> None:
+def test_cli_edge_subcommand(tmp_path: Path) -> None:
     command = [
-        sys.executable, str(SCRIPT), "--quick",
+        sys.executable, "-m", "anomalib_kd_tools.benchmark", "edge", "--quick",
         "--models", "Aand", "ReverseDistillation",
         "--backends", "torch", "ov-fp32", "ov-int8",
         "--output", str(tmp_path),
@@ -44,3 +42,7 @@ def test_edge_benchmark_quick_run(tmp_path: Path) -> None:
     table = (tmp_path / "edge.md").read_text()
     assert "generated data" in table and "random init" in table
     assert table.count("\n| Aand |") == 3
+    assert table in result.stdout  # printed as well as written
+    assert "- Command: `anomalib-kd-benchmark edge --quick" in table
+    png = (tmp_path / "edge.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

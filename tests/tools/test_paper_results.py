@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd_tools import benchmark as bench
-from anomalib_kd_tools import paper_results as pr
+from anomalib_kd_tools.benchmark import generator, job, quality, quality_report
+from anomalib_kd_tools.benchmark import paper_results as pr
 
 ROUNDING = 0.05 + 1e-9  # the papers print one decimal: a printed mean is within 0.05 of the true mean
 
@@ -78,7 +78,7 @@ def test_percentages_become_fractions() -> None:
 
 # ------------------------------------------------------------------------------------------ the report
 def _row(model: str, category: str, seed: int, image: float, pixel: float, aupro: float, kind: str = "folder"):
-    row = {key: math.nan for key in bench.NUMERIC}
+    row = {key: math.nan for key in job.NUMERIC}
     row.update(
         dataset_kind=kind,
         dataset="/data/MVTecAD" if kind == "folder" else "generated",
@@ -133,7 +133,7 @@ def _cells(line: str) -> list[str]:
 def test_markdown_and_csv_show_the_delta_for_mvtec_rows(tmp_path: Path) -> None:
     # one MVTec category only: the paper's mean is shown, without a delta
     rows = [_row("Aand", "metal_nut", s, 0.98 + 0.01 * s, 0.97, 0.9) for s in (0, 1)]
-    section = _section(bench.write_markdown(tmp_path / "one.md", rows, CONFIG))
+    section = _section(quality_report.write_markdown(tmp_path / "one.md", rows, CONFIG))
     assert "(MVTec AD)" in section[0]
     table = [_cells(line) for line in section if line.startswith("| Aand |")]
     image = next(c for c in table if c[2] == "image AUROC")
@@ -147,7 +147,7 @@ def test_markdown_and_csv_show_the_delta_for_mvtec_rows(tmp_path: Path) -> None:
         for c in pr.MVTEC_CATEGORIES
         for s in (0, 1)
     ]
-    text = bench.write_markdown(tmp_path / "all.md", rows, {**CONFIG, "image_size": 128})
+    text = quality_report.write_markdown(tmp_path / "all.md", rows, {**CONFIG, "image_size": 128})
     section = _section(text)
     assert any("image size 128 px" in line for line in section)  # the protocol differences are named
     table = {(c[0], c[2], c[6]): c for c in (_cells(line) for line in section[1:]) if len(c) == 8 and c[1] == "mean"}
@@ -181,9 +181,9 @@ def test_visa_is_compared_per_category() -> None:
 
 
 def test_nothing_for_generated_or_unknown_data(tmp_path: Path) -> None:
-    generated = [_row(m, bench.GENERATED_CATEGORY, 0, 0.9, 0.9, 0.9, kind="generated") for m in bench.MODELS]
+    generated = [_row(m, generator.GENERATED_CATEGORY, 0, 0.9, 0.9, 0.9, kind="generated") for m in generator.MODELS]
     config = {**CONFIG, "dataset_kind": "generated", "dataset": "generated"}
-    text = bench.write_markdown(tmp_path / "g.md", generated, config)
+    text = quality_report.write_markdown(tmp_path / "g.md", generated, config)
     assert "Paper numbers" not in text
     stale = tmp_path / "paper_comparison.csv"
     stale.write_text("old")
@@ -198,9 +198,9 @@ def test_nothing_for_generated_or_unknown_data(tmp_path: Path) -> None:
 
 
 def test_dataset_name_option() -> None:
-    assert bench.parse_args(["--dataset-root", "x"]).dataset_name == "auto"
-    assert bench.parse_args(["--dataset-root", "x", "--dataset-name", "visa"]).dataset_name == "visa"
-    assert "dataset_name" not in bench.RUN_CONFIG_KEYS  # changing it only changes the report
+    assert quality.parse_args(["--dataset-root", "x"]).dataset_name == "auto"
+    assert quality.parse_args(["--dataset-root", "x", "--dataset-name", "visa"]).dataset_name == "visa"
+    assert "dataset_name" not in quality.RUN_CONFIG_KEYS  # changing it only changes the report
 
 
 def test_protocol_differences_name_what_differs_from_the_papers() -> None:

@@ -1,4 +1,4 @@
-"""Smoke test of ``benchmarks/speed.py`` on tiny settings: it runs and its derived ratios are consistent."""
+"""Smoke test of ``anomalib-kd-benchmark speed`` on tiny settings: it runs and its derived ratios are consistent."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from anomalib_kd_tools.benchmark import report
+
 pytestmark = pytest.mark.integration
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "speed.py"
 
-
-def test_speed_benchmark_quick_run(tmp_path: Path) -> None:
-    command = [sys.executable, str(SCRIPT), "--quick", "--output", str(tmp_path)]
+def test_cli_speed_subcommand(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--quick", "--output", str(tmp_path)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     data = json.loads((tmp_path / "speed.json").read_text())
@@ -45,3 +45,9 @@ def test_speed_benchmark_quick_run(tmp_path: Path) -> None:
     assert flops["MemKD"] > flops["ReverseDistillation"]  # 2C-channel decoder inputs
     table = (tmp_path / "speed.md").read_text()
     assert "AAND stage-1 (exact L_A) peak memory / RD" in table
+    assert table in result.stdout  # printed as well as written
+    # the CSV tables hold the same numbers as the JSON
+    step = {r["config"]: r["step_s"] for r in report.read_csv(tmp_path / "speed_train.csv", ["step_s"])}
+    assert step == {config: row["step_s"] for config, row in train.items()}
+    assert len(report.read_csv(tmp_path / "speed_inference.csv")) == len(inference)
+    assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

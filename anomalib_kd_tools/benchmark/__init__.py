@@ -1,0 +1,19 @@
+"""``anomalib-kd-benchmark``: benchmarks of AAND and MemKD beside anomalib's models, one module per concern.
+
+* :mod:`.cli` - the command: subcommands ``quality``, ``edge`` and ``speed``; no subcommand means ``quality``.
+* ``quality`` - :mod:`.quality` (options, the run), :mod:`.quality_report` (``results.md`` / ``results.png``),
+  :mod:`.generator` (the grid of cells), :mod:`.runner` (devices, one child process per cell, the resumable
+  ``results.csv``), :mod:`.job` (one cell: build, train, test, time), :mod:`.ablation` (``--ablation``) and
+  :mod:`.paper_results` (the papers' published numbers beside the measured ones).
+* ``edge`` - :mod:`.edge`: CPU latency / throughput and image AUROC per precision (torch, OpenVINO FP32 / FP16 /
+  INT8 / default).
+* ``speed`` - :mod:`.speed`: training step time, peak memory and inference latency (eager, fast path, OpenVINO)
+  of AAND and MemKD relative to ReverseDistillation.
+* :mod:`.report` - the one report writer (CSV, markdown with the same header, PNG) of all three.
+
+``benchmarks/gpu.sh`` runs ``quality`` and ``speed`` on a CUDA machine and collects every table.
+"""
+
+from anomalib_kd_tools.benchmark.cli import main
+
+__all__ = ["main"]

@@ -1,0 +1,419 @@
+"""One cell of the ``quality`` benchmark, run in its own child process: build, train, validate, test and time.
+
+:func:`run_cell` turns a cell's spec (a JSON-able dict written by :mod:`.quality`) into its ``results.csv`` row;
+:func:`cell_entry` is the child process's entry (``python -m anomalib_kd_tools.benchmark --run-cell SPEC RESULT``,
+started by :class:`.runner.CellProcess`).
+
+What it reuses from anomalib: ``Engine`` (fit / validate / test), the ``MVTecAD`` datamodule and its validation
+split, the models' own ``configure_pre_processor``, the metrics (``AUROC``, ``AUPRO``, ``F1Score`` through an
+``Evaluator``) and ``to_openvino``. anomalib's ``BenchmarkJob`` is not used: it fits and tests in a temporary
+folder with the Engine's defaults (validation during fit, checkpoint selection, anomalib's normalised metrics) and
+returns the test metrics only, while a cell here fits without validation or checkpoint selection, computes AUROC /
+AUPRO on the raw scores before the post-processor, and measures latency, throughput, memory and parameters of the
+same model (the protocol is in :mod:`.quality`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from anomalib_kd_tools.benchmark.generator import MODELS
+from anomalib_kd_tools.benchmark.report import cpu_name
+
+# Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
+PAPER_EPOCHS = {"ReverseDistillation": 200, "MemKD": 100}
+PAPER_AAND_STAGES = (100, 120)
+DEFAULT_BACKBONE = {
+    "Patchcore": "wide_resnet50_2",  # anomalib's defaults (timm's default tag)
+    "ReverseDistillation": "wide_resnet50_2",
+    "Aand": "wide_resnet50_2.tv_in1k",  # torchvision ImageNet-V1 weights, as in the papers
+    "MemKD": "wide_resnet50_2.tv_in1k",
+}
+
+# ---------------------------------------------------------------------------------------------- the row
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
+METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "image_f1": "image F1"}
+NUMERIC = (
+    *METRICS,
+    "latency_bs1_ms",
+    "throughput_ips",
+    "ov_latency_bs1_ms",
+    "ov_throughput_ips",
+    "peak_memory_mb",
+    "params_m",
+    "trainable_params_m",
+    "state_mb",
+    "train_time_s",
+)
+COLUMNS = (
+    "dataset_kind",
+    "dataset",
+    "category",
+    "model",
+    "seed",
+    *NUMERIC,
+    "memory_kind",
+    "throughput_batch",
+    "threads",
+    "backbone",
+    "weights_tag",
+    "image_size",
+    "schedule",
+    "val_split",
+    "n_train",
+    "n_val",
+    "n_test",
+    "device",
+    "device_name",
+    "finished_at",
+)
+# An ablation's results.csv: the cell is (variant, category, seed); ``model`` stays the model class.
+ABLATION_COLUMNS = (*COLUMNS[:4], "variant", *COLUMNS[4:], "teacher", "overrides", "mechanism_status", "mechanism")
+
+
+# ---------------------------------------------------------------------------------------------- one cell (child)
+def weights_tag(backbone: str, pre_trained: bool, model: Any = None) -> str:  # noqa: ANN401
+    """The timm tag the teacher's weights come from, or ``random-init``."""
+    provenance = getattr(getattr(model, "model", None), "teacher_provenance", None)
+    if isinstance(provenance, dict) and provenance.get("weights_tag"):
+        return str(provenance["weights_tag"])
+    if not pre_trained:
+        return "random-init"
+    try:
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(backbone)
+    except Exception:  # noqa: BLE001 - unknown names are reported when the model is built
+        return backbone
+    return f"{cfg.architecture}.{cfg.tag}" if cfg is not None and getattr(cfg, "tag", None) else backbone
+
+
+def build_model(spec: dict[str, Any]):  # noqa: ANN201
+    """The cell's model, extra Engine arguments for training, its backbone name and schedule description.
+
+    ``spec["overrides"]`` (ablation variants) are constructor keywords applied last; ``spec["texture_dir"]`` is
+    Aand's ``anomaly_source_path`` unless an override sets it.
+    """
+    from anomalib.metrics import Evaluator, F1Score
+
+    name = spec["model"]
+    size = (spec["image_size"], spec["image_size"])
+    backbone = spec["backbone"] or DEFAULT_BACKBONE[name]
+    evaluator = Evaluator(test_metrics=[F1Score(fields=["pred_label", "gt_label"], prefix="image_")])
+    common = {"backbone": backbone, "pre_trained": spec["pre_trained"], "evaluator": evaluator, "visualizer": False}
+    overrides = dict(spec.get("overrides") or {})
+    if name == "Patchcore":
+        from anomalib.models import Patchcore
+
+        kwargs = {"coreset_sampling_ratio": spec["coreset_ratio"], **overrides}
+        model = Patchcore(**common, **kwargs, pre_processor=Patchcore.configure_pre_processor(image_size=size))
+        return model, {}, backbone, f"1 pass (coreset {kwargs['coreset_sampling_ratio']:g})"
+    if name == "ReverseDistillation":
+        from anomalib.models import ReverseDistillation
+
+        epochs = spec["epochs"] or PAPER_EPOCHS[name]
+        pre_processor = ReverseDistillation.configure_pre_processor(image_size=size)
+        model = ReverseDistillation(**common, **overrides, pre_processor=pre_processor)
+        # RD's trainer_arguments do not pin max_epochs, so the Engine's value is the schedule.
+        return model, {"max_epochs": epochs}, backbone, _epochs(epochs)
+    if name == "Aand":
+        from anomalib_aand import Aand
+
+        stage1, stage2 = spec["aand_stage_epochs"] or PAPER_AAND_STAGES
+        kwargs = {"stage1_epochs": stage1, "stage2_epochs": stage2}
+        if spec.get("texture_dir"):
+            kwargs["anomaly_source_path"] = spec["texture_dir"]
+        kwargs.update(overrides)
+        model = Aand(**common, **kwargs, pre_processor=Aand.configure_pre_processor(image_size=size))
+        return model, {}, backbone, f"{kwargs['stage1_epochs']}+{kwargs['stage2_epochs']} epochs"
+    if name == "MemKD":
+        from anomalib_memkd import MemKD
+
+        kwargs = {"epochs": spec["epochs"] or PAPER_EPOCHS[name], **overrides}
+        model = MemKD(**common, **kwargs, pre_processor=MemKD.configure_pre_processor(image_size=size))
+        return model, {}, backbone, _epochs(kwargs["epochs"])
+    msg = f"unknown model {name!r}; choose from {MODELS}"
+    raise ValueError(msg)
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _raw_metrics_callback():  # noqa: ANN202
+    """A callback computing image AUROC, pixel AUROC and AUPRO on the raw (un-normalised) test outputs."""
+    import torch
+    from anomalib.metrics import AUPRO, AUROC
+    from lightning.pytorch import Callback
+
+    class RawTestMetrics(Callback):
+        """Runs before the model's post-processor (trainer callbacks precede the model's own callbacks)."""
+
+        def __init__(self) -> None:
+            self.image_auroc = AUROC(fields=["pred_score", "gt_label"])
+            self.pixel_auroc = AUROC(fields=["anomaly_map", "gt_mask"])
+            self.aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
+
+        def on_test_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+            callbacks = list(trainer.callbacks)
+            post = pl_module.post_processor
+            mine = next(i for i, c in enumerate(callbacks) if c is self)
+            theirs = next((i for i, c in enumerate(callbacks) if c is post), None)
+            if theirs is not None and theirs < mine:
+                msg = "RawTestMetrics must run before the post-processor to see raw scores"
+                raise RuntimeError(msg)
+
+        def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:  # noqa: ANN001, ARG002
+            anomaly_map = outputs.anomaly_map.detach().float().cpu()
+            score = outputs.pred_score
+            score = torch.amax(anomaly_map, dim=(-2, -1)) if score is None else score.detach().float().cpu()
+            raw = _Fields(
+                pred_score=score.reshape(-1),
+                gt_label=outputs.gt_label.detach().cpu().reshape(-1).int(),
+                anomaly_map=anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:]),
+                gt_mask=outputs.gt_mask.detach().cpu().reshape(anomaly_map.shape[0], *outputs.gt_mask.shape[-2:]),
+            )
+            for metric in (self.image_auroc, self.pixel_auroc, self.aupro):
+                metric.update(raw)
+
+        def results(self) -> dict[str, float]:
+            return {
+                "image_auroc": float(self.image_auroc.compute()),
+                "pixel_auroc": float(self.pixel_auroc.compute()),
+                "aupro": float(self.aupro.compute()),
+            }
+
+    return RawTestMetrics()
+
+
+@dataclass
+class _Fields:
+    pred_score: Any
+    gt_label: Any
+    anomaly_map: Any
+    gt_mask: Any
+
+
+def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, ANN202
+    """float32 ``[1, 3, S, S]`` and ``[batch, 3, S, S]`` test images in [0, 1] (cycled when fewer)."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+
+    dataset = datamodule.test_data
+    images = []
+    for i in range(min(batch, len(dataset))):
+        image = dataset[i].image.float()
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        images.append(F.interpolate(image[None, :3], size=(size, size), mode="bilinear", antialias=True)[0])
+    stacked = torch.stack(images).clamp(0, 1)
+    big = stacked.repeat(math.ceil(batch / len(stacked)), 1, 1, 1)[:batch].contiguous()
+    return stacked[:1].contiguous(), big
+
+
+def _time(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None]) -> float:
+    for _ in range(warmup):
+        call()
+    sync()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train, validate (thresholds only), test and time one cell; returns its ``results.csv`` row."""
+    import resource
+    import shutil
+    import tempfile
+
+    import torch
+    from anomalib.callbacks.checkpoint import ModelCheckpoint
+    from anomalib.data import MVTecAD
+    from anomalib.engine import Engine
+    from lightning.pytorch import seed_everything
+
+    cuda = spec["device"].startswith("cuda") and torch.cuda.is_available()
+    if spec["device"].startswith("cuda") and not cuda:
+        msg = f"cell assigned to {spec['device']} but CUDA is not available in the child process"
+        raise RuntimeError(msg)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    seed_everything(spec["seed"], workers=True)
+
+    datamodule = MVTecAD(
+        root=spec["dataset_root"],
+        category=spec["category"],
+        train_batch_size=spec["batch_size"],
+        eval_batch_size=spec["batch_size"],
+        num_workers=spec["num_workers"],
+        val_split_mode=spec["val_split"],
+        val_split_ratio=spec["val_split_ratio"],
+        seed=spec["split_seed"],
+    )
+    model, fit_kwargs, backbone, schedule = build_model(spec)
+    proxy_images = 0
+    if spec.get("proxy_teacher"):
+        from anomalib_kd_tools.benchmark.ablation import calibrate_proxy_teacher
+
+        datamodule.setup()
+        proxy_images = calibrate_proxy_teacher(model, datamodule.train_data, spec["batch_size"])
+    accelerator = "gpu" if cuda else "cpu"
+    work = Path(tempfile.mkdtemp(prefix="cell_", dir=spec["work_dir"]))
+    try:
+        common = {
+            "accelerator": accelerator,
+            "devices": 1,
+            "default_root_dir": work,
+            "logger": False,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "deterministic": "warn",
+        }
+
+        def no_checkpoints() -> list:
+            # anomalib adds a checkpoint callback unless one is given: this one saves nothing (last epoch is used).
+            return [ModelCheckpoint(dirpath=work / "ckpt", save_top_k=0, save_last=False)]
+
+        # 1) training: no validation loop during fit, no checkpoint selection.
+        fit_engine = Engine(**common, limit_val_batches=0, callbacks=no_checkpoints(), **fit_kwargs)
+        start = time.perf_counter()
+        fit_engine.fit(model, datamodule=datamodule)
+        train_time = time.perf_counter() - start
+
+        # 2) validation split -> post-processor thresholds / normalisation; 3) test on the remaining images.
+        raw = _raw_metrics_callback()
+        eval_engine = Engine(**common, callbacks=[*no_checkpoints(), raw])
+        eval_engine.validate(model, datamodule=datamodule, verbose=False)
+        test_results = eval_engine.test(model, datamodule=datamodule, verbose=False)[0]
+        metrics = raw.results()
+        metrics["image_f1"] = float(test_results["image_F1Score"])
+
+        # 4) speed of the whole AnomalibModule.forward.
+        device = torch.device("cuda:0" if cuda else "cpu")
+        model = model.to(device).eval()
+        one, many = _timing_batches(datamodule, spec["image_size"], spec["throughput_batch"])
+        one, many = one.to(device), many.to(device)
+        sync = torch.cuda.synchronize if cuda else (lambda: None)
+        with torch.inference_mode():
+            latency = _time(lambda: model(one), spec["timing_runs"], spec["warmup"], sync)
+            batch_time = _time(lambda: model(many), max(3, spec["timing_runs"] // 4), 1, sync)
+        row: dict[str, Any] = {
+            **metrics,
+            "latency_bs1_ms": 1000 * latency,
+            "throughput_ips": spec["throughput_batch"] / batch_time,
+            "ov_latency_bs1_ms": math.nan,
+            "ov_throughput_ips": math.nan,
+        }
+        if spec["openvino"]:
+            row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
+        if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
+            from anomalib_kd_tools.benchmark.ablation import PROXY_TEACHER, mechanism_figures
+
+            figures, status = mechanism_figures(model.to(device), datamodule.test_dataloader())
+            row.update(variant=spec["variant"], overrides=json.dumps(spec.get("overrides") or {}))
+            row.update(mechanism=json.dumps(figures), mechanism_status=status)
+            row["teacher"] = PROXY_TEACHER if proxy_images else ("ImageNet" if spec["pre_trained"] else "random init")
+
+        params = list(model.model.parameters())
+        state_bytes = sum(t.numel() * t.element_size() for t in (*params, *model.model.buffers()))
+        if cuda:
+            peak_mb, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
+        else:
+            peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+        row.update(
+            {
+                "dataset_kind": spec["dataset_kind"],
+                "dataset": spec["dataset_label"],
+                "category": spec["category"],
+                "model": spec["model"],
+                "seed": spec["seed"],
+                "peak_memory_mb": peak_mb,
+                "memory_kind": memory_kind,
+                "params_m": sum(p.numel() for p in params) / 1e6,
+                "trainable_params_m": _trainable_params(fit_engine.trainer.optimizers) / 1e6,
+                "state_mb": state_bytes / 2**20,
+                "train_time_s": train_time,
+                "throughput_batch": spec["throughput_batch"],
+                "threads": torch.get_num_threads(),
+                "backbone": backbone,
+                "weights_tag": _proxy_label() if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
+                "image_size": spec["image_size"],
+                "schedule": schedule,
+                "val_split": f"{spec['val_split']}:{spec['val_split_ratio']:g}",
+                "n_train": len(datamodule.train_data),
+                "n_val": len(datamodule.val_data),
+                "n_test": len(datamodule.test_data),
+                "device": spec["device"],
+                "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
+                "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            },
+        )
+        return row
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _proxy_label() -> str:
+    from anomalib_kd_tools.benchmark.ablation import PROXY_TEACHER
+
+    return PROXY_TEACHER
+
+
+def _trainable_params(optimizers: Sequence[Any]) -> int:
+    """Parameters the training optimisers updated (0 for Patchcore, which has none)."""
+    seen: dict[int, int] = {}
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def _openvino_speed(model: Any, one: Any, many: Any, spec: dict[str, Any], work: Path) -> dict[str, float]:  # noqa: ANN401
+    import warnings
+
+    import openvino as ov
+    import torch
+
+    model = model.cpu()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xml = model.to_openvino(work / "openvino", input_size=(spec["image_size"], spec["image_size"]))
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if spec.get("threads"):
+        config["INFERENCE_NUM_THREADS"] = spec["threads"]
+    compiled = ov.Core().compile_model(str(xml), "CPU", config)
+    one_np, many_np = one.numpy(), many.numpy()
+    with torch.inference_mode():
+        latency = _time(lambda: compiled(one_np), spec["timing_runs"], spec["warmup"], lambda: None)
+        batch_time = _time(lambda: compiled(many_np), max(3, spec["timing_runs"] // 4), 1, lambda: None)
+    return {"ov_latency_bs1_ms": 1000 * latency, "ov_throughput_ips": spec["throughput_batch"] / batch_time}
+
+
+def cell_entry(spec_path: str, result_path: str) -> int:
+    """Child-process entry: run the cell described in ``spec_path`` and write its row to ``result_path``."""
+    spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
+    row = run_cell(spec)
+    tmp = Path(result_path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(row), encoding="utf-8")
+    tmp.replace(result_path)
+    return 0
+
+
+__all__ = ["ABLATION_COLUMNS", "COLUMNS", "METRICS", "NUMERIC", "build_model", "cell_entry", "run_cell"]

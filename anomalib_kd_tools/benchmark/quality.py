@@ -1,0 +1,368 @@
+"""``anomalib-kd-benchmark quality``: Patchcore, ReverseDistillation, Aand and MemKD on the same data and seeds.
+
+It runs a grid of cells - one cell is one (model, category, seed) (:mod:`.generator`) - each in its own child
+process (:mod:`.runner`, :mod:`.job`), and writes to ``--output`` (through :mod:`.report`):
+
+* ``results.csv`` - one row per finished cell, appended as soon as the cell ends. A re-run with the same
+  ``--output`` skips the cells already in it (resumable); ``run_config.json`` guards against mixing settings.
+* ``results.md`` - mean ± std over seeds per model and category (and over categories), then the raw rows, under
+  the report header (hardware, date, versions) and the dataset kind (``generated`` or a user folder).
+* ``results.png`` - bars per metric per model (mean ± std over seeds) and inference latency vs image AUROC.
+  (Both from :mod:`.quality_report`.)
+* ``paper_comparison.csv`` (MVTec AD / VisA only, ``--dataset-name``) - the AAND / MemKD papers' published numbers
+  for Aand, MemKD and RD beside the measured ones, with the delta; also a section of ``results.md``
+  (:mod:`.paper_results`).
+* ``logs/<model>_<category>_seed<k>.log`` - each cell's own output.
+
+Data: ``--dataset-root DIR`` (MVTec AD layout: ``DIR/<category>/train/good``, ``test/<defect>``,
+``ground_truth/<defect>``; ``--categories`` picks some) or ``--generated`` (a small MVTec-layout dataset written
+by :func:`anomalib_kd_tools.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
+
+Protocol (the same for the four models):
+
+* Each cell runs in a fresh child process, seeds itself from its own seed only (``seed_everything(seed,
+  workers=True)``) and runs with deterministic algorithms (``Trainer(deterministic="warn")``, cuDNN benchmark
+  off, ``CUBLAS_WORKSPACE_CONFIG``), so a cell gives the same numbers wherever it is placed.
+* Training: the models' own schedules (paper defaults: Patchcore one pass to fill its memory bank,
+  ReverseDistillation 200 epochs, MemKD 100, Aand 100 + 120), scaled with ``--epochs`` / ``--aand-stage-epochs``.
+  No validation during training and no checkpoint selection: the last epoch is the model.
+* Validation, only for the image / pixel thresholds and the normalisation statistics of anomalib's
+  post-processor: ``--val-split from_test`` (default) holds out a label-stratified ``--val-split-ratio`` share of
+  the test images with a fixed ``--split-seed`` (the same images for every model and seed) and the metrics are
+  computed on the remaining test images only; ``synthetic`` instead uses anomalib's Perlin-noise anomalies on a
+  held-out share of the training images and keeps the whole test set. anomalib's default (validation = test set)
+  is not offered: its thresholds would be chosen on the test labels.
+* Metrics on the test images: image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) on the models' *raw* scores and
+  anomaly maps (before anomalib's min-max normalisation, whose clamp to [0, 1] depends on the validation
+  statistics and creates ties), image F1 of the thresholded labels (threshold from the validation split).
+* Speed: the whole ``AnomalibModule.forward`` (pre-processing + model + post-processing) in eval mode under
+  ``torch.inference_mode`` on a float32 ``[B, 3, S, S]`` batch of test images: latency at batch size 1 (median of
+  ``--timing-runs`` calls after ``--warmup`` calls) and throughput at batch size ``--throughput-batch`` (images/s,
+  median batch time). With OpenVINO installed (``--openvino``) the same module is exported with
+  ``to_openvino`` and timed on the CPU with ``INFERENCE_PRECISION_HINT=f32`` (without it the CPU plugin may run
+  bf16 silently).
+* Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the cell; on CPU the peak resident set size of
+  the cell's process, which includes the Python / torch / anomalib runtime (~0.9 GB) and whatever the C allocator
+  keeps after a free (glibc sometimes keeps GBs after Patchcore's coreset loop: the same cell measured 1.2 GB in
+  one run and 5 GB in another; the other columns do not vary like this).
+* Parameter count of the torch model (frozen teacher included; Patchcore's memory bank is a buffer, counted in
+  ``state_mb``), training wall time (``Engine.fit``), seed, backbone and the resolved weights tag.
+
+Devices (``--devices``): ``auto`` uses every visible CUDA GPU (else the CPU), ``N`` the first N GPUs, ``0,2`` those
+GPUs, ``cpu`` the CPU. Cells run one per GPU at a time, each in its own process with ``CUDA_VISIBLE_DEVICES`` set
+to its GPU; on the CPU they run one after the other.
+
+Numbers on generated data with random-init backbones only show that the pipeline works and how fast it is;
+paper numbers need ImageNet weights (``--pre-trained``, the default) and MVTec AD / VisA.
+
+``--ablation aand|memkd|all`` runs the ablation variants instead of ``--models`` (cells are (variant, category,
+seed); ``--proxy-teacher``, ``--texture-dir``, ``--defects``: see :mod:`.ablation`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from anomalib_kd_tools.benchmark import ablation, paper_results, quality_report, runner
+from anomalib_kd_tools.benchmark.generator import GENERATED_CATEGORY, MODELS, Cell, make_cells
+from anomalib_kd_tools.benchmark.job import ABLATION_COLUMNS, COLUMNS, METRIC_LABELS, METRICS
+
+DESCRIPTION = "Side-by-side benchmark of Patchcore, ReverseDistillation, Aand and MemKD (same data, seeds)."
+EPILOG = "Paper numbers need ImageNet weights (--pre-trained) and MVTec AD / VisA (--dataset-root)."
+# Settings that change the numbers of a cell: a results.csv made with other values must not be extended.
+RUN_CONFIG_KEYS = (
+    "dataset_kind",
+    "dataset",
+    "image_size",
+    "backbone",
+    "pre_trained",
+    "epochs",
+    "aand_stage_epochs",
+    "batch_size",
+    "coreset_ratio",
+    "val_split",
+    "val_split_ratio",
+    "split_seed",
+    "openvino",
+    "throughput_batch",
+    "threads",
+    "generated_spec",
+    # ablation mode (.ablation); absent from older run configs, where they mean "off"
+    "ablation",
+    "proxy_teacher",
+    "texture_dir",
+    "texture_spec",
+    "aand_foreground",
+)
+
+
+# ---------------------------------------------------------------------------------------------- options
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    data = parser.add_mutually_exclusive_group(required=True)
+    data.add_argument("--dataset-root", type=Path, help="MVTec-layout folder: <root>/<category>/{train,test,...}")
+    data.add_argument("--generated", action="store_true", help="generate a small MVTec-layout dataset (labelled)")
+    parser.add_argument("--categories", nargs="+", help="categories under --dataset-root (default: all found)")
+    parser.add_argument(
+        "--dataset-name",
+        choices=("auto", "mvtec", "visa", "none"),
+        default="auto",
+        help="which paper numbers results.md / paper_comparison.csv show beside the measured ones (default auto: "
+        "MVTec AD or VisA when every category is one of its names; none: no comparison)",
+    )
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 (0 1 2 with --ablation)")
+    parser.add_argument(
+        "--backbone",
+        help="one backbone for all four models (default: wide_resnet50_2 for Patchcore/RD, "
+        "wide_resnet50_2.tv_in1k for Aand/MemKD)",
+    )
+    parser.add_argument("--pre-trained", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--epochs", type=int, help="epochs of RD and MemKD (default: 200 and 100, the papers')")
+    parser.add_argument(
+        "--aand-stage-epochs",
+        nargs=2,
+        type=int,
+        metavar=("S1", "S2"),
+        help="Aand's stage lengths (default: 100 120)",
+    )
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--coreset-ratio", type=float, default=0.1, help="Patchcore coreset sampling ratio")
+    parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
+    parser.add_argument("--val-split", choices=("from_test", "synthetic"), default="from_test")
+    parser.add_argument("--val-split-ratio", type=float, default=0.3)
+    parser.add_argument("--split-seed", type=int, default=0, help="seed of the validation split (fixed per run)")
+    parser.add_argument("--output", type=Path, default=Path("runs/anomalib-kd-benchmark"))
+    parser.add_argument("--devices", default="auto", help="auto | cpu | N (first N GPUs) | i,j (these GPUs)")
+    parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None, help="default: if installed")
+    parser.add_argument("--timing-runs", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--throughput-batch", type=int, default=16)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="CPU threads per cell (torch and OpenVINO; default: torch's default). On a shared or busy CPU, "
+        "1 avoids thread oversubscription that can inflate latencies many times",
+    )
+    generated = parser.add_argument_group("generated data (--generated)")
+    generated.add_argument("--n-train", type=int, default=32)
+    generated.add_argument("--n-test-good", type=int, default=8)
+    generated.add_argument("--n-test-per-defect", type=int, default=4)
+    ablation.add_arguments(parser)
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Checks across options and the run-dependent defaults (seeds, defects, OpenVINO when installed)."""
+    if args.image_size % 32 or args.image_size < 64:  # noqa: PLR2004
+        parser.error("--image-size must be a multiple of 32 and at least 64")
+    ablation.check_arguments(parser, args)
+    if args.openvino is None:
+        import importlib.util
+
+        args.openvino = importlib.util.find_spec("openvino") is not None
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The checked options of ``anomalib-kd-benchmark quality`` (``argv`` without the subcommand)."""
+    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
+
+    return parse(["quality", *(sys.argv[1:] if argv is None else argv)])
+
+
+# ---------------------------------------------------------------------------------------------- data and settings
+def _prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], dict[str, Any]]:
+    """Dataset root, categories and the run-config entries describing the data (nothing is written yet)."""
+    if args.generated:
+        spec = {
+            "category": GENERATED_CATEGORY,
+            "image_size": args.image_size,
+            "n_train": args.n_train,
+            "n_test_good": args.n_test_good,
+            "n_test_per_defect": args.n_test_per_defect,
+            "seed": 0,
+            **ablation.generated_extras(args),
+        }
+        root = (args.output / "data").resolve()
+        return root, [GENERATED_CATEGORY], {"dataset_kind": "generated", "dataset": "generated", "generated_spec": spec}
+    root = args.dataset_root.resolve()
+    found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir()) if root.is_dir() else []
+    categories = args.categories or found
+    missing = [c for c in categories if c not in found]
+    if not categories or missing:
+        msg = f"{root}: no MVTec-layout category folder{'s ' + str(missing) if missing else 's'} (<category>/train)"
+        raise SystemExit(msg)
+    return root, categories, {"dataset_kind": "folder", "dataset": str(root), "generated_spec": None}
+
+
+def _write_generated(root: Path, spec: dict[str, Any]) -> None:
+    """Write the generated dataset unless the same one is already there."""
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
+
+    marker = root / "generated.json"
+    if not marker.exists() or json.loads(marker.read_text(encoding="utf-8")) != spec:
+        make_mvtec_like_dataset(root, **spec)
+        marker.write_text(json.dumps(spec), encoding="utf-8")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:  # noqa: ANN401
+    if key in ablation.RUN_CONFIG_DEFAULT_OFF:  # a run config written before these keys existed means "off"
+        return (old or None) == (new or None)
+    return old == new
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # noqa: ARG001 - the command is not reported
+    """Run the grid (resuming), then write ``results.md`` / ``results.png``; 0, 1 (failed cells), 2 or 130."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console()
+    args.output.mkdir(parents=True, exist_ok=True)
+    root, categories, data_config = _prepare_data(args)
+    variants, skipped, ablation_config = ablation.plan(args, args.output)
+    config = {
+        **data_config,
+        "image_size": args.image_size,
+        "backbone": args.backbone,
+        "pre_trained": args.pre_trained,
+        "epochs": args.epochs,
+        "aand_stage_epochs": args.aand_stage_epochs,
+        "batch_size": args.batch_size,
+        "coreset_ratio": args.coreset_ratio,
+        "val_split": args.val_split,
+        "val_split_ratio": args.val_split_ratio,
+        "split_seed": args.split_seed,
+        "openvino": args.openvino,
+        "throughput_batch": args.throughput_batch,
+        "threads": args.threads,
+        "dataset_name": args.dataset_name,  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
+        **ablation_config,
+    }
+    config_path = args.output / "run_config.json"
+    if config_path.exists():
+        previous = json.loads(config_path.read_text(encoding="utf-8"))
+        changed = runner.changed_settings(previous, config, RUN_CONFIG_KEYS, _same_setting)
+        if changed:
+            console.print(
+                f"[red]{args.output} holds results made with other settings ({', '.join(changed)}); "
+                "use another --output.[/red]",
+            )
+            return 2
+    config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
+    if args.generated:
+        _write_generated(root, data_config["generated_spec"])
+    ablation.write_textures(config)
+
+    csv_path, run_dir, log_dir = args.output / "results.csv", args.output / "cells", args.output / "logs"
+    run_dir.mkdir(exist_ok=True)
+    log_dir.mkdir(exist_ok=True)
+    devices = runner.resolve_devices(args.devices)
+    by_name = {v.name: v for v in variants}
+    cells = make_cells(list(by_name), categories, args.seeds)
+    for name, missing in skipped.items():
+        console.print(f"[yellow]skip variant {name}: the model's constructor has no {', '.join(missing)}[/yellow]")
+    finished = runner.done_keys(runner.read_rows(csv_path))
+    todo = [c for c in cells if c.key not in finished]
+    for cell in cells:
+        if cell.key in finished:
+            console.print(f"skip {cell.name} (already in {csv_path.name})")
+    kind = "GENERATED data" if args.generated else f"folder {root}"
+    console.print(
+        f"{len(cells)} cells ({len(todo)} to run) on {', '.join(devices)}; {kind}; "
+        f"{ablation.teacher_label(config)}; logs in {log_dir}",
+    )
+
+    def spec_of(cell: Cell, device: str) -> dict[str, Any]:
+        variant = by_name[cell.model]
+        extra = {"variant": variant.name, "overrides": variant.resolved(config["texture_dir"])}
+        return {
+            "model": variant.model,
+            **(extra if args.ablation else {}),
+            "category": cell.category,
+            "seed": cell.seed,
+            "slug": cell.slug,
+            "device": device,
+            "dataset_root": str(root),
+            "dataset_kind": data_config["dataset_kind"],
+            "dataset_label": data_config["dataset"],
+            "work_dir": str(run_dir.resolve()),
+            **{k: config[k] for k in RUN_CONFIG_KEYS if k in config and k not in {"dataset_kind", "dataset"}},
+            "num_workers": args.num_workers,
+            "timing_runs": args.timing_runs,
+            "warmup": args.warmup,
+        }
+
+    failures: list[str] = []
+    running: dict[str, tuple[Cell, Any]] = {}
+    with Progress(
+        TextColumn("[bold]benchmark"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("{task.description}"),
+        console=console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("", total=len(cells), completed=len(cells) - len(todo))
+
+        def describe() -> None:
+            names = ", ".join(f"{c.name} [{d}]" for d, (c, _) in running.items())
+            progress.update(task, description=f"running {names}" if names else "")
+
+        def start(cell: Cell, device: str) -> Any:  # noqa: ANN401 - a runner.CellProcess
+            handle = runner.CellProcess(spec_of(cell, device), device, run_dir, log_dir / f"{cell.slug}.log")
+            running[device] = (cell, handle)
+            return handle
+
+        def on_finish(cell: Cell, device: str, outcome: dict[str, Any]) -> None:
+            _, handle = running.pop(device)
+            if outcome["ok"]:
+                row = outcome["row"]
+                runner.append_row(csv_path, row, ABLATION_COLUMNS if args.ablation else COLUMNS)
+                handle.cleanup()
+                progress.console.print(
+                    f"done {cell.name} on {device} in {outcome['elapsed']:.0f} s: "
+                    + ", ".join(f"{METRIC_LABELS[m]} {row[m]:.3f}" for m in METRICS)
+                    + f", latency {row['latency_bs1_ms']:.1f} ms",
+                )
+            else:
+                failures.append(cell.name)
+                progress.console.print(f"[red]FAILED {cell.name} on {device} ({outcome['error']}):[/red]")
+                for line in outcome["tail"]:
+                    progress.console.print(f"    {line}", markup=False, highlight=False)
+            progress.advance(task)
+            describe()
+
+        try:
+            runner.run_schedule(todo, devices, start, on_start=lambda c, d: describe(), on_finish=on_finish)
+        except KeyboardInterrupt:
+            for _, handle in running.values():
+                handle.terminate()
+            console.print("[yellow]interrupted; finished cells are in results.csv, re-run to resume[/yellow]")
+            return 130
+
+    rows = [r for r in runner.read_rows(csv_path) if runner.row_key(r) in {c.key for c in cells}]
+    if rows and args.ablation:
+        text = ablation.write_markdown(args.output / "results.md", rows, config, variants, skipped)
+        console.print(text, markup=False, highlight=False)
+        console.print(f"wrote {csv_path}, {args.output / 'results.md'}")
+    elif rows:
+        text = quality_report.write_markdown(args.output / "results.md", rows, config)
+        quality_report.write_plot(args.output / "results.png", rows, config)
+        if paper_results.write_csv(args.output / "paper_comparison.csv", rows, config):
+            console.print(f"wrote {args.output / 'paper_comparison.csv'} (paper numbers beside measured ones)")
+        console.print(text, markup=False, highlight=False)
+        console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
+    if failures:
+        console.print(f"[red]{len(failures)} cell(s) failed: {', '.join(failures)} (see {log_dir})[/red]")
+        return 1
+    return 0
+
+
+__all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "parse_args", "run"]
