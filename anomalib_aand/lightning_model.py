@@ -53,7 +53,15 @@ from torch import optim
 from torch.nn import functional as F  # noqa: N812
 from torchvision.transforms.v2 import Normalize
 
-from anomalib_kd_base.model import KDModelBase, check_at_least, check_choice, check_positive
+from anomalib_kd_base.model import (
+    PAPER_BATCH_SIZE,  # noqa: F401  (re-exported: the recipe's constants, shared with MemKD)
+    PAPER_LR,  # noqa: F401
+    KDModelBase,
+    batch_size_warning,
+    check_at_least,
+    check_choice,
+    check_positive,
+)
 
 from .components.synthesis import (
     AUTO_FOREGROUND,
@@ -69,8 +77,6 @@ from .torch_model import AandModel
 logger = logging.getLogger(__name__)
 
 #: the paper's training batch size (Sec. IV-B), which goes with the default ``lr``
-PAPER_BATCH_SIZE = 16
-PAPER_LR = 0.005
 #: where ``anomalib-kd-dtd`` puts DTD's images (``./datasets/dtd/images/<class>/*.jpg``)
 DTD_IMAGES = "./datasets/dtd/images"
 DTD_COMMAND = "anomalib-kd-dtd --root ./datasets/dtd"
@@ -401,25 +407,9 @@ class Aand(KDModelBase, AnomalibModule):
         texture_warning = self.check_texture_source()
         if texture_warning is not None:
             logger.warning(texture_warning)
-        batch_size = getattr(datamodule, "train_batch_size", None)
-        if isinstance(batch_size, int) and self.lr == PAPER_LR:
-            world_size = max(1, int(world_size or 1))
-            if batch_size * world_size != PAPER_BATCH_SIZE:
-                per_rank = f" ({batch_size} per rank x {world_size} ranks)" if world_size > 1 else ""
-                advice = (
-                    f"--data.train_batch_size {PAPER_BATCH_SIZE}"
-                    if world_size == 1
-                    else f"--data.train_batch_size {max(1, PAPER_BATCH_SIZE // world_size)} (per rank, {world_size} ranks)"
-                )
-                logger.warning(
-                    "AAND: training batch size %d%s with the paper's lr %s, which the paper uses with batch %d; the lr "
-                    "is not scaled. Pass %s to train as in the paper, or set --model.lr for your batch size.",
-                    batch_size * world_size,
-                    per_rank,
-                    PAPER_LR,
-                    PAPER_BATCH_SIZE,
-                    advice,
-                )
+        batch_warning = batch_size_warning("AAND", datamodule, self.lr, world_size)
+        if batch_warning is not None:
+            logger.warning(batch_warning)
 
     def set_network_input_size(self, size: tuple[int, int]) -> None:
         """Re-size the anomaly map (``load_from_checkpoint`` restored another pre-processor, see ``KDModelBase``)."""

@@ -74,6 +74,36 @@ def check_choice(name: str, value: Any, choices: Collection[Any], *, sentence: b
         _fail(name, f"one of {tuple(choices)}", repr(value), sentence)
 
 
+# ------------------------------------------------------------------ the papers' recipe
+PAPER_BATCH_SIZE = 16  # both papers: "batch size 16" with Adam lr 0.005
+PAPER_LR = 0.005
+
+
+def batch_size_warning(model: str, datamodule: Any, lr: float, world_size: int = 1) -> str | None:  # noqa: ANN401
+    """The warning for a global training batch other than the papers' 16 with their lr 0.005, else ``None``.
+
+    Both papers train with batch 16 and lr 0.005. The lr is never rescaled for another batch (no rule in either
+    paper); a user who chose another lr is not warned. ``world_size`` ranks each load ``train_batch_size`` images.
+    """
+    batch_size = getattr(datamodule, "train_batch_size", None)
+    if not isinstance(batch_size, int) or lr != PAPER_LR:
+        return None
+    world_size = max(1, int(world_size or 1))
+    if batch_size * world_size == PAPER_BATCH_SIZE:
+        return None
+    per_rank = f" ({batch_size} per rank x {world_size} ranks)" if world_size > 1 else ""
+    advice = (
+        f"--data.train_batch_size {PAPER_BATCH_SIZE}"
+        if world_size == 1
+        else f"--data.train_batch_size {max(1, PAPER_BATCH_SIZE // world_size)} (per rank, {world_size} ranks)"
+    )
+    return (
+        f"{model}: training batch size {batch_size * world_size}{per_rank} with the paper's lr {PAPER_LR}, which the "
+        f"paper uses with batch {PAPER_BATCH_SIZE}; the lr is not scaled. Pass {advice} to train as in the paper, or "
+        "set --model.lr for your batch size."
+    )
+
+
 # ------------------------------------------------------------------ the Lightning base
 class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin):
     """Lightning boilerplate shared by ``Aand`` and ``MemKD`` (see the module docstring); a base before AnomalibModule.
@@ -160,4 +190,12 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
         return batch.update(**predictions._asdict())
 
 
-__all__ = ["KDModelBase", "check_at_least", "check_choice", "check_positive"]
+__all__ = [
+    "PAPER_BATCH_SIZE",
+    "PAPER_LR",
+    "KDModelBase",
+    "batch_size_warning",
+    "check_at_least",
+    "check_choice",
+    "check_positive",
+]

@@ -40,7 +40,7 @@ from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 
-from anomalib_kd_base.model import KDModelBase, check_at_least, check_positive
+from anomalib_kd_base.model import KDModelBase, batch_size_warning, check_at_least, check_positive
 
 from .loss import MemKDLoss
 from .torch_model import MemKDModel, check_input_size
@@ -60,6 +60,10 @@ def _empty_training_set_message(datamodule: Any) -> str:
 
 class MemKD(KDModelBase, AnomalibModule):
     """Memory-guided Knowledge Distillation (MemKD) anomaly detector.
+
+    The paper trains with batch 16 and Adam lr 0.005: at fit start a global training batch other than 16 with the
+    default lr logs a warning naming ``--data.train_batch_size 16`` (the lr is never rescaled; anomalib's default
+    batch is 32).
 
     Args:
         backbone (str): Teacher backbone as a timm name; a pretrained tag selects the
@@ -336,6 +340,14 @@ class MemKD(KDModelBase, AnomalibModule):
         self._exemplar_iterator = None
         self._overlap_warned = set()
         self._check_datamodule()
+        if self.trainer.is_global_zero:
+            self._check_recipe(getattr(self.trainer, "datamodule", None), world_size=self.trainer.world_size)
+
+    def _check_recipe(self, datamodule: Any, world_size: int = 1) -> None:  # noqa: ANN401
+        """Fit-start check of the paper's recipe: a global training batch other than 16 with lr 0.005 warns."""
+        warning = batch_size_warning("MemKD", datamodule, self.lr, world_size)
+        if warning is not None:
+            logger.warning(warning)
 
     def _check_datamodule(self) -> None:
         """MemKD's own messages for datamodule misuse, raised before torch's (e.g. ``num_samples=0``)."""

@@ -188,3 +188,40 @@ def test_loaded_checkpoint_resizes_the_anomaly_map_to_the_restored_pre_processor
     with torch.no_grad():
         anomaly_map = fresh.eval().model(torch.rand(1, 3, SIZE, SIZE)).anomaly_map
     assert tuple(anomaly_map.shape[-2:]) == (SIZE, SIZE)
+
+
+# ------------------------------------------------------------------ the papers' batch size
+class _Datamodule:
+    def __init__(self, train_batch_size: int) -> None:
+        self.train_batch_size = train_batch_size
+
+
+def test_batch_size_warning_names_the_global_batch_and_the_fix() -> None:
+    from anomalib_kd_base.model import PAPER_BATCH_SIZE, PAPER_LR, batch_size_warning
+
+    assert (PAPER_BATCH_SIZE, PAPER_LR) == (16, 0.005)  # both papers' recipe
+    assert batch_size_warning("MemKD", _Datamodule(16), 0.005) is None
+    assert batch_size_warning("MemKD", _Datamodule(4), 0.005, world_size=4) is None  # 4 ranks x 4 = 16
+    assert batch_size_warning("MemKD", _Datamodule(32), 0.01) is None  # the user chose an lr for their batch
+    assert batch_size_warning("MemKD", object(), 0.005) is None  # no train_batch_size: nothing to say
+    message = batch_size_warning("MemKD", _Datamodule(32), 0.005)
+    assert message.startswith("MemKD: training batch size 32 ") and "--data.train_batch_size 16" in message
+    ddp = batch_size_warning("MemKD", _Datamodule(8), 0.005, world_size=4)
+    assert "batch size 32 (8 per rank x 4 ranks)" in ddp and "--data.train_batch_size 4 (per rank, 4 ranks)" in ddp
+
+
+def test_memkd_checks_the_papers_batch_size_like_aand(caplog: pytest.LogCaptureFixture) -> None:
+    """MemKD's fit-start recipe check (both papers: batch 16, lr 0.005); on_fit_start calls it on rank 0."""
+    import logging
+
+    from anomalib_memkd import lightning_model as memkd_module
+
+    assert "self._check_recipe(" in inspect.getsource(memkd_module.MemKD.on_fit_start)
+    model = _small(MemKD)
+    seen = []
+    for batch, world_size in ((32, 1), (16, 1), (4, 4), (8, 4)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=memkd_module.logger.name):
+            model._check_recipe(_Datamodule(batch), world_size=world_size)  # noqa: SLF001
+        seen.append(sum("MemKD: training batch size" in r.getMessage() for r in caplog.records))
+    assert seen == [1, 0, 0, 1]
