@@ -180,6 +180,9 @@ class Aand(KDModelBase, AnomalibModule):
     before each validation); ``sync_batchnorm=True`` on the trainer switches to ``SyncBatchNorm``.
     """
 
+    #: the state-dict prefix that identifies this model in a checkpoint (see anomalib_kd_base.resume)
+    state_signature = "model.raa."
+
     ddp_find_unused_parameters = True
 
     def __init__(

@@ -51,8 +51,24 @@ logger = logging.getLogger(__name__)
 MODEL_KEY = "anomalib_kd_model"
 #: metrics that need both normal and anomalous samples
 _TWO_CLASS_METRICS = ("AUROC", "AUPR", "AUPRO", "F1Score", "F1Max")
-#: parameter prefixes by which a model's state dict is recognised (for checkpoints written without MODEL_KEY)
-_STATE_SIGNATURES = {"model.raa.": "Aand (anomalib_aand.Aand)", "model.memories.": "MemKD (anomalib_memkd.MemKD)"}
+
+
+def _known_models() -> dict[str, str]:
+    """``{state-dict prefix: "Class (package.Class)"}`` of the loaded model classes that declare ``state_signature``.
+
+    A model class (a subclass of :class:`RunGuardMixin`) names the parameter prefix by which its state dict is
+    recognised in checkpoints written without :data:`MODEL_KEY`, e.g. ``state_signature = "model.raa."``. The base
+    layer never names the models itself.
+    """
+    found: dict[str, str] = {}
+    stack = list(RunGuardMixin.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        prefix = cls.__dict__.get("state_signature")
+        if prefix:
+            found[prefix] = f"{cls.__name__} ({cls.__module__.split('.')[0]}.{cls.__name__})"
+    return found
 
 
 def _size_of(pre_processor: Any) -> tuple[int, int] | None:  # noqa: ANN401
@@ -88,7 +104,7 @@ def checkpoint_holds(checkpoint: dict[str, Any]) -> str | None:
     if recorded:
         return str(recorded)
     keys = list((checkpoint.get("state_dict") or {}).keys())
-    for prefix, name in _STATE_SIGNATURES.items():
+    for prefix, name in _known_models().items():
         if any(key.startswith(prefix) for key in keys):
             return name
     return None
@@ -234,7 +250,8 @@ class RunGuardMixin:
             return
         mine = type(self).__name__
         held_class = holds.split(" ")[0].split(".")[-1]
-        if held_class == mine or held_class not in {"Aand", "MemKD"} | {mine}:
+        known = {name.split(" ")[0] for name in _known_models().values()}
+        if held_class == mine or held_class not in known:
             return
         flag = held_class
         msg = (

@@ -165,6 +165,9 @@ class MemKD(KDModelBase, AnomalibModule):
     ``SyncBatchNorm``.
     """
 
+    #: the state-dict prefix that identifies this model in a checkpoint (see anomalib_kd_base.resume)
+    state_signature = "model.memories."
+
     def __init__(
         self,
         backbone: str = "wide_resnet50_2.tv_in1k",

@@ -30,7 +30,17 @@ def imported_top_packages(source: str, module: str) -> set[str]:
                 names.add(module.split(".")[0])
             elif node.module:
                 names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Call) and node.args and _is_dynamic_import(node.func):
+            first = node.args[0]  # importlib.import_module("pkg.mod") / __import__("pkg")
+            if isinstance(first, ast.Constant) and isinstance(first.value, str):
+                names.add(first.value.split(".")[0])
     return names
+
+
+def _is_dynamic_import(func: ast.expr) -> bool:
+    if isinstance(func, ast.Name):
+        return func.id in {"__import__", "import_module"}
+    return isinstance(func, ast.Attribute) and func.attr == "import_module"
 
 
 def violations(package: str, source: str, module: str) -> list[str]:
@@ -52,6 +62,8 @@ def test_the_check_catches_upward_sideways_and_lazy_imports() -> None:
     assert not violations("anomalib_aand", "from anomalib_kd_base.weights import build_teacher\n", "anomalib_aand.x")
     assert not violations("anomalib_kd_tools", "from anomalib_aand import Aand\n", "anomalib_kd_tools.x")
     assert not violations("anomalib_kd_base", "from .resume import RunGuardMixin\n", "anomalib_kd_base.distributed")
+    assert violations("anomalib_kd_base", "import importlib\nimportlib.import_module('anomalib_memkd')\n", "anomalib_kd_base.x")
+    assert violations("anomalib_aand", "__import__('anomalib_kd_tools.demo')\n", "anomalib_aand.x")
 
 
 @pytest.mark.parametrize("package", sorted(LAYER))
@@ -71,12 +83,25 @@ def test_the_folders_are_the_layers() -> None:
     assert packages == set(LAYER), packages
 
 
-@pytest.mark.parametrize("model", ["anomalib_aand", "anomalib_memkd"])
-def test_importing_a_model_loads_neither_the_tools_nor_the_other_model(model: str) -> None:
-    other = {"anomalib_aand": "anomalib_memkd", "anomalib_memkd": "anomalib_aand"}[model]
+BASE_MODULES = sorted(
+    f"anomalib_kd_base.{p.stem}" for p in (REPO / "anomalib_kd_base").glob("*.py") if p.stem != "__init__"
+)
+
+
+@pytest.mark.parametrize(
+    ("modules", "forbidden"),
+    [
+        (["anomalib_aand"], ("anomalib_kd_tools", "anomalib_memkd", "anomalib_kd")),
+        (["anomalib_memkd"], ("anomalib_kd_tools", "anomalib_aand", "anomalib_kd")),
+        (BASE_MODULES, ("anomalib_kd_tools", "anomalib_aand", "anomalib_memkd", "anomalib_kd")),
+    ],
+    ids=["aand", "memkd", "base"],
+)
+def test_importing_a_layer_loads_nothing_above_it(modules: list[str], forbidden: tuple[str, ...]) -> None:
+    assert modules
     code = (
-        f"import sys, {model}; "
-        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in ('anomalib_kd_tools', '{other}', 'anomalib_kd')); "
+        f"import sys, importlib; [importlib.import_module(m) for m in {modules!r}]; "
+        f"bad = sorted(m for m in sys.modules if m.split('.')[0] in {forbidden!r}); "
         "print(bad); sys.exit(1 if bad else 0)"
     )
     # -S: without site-packages' .pth hooks the plugin autoloader (which imports both models) stays out of it.
