@@ -3,7 +3,7 @@
 Nothing is downloaded: the teacher is randomly initialised (``pre_trained=False``), the backbone is
 ``resnet18`` and images are small, so this shows the pipeline end to end in a few minutes on 2 CPU
 cores. The metrics are for the generated data only; paper numbers need ImageNet weights and
-MVTec AD / VisA (see the README).
+MVTec AD / VisA (see docs/benchmarks.md).
 
     anomalib-kd-demo                     # both models, defaults below
     anomalib-kd-demo --models aand --output demo_output
