@@ -17,15 +17,11 @@ from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGen
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
 from torch import nn
 
+from anomalib_kd_base.fast import inference_autocast, set_channels_last
+from anomalib_kd_base.model import SIZE_MULTIPLE, check_size_multiple
 from anomalib_kd_base.weights import build_teacher
 
-from anomalib_kd_base.fast import inference_autocast, set_channels_last
-
 from .components.raa import ResidualAnomalyAmplification
-
-#: total stride of the RD bottleneck (layer3 stride 16, one more stride-2 conv)
-SIZE_MULTIPLE = 32
-
 
 def architecture_name(backbone: str) -> str:
     """``"wide_resnet50_2.tv_in1k"`` -> ``"wide_resnet50_2"`` (the decoder/bottleneck want the bare name)."""
@@ -47,14 +43,13 @@ def as_rgb(images: torch.Tensor) -> torch.Tensor:
 
 def check_image_size(height: int, width: int, backbone: str) -> None:
     """The RD bottleneck/decoder only reproduce the teacher's shapes for multiples of 32."""
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or min(height, width) < 2 * SIZE_MULTIPLE:
-        msg = (
-            f"image size {(height, width)} cannot be served by backbone {backbone!r} with the reverse-distillation "
-            f"student: height and width must be multiples of {SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}. "
-            "Set the pre-processor's image size accordingly (e.g. pre_processor=Aand.configure_pre_processor("
-            "image_size=(256, 256)) or --model.pre_processor.transform with a Resize to a multiple of 32)."
-        )
-        raise ValueError(msg)
+    msg = (
+        f"image size {(height, width)} cannot be served by backbone {backbone!r} with the reverse-distillation "
+        f"student: height and width must be multiples of {SIZE_MULTIPLE} and at least {2 * SIZE_MULTIPLE}. "
+        "Set the pre-processor's image size accordingly (e.g. pre_processor=Aand.configure_pre_processor("
+        "image_size=(256, 256)) or --model.pre_processor.transform with a Resize to a multiple of 32)."
+    )
+    check_size_multiple(height, width, msg, minimum=2 * SIZE_MULTIPLE)
 
 
 class AandModel(nn.Module):

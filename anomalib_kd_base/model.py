@@ -74,6 +74,18 @@ def check_choice(name: str, value: Any, choices: Collection[Any], *, sentence: b
         _fail(name, f"one of {tuple(choices)}", repr(value), sentence)
 
 
+# ------------------------------------------------------------------ input size
+#: total stride of the teacher's layer3 (16) and the RD bottleneck's extra stride-2 convolution: anomalib's RD
+#: bottleneck and decoder reproduce the teacher's feature shapes only for image sides that are multiples of it
+SIZE_MULTIPLE = 32
+
+
+def check_size_multiple(height: int, width: int, message: str, minimum: int = 0) -> None:
+    """Raise ``ValueError(message)`` unless both sides are multiples of :data:`SIZE_MULTIPLE` and ``>= minimum``."""
+    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE or min(height, width) < minimum:
+        raise ValueError(message)
+
+
 # ------------------------------------------------------------------ the papers' recipe
 PAPER_BATCH_SIZE = 16  # both papers: "batch size 16" with Adam lr 0.005
 PAPER_LR = 0.005
@@ -193,9 +205,11 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
 __all__ = [
     "PAPER_BATCH_SIZE",
     "PAPER_LR",
+    "SIZE_MULTIPLE",
     "KDModelBase",
     "batch_size_warning",
     "check_at_least",
     "check_choice",
     "check_positive",
+    "check_size_multiple",
 ]
