@@ -267,7 +267,6 @@ def make_texture_folder(root: str | Path, n_classes: int = 3, n_per_class: int =
     return root
 
 
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", type=Path)

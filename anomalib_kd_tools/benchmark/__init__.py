@@ -3,8 +3,9 @@
 * :mod:`.cli` - the command: subcommands ``quality``, ``edge`` and ``speed``; no subcommand means ``quality``.
 * ``quality`` - :mod:`.quality` (options, the run), :mod:`.quality_report` (``results.md`` / ``results.png``),
   :mod:`.generator` (the grid of cells), :mod:`.runner` (devices, one child process per cell, the resumable
-  ``results.csv``), :mod:`.job` (one cell: build, train, test, time), :mod:`.ablation` (``--ablation``) and
-  :mod:`.paper_results` (the papers' published numbers beside the measured ones).
+  ``results.csv``), :mod:`.job` (one cell: build, train, test, time), :mod:`.ablation` (``--ablation``: options and
+  variants) with :mod:`.ablation_report` (its ``results.md`` / ``results.png``) and :mod:`.paper_results` (the
+  papers' published numbers beside the measured ones). The proxy teacher is :mod:`anomalib_kd_tools.proxy`'s.
 * ``edge`` - :mod:`.edge`: CPU latency / throughput and image AUROC per precision (torch, OpenVINO FP32 / FP16 /
   INT8 / default).
 * ``speed`` - :mod:`.speed`: training step time, peak memory and inference latency (eager, fast path, OpenVINO)

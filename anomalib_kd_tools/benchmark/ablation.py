@@ -16,13 +16,17 @@ whatever flat ``{name: float}`` the model returns is aggregated; a model without
   folder), or with ``--generated`` a DTD-like folder written by :func:`anomalib_kd_tools.synthetic.make_texture_folder`
   into ``--output``/textures. The ``no textures`` variant passes ``anomaly_source_path=None``.
 * ``--proxy-teacher`` (random-init backbones only): before fitting, the teacher's BatchNorm running statistics are
-  re-estimated on the cell's training images (:func:`anomalib_kd_tools.proxy.calibrate_batchnorm`), pre-processed like a
-  training batch. Every output calls this a "proxy teacher (random init, BN calibrated on training images)".
+  re-estimated on the cell's training images (:func:`anomalib_kd_tools.proxy.calibrate_proxy_teacher`), pre-processed
+  like a training batch. Every output calls this a "proxy teacher (random init, BN calibrated on training images)".
 * ``--defects`` picks the generated test set's defect families. The ablation default is families unlike AAND's
   Perlin-texture synthesis: ``foreign`` and ``tint`` when the generator has them, else ``scratch`` and ``hole``.
 
 The variant lists follow the interface agreed with the model code (``INTERFACES``: AAND Sec. IV ablations, MemKD
 Tab. 4a plus the temperature and the L_NM reduction).
+
+This module holds the options, the variants and what runs inside a cell (:func:`mechanism_figures`); the proxy
+teacher is built by :mod:`anomalib_kd_tools.proxy`, and ``results.md`` / ``results.png`` of an ablation run are
+written by :mod:`.ablation_report`.
 """
 
 from __future__ import annotations
@@ -31,17 +35,14 @@ import argparse
 import dataclasses
 import inspect
 import json
-import math
-import re
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import report
+from anomalib_kd_tools.proxy import PROXY_TEACHER
 
-PROXY_TEACHER = "proxy teacher (random init, BN calibrated on training images)"
 TEXTURES = "<texture-dir>"  # placeholder in a variant's overrides, replaced by the run's texture folder
 
 
@@ -276,42 +277,6 @@ def teacher_label(config: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- in the cell
-def teacher_network(model: Any) -> Any:  # noqa: ANN401
-    """The frozen teacher network of an anomalib module: Aand / MemKD / RD ``model.encoder``, Patchcore
-    ``model.feature_extractor``; inside anomalib's ``TimmFeatureExtractor`` the timm network itself, because the
-    extractor's ``forward`` switches a frozen network to eval mode, where BatchNorm would not collect statistics."""
-    from torch import nn
-
-    torch_model = model.model
-    teacher = getattr(torch_model, "encoder", None)
-    if teacher is None:
-        teacher = getattr(torch_model, "feature_extractor", None)
-    if not isinstance(teacher, nn.Module):
-        msg = f"{type(model).__name__}: no teacher found (model.encoder / model.feature_extractor)"
-        raise TypeError(msg)
-    inner = getattr(teacher, "feature_extractor", None)
-    return inner if isinstance(inner, nn.Module) else teacher
-
-
-def calibrate_proxy_teacher(model: Any, dataset: Any, batch_size: int) -> int:  # noqa: ANN401
-    """BatchNorm statistics of the teacher re-estimated on all training images, pre-processed like training
-    batches (``model.pre_processor.transform``). Reads the dataset in index order without a DataLoader, so the
-    seeded random streams of the fit are not consumed. Returns the number of images."""
-    import torch
-
-    from anomalib_kd_tools.proxy import calibrate_batchnorm
-
-    def batches():  # noqa: ANN202
-        for start in range(0, len(dataset), batch_size):
-            images = torch.stack([dataset[i].image for i in range(start, min(start + batch_size, len(dataset)))])
-            images = images.float()
-            if images.shape[1] == 1:
-                images = images.expand(-1, 3, -1, -1)
-            yield model.pre_processor.transform(images[:, :3])
-
-    return calibrate_batchnorm(teacher_network(model), batches())
-
-
 def mechanism_figures(model: Any, dataloader: Any) -> tuple[dict[str, float], str]:  # noqa: ANN401
     """``(figures, status)`` of ``model.mechanism_report(dataloader)`` in eval mode under ``no_grad``.
 
@@ -339,154 +304,12 @@ def mechanism_figures(model: Any, dataloader: Any) -> tuple[dict[str, float], st
     return figures, "ok"
 
 
-# ---------------------------------------------------------------------------------------------- the report
-def _figures(row: dict[str, Any]) -> dict[str, float]:
-    text = row.get("mechanism") or ""
-    if not text:
-        return {}
-    return {k: (math.nan if v is None else float(v)) for k, v in json.loads(text).items()}
-
-
-def summarise(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
-    """Per (variant, category): mean / std / n over seeds of the metrics and of every mechanism figure."""
-    from anomalib_kd_tools.benchmark.job import NUMERIC
-
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["variant"], row["category"]), []).append(row)
-    order = {name: i for i, name in enumerate(variants)}
-    out = []
-    for (variant, category), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
-        figures = [_figures(r) for r in members]
-        keys = sorted({k for f in figures for k in f}, key=_natural)
-        out.append(
-            {
-                "variant": variant,
-                "category": category,
-                "seeds": sorted(int(r["seed"]) for r in members),
-                "schedule": members[0].get("schedule", ""),
-                "status": sorted({str(r.get("mechanism_status", "")) for r in members}),
-                **{k: report.mean_std(r[k] for r in members) for k in NUMERIC},
-                "figures": {k: report.mean_std(f.get(k, math.nan) for f in figures) for k in keys},
-            },
-        )
-    return out
-
-
-def _natural(key: str) -> list[Any]:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
-
-
-def write_markdown(
-    path: Path,
-    rows: Sequence[dict[str, Any]],
-    config: dict[str, Any],
-    variants: Sequence[Variant],
-    skipped: dict[str, list[str]],
-) -> str:
-    """``results.md`` of an ablation run: per ablation a metrics table and a mechanism-figures table."""
-    from anomalib_kd_tools.benchmark import quality_report  # imported here: quality_report imports this module
-
-
-    seeds = sorted({int(r["seed"]) for r in rows})
-    spec = config.get("generated_spec") or {}
-    lines = report.header(
-        f"Ablation ({config.get('ablation')}): same data, same seeds",
-        quality_report.hardware_line(rows),
-        quality_report.finished_line(rows),
-        [
-            f"Dataset: {quality_report.dataset_line(rows, config)}",
-            f"Test defects: {', '.join(spec.get('defects', [])) or 'the dataset’s own'}"
-            + (f"; product: {spec['product']}" if spec.get("product") else ""),
-            f"Teacher: **{teacher_label(config)}**; backbone {config.get('backbone') or 'model default'}; image size "
-            f"{config.get('image_size')} px; batch size {config.get('batch_size')}; "
-            f"seeds: {', '.join(map(str, seeds))}",
-            f"AAND textures (`anomaly_source_path`): {_texture_line(config)}; AAND foreground: "
-            f"{config.get('aand_foreground') or 'model default'}",
-            "Values: mean ± sample std over seeds; metrics on the raw scores of the test images outside the "
-            "validation split",
-        ],
-    )
-    by_ablation: dict[str, list[Variant]] = {}
-    for variant in variants:
-        by_ablation.setdefault(ablation_of(variant.name), []).append(variant)
-    for name in ABLATIONS:
-        listed = [v.name for v in by_ablation.get(name, [])]
-        skipped_here = {v.name: skipped[v.name] for v in ABLATIONS[name] if v.name in skipped}
-        if not listed and not skipped_here:
-            continue
-        summaries = summarise([r for r in rows if r["variant"] in listed], listed)
-        overrides = {v.name: v.overrides for v in variants}
-        lines += [
-            f"## {name}: metrics",
-            "",
-            "| variant | overrides | category | seeds | image AUROC | pixel AUROC | AUPRO | schedule | train s |",
-            "|" + "---|" * 9,
-        ]
-        for s in summaries:
-            lines.append(
-                f"| {s['variant']} | {_overrides(overrides.get(s['variant'], {}))} | {s['category']} | "
-                f"{len(s['seeds'])} | "
-                + " | ".join(report.format_mean_std(s[m]) for m in ("image_auroc", "pixel_auroc", "aupro"))
-                + f" | {s['schedule']} | {report.format_mean_std(s['train_time_s'], 1)} |"
-            )
-        for variant, missing in skipped_here.items():
-            lines.append(f"| {variant} | skipped: the constructor has no `{'`, `'.join(missing)}` | | | | | | | |")
-        keys = sorted({k for s in summaries for k in s["figures"]}, key=_natural)
-        lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
-        if keys:
-            lines += [
-                "| variant | category | " + " | ".join(keys) + " |",
-                "|" + "---|" * (len(keys) + 2),
-            ]
-            for s in summaries:
-                cells = [report.format_mean_std(s["figures"].get(k, (math.nan, math.nan, 0))) for k in keys]
-                lines.append(f"| {s['variant']} | {s['category']} | " + " | ".join(cells) + " |")
-        notes = {f"{s['variant']}: {', '.join(x for x in s['status'] if x != 'ok')}" for s in summaries}
-        notes = sorted(n for n in notes if not n.endswith(": "))
-        if not keys:
-            lines.append("No figures: the model has no `mechanism_report` or it returned none.")
-        if notes:
-            lines += ["", "Status: " + "; ".join(notes)]
-        lines.append("")
-    lines += [
-        "## Raw rows (results.csv)",
-        "",
-        "| variant | category | seed | image AUROC | pixel AUROC | AUPRO | train s | mechanism |",
-        "|" + "---|" * 8,
-    ]
-    for r in sorted(rows, key=lambda r: (r["variant"], r["category"], r["seed"])):
-        lines.append(
-            f"| {r['variant']} | {r['category']} | {r['seed']} | "
-            + " | ".join(report.fmt(r[m]) for m in ("image_auroc", "pixel_auroc", "aupro"))
-            + f" | {report.fmt(r['train_time_s'], 1)} | {r.get('mechanism_status', '')} |"
-        )
-    if config.get("dataset_kind") == "generated":
-        lines += [
-            "",
-            f"Generated data and a {teacher_label(config)}: these numbers test whether each mechanism moves the "
-            "metrics on this data; they are not the papers' MVTec AD / VisA results.",
-        ]
-    return report.write_text(path, lines)
-
-
-def _texture_line(config: dict[str, Any]) -> str:
-    if config.get("texture_spec"):
-        return f"generated DTD-like folder (`make_texture_folder`, {config['texture_spec']}) - not DTD"
-    return f"`{config['texture_dir']}`" if config.get("texture_dir") else "none"
-
-
-def _overrides(overrides: dict[str, Any]) -> str:
-    shown = {k: ("<textures>" if v == TEXTURES else v) for k, v in overrides.items()}
-    return ", ".join(f"`{k}={v!r}`" for k, v in shown.items()) or "defaults"
-
-
 __all__ = [
     "ABLATIONS",
     "PROXY_TEACHER",
     "Variant",
-    "calibrate_proxy_teacher",
+    "ablation_of",
     "mechanism_figures",
-    "teacher_network",
+    "teacher_label",
     "variants_of",
 ]

@@ -14,8 +14,11 @@ Without a subcommand the arguments are ``quality``'s: ``anomalib-kd-benchmark --
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 from anomalib_kd_tools.benchmark import edge, quality, speed
 
@@ -51,17 +54,40 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
 
 
 def with_subcommand(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``quality`` in front when it names no subcommand (and is not a request for the top help)."""
+    """``argv`` with ``quality`` in front when it names no subcommand: when it is empty or starts with an option
+    (``-h`` / ``--help`` excepted: the command's own help). A first word that is neither a subcommand nor an option
+    (``qualty``) is left for the parser, which reports the unknown subcommand."""
     argv = list(argv)
-    if argv[:1] and (argv[0] in COMMANDS or argv[0] in ("-h", "--help")):
-        return argv
-    return ["quality", *argv]
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        return ["quality", *argv]
+    return argv
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside, SIGTERM raises ``KeyboardInterrupt`` like SIGINT does, so that a subcommand stopped by ``timeout``, a
+    scheduler or ``kill`` writes its tables from what is done, as after Ctrl-C (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: object) -> None:  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:
     """The parsed and checked options (``args.command`` names the subcommand); exits on bad arguments."""
     parser, parsers = build_parser()
-    args = parser.parse_args(with_subcommand(argv))
+    full = with_subcommand(argv)
+    if full[0] not in COMMANDS and not full[0].startswith("-"):
+        parser.error(f"unknown subcommand {full[0]!r} (choose from {', '.join(COMMANDS)})")
+    args = parser.parse_args(full)
     COMMANDS[args.command].check_arguments(parsers[args.command], args)
     return args
 
@@ -74,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cell_entry(argv[1], argv[2])
     full = with_subcommand(argv)
     args = parse(full)
-    return COMMANDS[args.command].run(args, full[1:])
+    with sigterm_as_interrupt():  # each subcommand catches KeyboardInterrupt, writes its tables and returns 130
+        return COMMANDS[args.command].run(args, full[1:])
 
 
 __all__ = ["COMMANDS", "build_parser", "main", "parse"]

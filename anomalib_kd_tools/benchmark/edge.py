@@ -6,7 +6,7 @@ OpenVINO, and measures on this machine's CPU:
 
 * latency at batch size 1 (p50 / p95 over ``--runs`` timed calls after warm-up) and throughput at batch size
   ``--throughput-batch`` (images/s), and
-* image AUROC on the generated test split,
+* image AUROC on the generated test split (anomalib's ``AUROC``, as ``quality`` computes it: :func:`.job.image_auroc`),
 
 for these back-ends: ``torch`` (eager fp32, ``torch.inference_mode``), ``ov-fp32`` (OpenVINO FP32 IR run with
 ``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF post-training
@@ -28,7 +28,6 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -40,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from anomalib_kd_tools.benchmark import report
+from anomalib_kd_tools.benchmark.timing import time_calls
 
 if TYPE_CHECKING:
     import numpy as np
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--throughput-runs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=Path("results/edge"))
+    parser.add_argument("--output", type=Path, default=Path("runs/edge"))
     parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, tiny data and few runs (smoke test)")
 
 
@@ -128,31 +128,21 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
-def time_calls(call, batch: np.ndarray, runs: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        call(batch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call(batch)
-        times.append(time.perf_counter() - start)
-    return times
-
-
 def measure(call, scores_of, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
-    from sklearn.metrics import roc_auc_score
+
+    from anomalib_kd_tools.benchmark.job import image_auroc
 
     single = images[:1]
-    latencies = time_calls(call, single, args.runs, args.warmup)
+    latencies = time_calls(lambda: call(single), args.runs, args.warmup)
     batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
-    batch_times = time_calls(call, batch, args.throughput_runs, 1)
+    batch_times = time_calls(lambda: call(batch), args.throughput_runs, 1)
     scores = np.concatenate([scores_of(call(images[i : i + 1])) for i in range(len(images))])
     return {
         "p50_ms": 1000 * statistics.median(latencies),
         "p95_ms": 1000 * percentile(latencies, 95),
         "throughput": args.throughput_batch / statistics.median(batch_times),
-        "image_auroc": float(roc_auc_score(labels, scores)),
+        "image_auroc": image_auroc(scores, labels),  # anomalib's AUROC, as in quality
     }
 
 
@@ -272,10 +262,10 @@ COLUMNS = [
 ]
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, header: Sequence[str]) -> str:
+def markdown(rows: list[dict], args: argparse.Namespace, header: Sequence[str]) -> list[str]:
+    """The lines of ``edge.md``: ``header``, then the table."""
     names = [title.format(tb=args.throughput_batch) for _, title, _ in COLUMNS]
-    lines = [*header, *report.table(names, ([fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows))]
-    return "\n".join(lines) + "\n"
+    return [*header, *report.table(names, ([fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows))]
 
 
 def plot(path: Path, rows: list[dict], title: str) -> None:
@@ -293,7 +283,6 @@ def plot(path: Path, rows: list[dict], title: str) -> None:
         report.Bars(backends, series("image_auroc"), "image AUROC", ylim=(0, 1.05)),
     ]
     report.write_png(path, panels, title)
-
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -346,9 +335,8 @@ def write_tables(output: Path, rows: list[dict], args: argparse.Namespace, argv:
         [f"Setting: {setting}"],
         command=" ".join(["anomalib-kd-benchmark", "edge", *argv]),
     )
-    table = markdown(rows, args, header)
-    (output / "edge.md").write_text(table, encoding="utf-8")
+    text = report.write_text(output / "edge.md", markdown(rows, args, header))
     report.write_csv(output / "edge.csv", rows)
     plot(output / "edge.png", rows, f"{setting} - {hardware}")
-    (output / "edge.json").write_text(json.dumps({"header": "\n".join(header), "rows": rows}, indent=2))
-    return table
+    report.write_json(output / "edge.json", {"header": "\n".join(header), "rows": rows})
+    return text

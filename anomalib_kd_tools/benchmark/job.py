@@ -27,6 +27,7 @@ from typing import Any
 
 from anomalib_kd_tools.benchmark.generator import MODELS
 from anomalib_kd_tools.benchmark.report import cpu_name
+from anomalib_kd_tools.benchmark.timing import time_calls
 
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
 PAPER_EPOCHS = {"ReverseDistillation": 200, "MemKD": 100}
@@ -148,6 +149,21 @@ def _epochs(n: int) -> str:
     return f"{n} epoch" if n == 1 else f"{n} epochs"
 
 
+def image_auroc(scores: Any, labels: Any) -> float:  # noqa: ANN401
+    """Image AUROC of ``scores`` (higher = more anomalous) against the 0/1 ``labels`` with anomalib's ``AUROC``
+    (fields ``pred_score`` / ``gt_label``), the metric the quality cells use: ``edge`` calls this, so every
+    subcommand computes AUROC the same way. Arrays or tensors of any shape with one value per image."""
+    from types import SimpleNamespace
+
+    import torch
+    from anomalib.metrics import AUROC
+
+    metric = AUROC(fields=["pred_score", "gt_label"])
+    scores = torch.as_tensor(scores).detach().float().reshape(-1)
+    metric.update(SimpleNamespace(pred_score=scores, gt_label=torch.as_tensor(labels).reshape(-1).int()))
+    return float(metric.compute())
+
+
 def _raw_metrics_callback():  # noqa: ANN202
     """A callback computing image AUROC, pixel AUROC and AUPRO on the raw (un-normalised) test outputs."""
     import torch
@@ -220,16 +236,8 @@ def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, AN
 
 
 def _time(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None]) -> float:
-    for _ in range(warmup):
-        call()
-    sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of a call (:func:`.timing.time_calls`)."""
+    return statistics.median(time_calls(call, runs, warmup, sync))
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
@@ -269,7 +277,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
     model, fit_kwargs, backbone, schedule = build_model(spec)
     proxy_images = 0
     if spec.get("proxy_teacher"):
-        from anomalib_kd_tools.benchmark.ablation import calibrate_proxy_teacher
+        from anomalib_kd_tools.proxy import calibrate_proxy_teacher
 
         datamodule.setup()
         proxy_images = calibrate_proxy_teacher(model, datamodule.train_data, spec["batch_size"])
@@ -323,7 +331,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         if spec["openvino"]:
             row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
         if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
-            from anomalib_kd_tools.benchmark.ablation import PROXY_TEACHER, mechanism_figures
+            from anomalib_kd_tools.benchmark.ablation import mechanism_figures
+            from anomalib_kd_tools.proxy import PROXY_TEACHER
 
             figures, status = mechanism_figures(model.to(device), datamodule.test_dataloader())
             row.update(variant=spec["variant"], overrides=json.dumps(spec.get("overrides") or {}))
@@ -361,7 +370,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 "n_test": len(datamodule.test_data),
                 "device": spec["device"],
                 "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
-                "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },
         )
         return row
@@ -370,7 +379,7 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _proxy_label() -> str:
-    from anomalib_kd_tools.benchmark.ablation import PROXY_TEACHER
+    from anomalib_kd_tools.proxy import PROXY_TEACHER
 
     return PROXY_TEACHER
 
@@ -416,4 +425,4 @@ def cell_entry(spec_path: str, result_path: str) -> int:
     return 0
 
 
-__all__ = ["ABLATION_COLUMNS", "COLUMNS", "METRICS", "NUMERIC", "build_model", "cell_entry", "run_cell"]
+__all__ = ["ABLATION_COLUMNS", "COLUMNS", "METRICS", "NUMERIC", "build_model", "cell_entry", "image_auroc", "run_cell"]

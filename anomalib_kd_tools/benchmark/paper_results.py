@@ -55,6 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_kd_tools.benchmark import report
+from anomalib_kd_tools.benchmark.job import PAPER_AAND_STAGES
 
 MEAN = "mean"  # the category of a dataset mean
 
@@ -95,11 +96,10 @@ DATASETS = {"mvtec": ("MVTec AD", MVTEC_CATEGORIES), "visa": ("VisA", VISA_CATEG
 # The benchmark's metrics that the papers also report, in report order.
 COMPARED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
-# The papers' protocol (AAND Sec. IV-B, MemKD Sec. 5.2): WideResNet50 ImageNet teacher, 256 x 256, batch 16,
-# AAND 100 + 120 epochs, MemKD 100 epochs; RD's own paper trains 200 epochs (the benchmark's default).
+# The papers' protocol (AAND Sec. IV-B, MemKD Sec. 5.2): WideResNet50 ImageNet teacher, 256 x 256, batch 16
+# (anomalib_kd_base.model.PAPER_BATCH_SIZE, imported where it is used: that module imports anomalib), AAND 100 + 120
+# epochs (job.PAPER_AAND_STAGES), MemKD 100 epochs; RD's own paper trains 200 epochs (the benchmark's default).
 PAPER_IMAGE_SIZE = 256
-PAPER_BATCH_SIZE = 16
-PAPER_AAND_STAGES = (100, 120)
 
 # ------------------------------------------------------------------------------------------ the papers' numbers
 # All values in percent, exactly as printed. Metric keys are the benchmark's: image_auroc = I-AUC,
@@ -269,6 +269,8 @@ def resolve_dataset(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> s
 
 def protocol_differences(config: dict[str, Any]) -> list[str]:
     """What in this run's settings differs from the papers' protocol (so a delta may not mean a failed reproduction)."""
+    from anomalib_kd_base.model import PAPER_BATCH_SIZE
+
     out = []
     if not config.get("pre_trained", True) or config.get("proxy_teacher"):
         out.append("the teacher is not ImageNet-pre-trained")
@@ -382,17 +384,19 @@ def markdown_lines(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> li
         "",
         "- Differences from the papers' protocol: " + ("; ".join(differences) if differences else "none found"),
         "",
-        "| model | category | metric | measured | paper | Δ | source | note |",
-        "|" + "---|" * 8,
     ]
-    for r in records:
-        measured = f"{r['measured']:.3f}"
-        if not math.isnan(r["measured_std"]):
-            measured += f" ± {r['measured_std']:.3f}"
-        lines.append(
-            f"| {r['model']} | {r['category']} | {METRIC_LABELS[r['metric']]} | {measured} | {r['paper']:.3f} | "
-            f"{_signed(r['delta'])} | {r['source']} | {r['note']} |",
-        )
+
+    def measured(r: dict[str, Any]) -> str:
+        return f"{r['measured']:.3f}" + ("" if math.isnan(r["measured_std"]) else f" ± {r['measured_std']:.3f}")
+
+    lines += report.table(
+        ["model", "category", "metric", "measured", "paper", "Δ", "source", "note"],
+        (
+            [r["model"], r["category"], METRIC_LABELS[r["metric"]], measured(r), f"{r['paper']:.3f}"]
+            + [_signed(r["delta"]), r["source"], r["note"]]
+            for r in records
+        ),
+    )
     return lines
 
 

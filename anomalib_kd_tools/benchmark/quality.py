@@ -8,7 +8,7 @@ process (:mod:`.runner`, :mod:`.job`), and writes to ``--output`` (through :mod:
 * ``results.md`` - mean ± std over seeds per model and category (and over categories), then the raw rows, under
   the report header (hardware, date, versions) and the dataset kind (``generated`` or a user folder).
 * ``results.png`` - bars per metric per model (mean ± std over seeds) and inference latency vs image AUROC.
-  (Both from :mod:`.quality_report`.)
+  (Both from :mod:`.quality_report`; an ``--ablation`` run's from :mod:`.ablation_report`, with bars per variant.)
 * ``paper_comparison.csv`` (MVTec AD / VisA only, ``--dataset-name``) - the AAND / MemKD papers' published numbers
   for Aand, MemKD and RD beside the measured ones, with the delta; also a section of ``results.md``
   (:mod:`.paper_results`).
@@ -69,7 +69,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import ablation, paper_results, quality_report, runner
+from anomalib_kd_tools.benchmark import ablation, ablation_report, paper_results, quality_report, runner
 from anomalib_kd_tools.benchmark.generator import GENERATED_CATEGORY, MODELS, Cell, make_cells
 from anomalib_kd_tools.benchmark.job import ABLATION_COLUMNS, COLUMNS, METRIC_LABELS, METRICS
 
@@ -218,7 +218,10 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:  # noqa: ANN401
 
 # ---------------------------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # noqa: ARG001 - the command is not reported
-    """Run the grid (resuming), then write ``results.md`` / ``results.png``; 0, 1 (failed cells), 2 or 130."""
+    """Run the grid (resuming), then write ``results.md`` / ``results.png``; 0, 1 (failed cells), 2 or 130.
+
+    Interrupted (Ctrl-C, SIGINT or SIGTERM), it stops the running cells, writes the tables from the finished cells
+    and returns 130."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -339,19 +342,24 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
             progress.advance(task)
             describe()
 
+        interrupted = False
         try:
             runner.run_schedule(todo, devices, start, on_start=lambda c, d: describe(), on_finish=on_finish)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C, or SIGINT / SIGTERM from a cap (cli.sigterm_as_interrupt)
+            interrupted = True
             for _, handle in running.values():
                 handle.terminate()
-            console.print("[yellow]interrupted; finished cells are in results.csv, re-run to resume[/yellow]")
-            return 130
+            console.print(
+                "[yellow]interrupted; writing the tables of the finished cells (results.csv); re-run to resume[/yellow]",
+            )
 
     rows = [r for r in runner.read_rows(csv_path) if runner.row_key(r) in {c.key for c in cells}]
+    config["interrupted"] = interrupted  # report only: the tables say they are partial
     if rows and args.ablation:
-        text = ablation.write_markdown(args.output / "results.md", rows, config, variants, skipped)
+        text = ablation_report.write_markdown(args.output / "results.md", rows, config, variants, skipped)
+        ablation_report.write_plot(args.output / "results.png", rows, config, variants, skipped)
         console.print(text, markup=False, highlight=False)
-        console.print(f"wrote {csv_path}, {args.output / 'results.md'}")
+        console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
     elif rows:
         text = quality_report.write_markdown(args.output / "results.md", rows, config)
         quality_report.write_plot(args.output / "results.png", rows, config)
@@ -361,8 +369,9 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
         console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
     if failures:
         console.print(f"[red]{len(failures)} cell(s) failed: {', '.join(failures)} (see {log_dir})[/red]")
-        return 1
-    return 0
+    if interrupted:
+        return 130
+    return 1 if failures else 0
 
 
 __all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "parse_args", "run"]

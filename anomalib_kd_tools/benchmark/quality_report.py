@@ -3,7 +3,7 @@
 Aggregation over seeds (:func:`aggregate`, per model and category; :func:`aggregate_over_categories`, per model) and
 the content of the two files; the files themselves are written by :mod:`.report` (the header every table shares,
 markdown tables, the figure). The header lines of a quality run (:func:`hardware_line`, :func:`finished_line`,
-:func:`dataset_line`) are also the ablation report's (:mod:`.ablation`).
+:func:`dataset_line`) are also the ablation report's (:mod:`.ablation_report`).
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def write_markdown(path: Path, rows: Sequence[dict[str, Any]], config: dict[str,
             f"Peak memory: {_memory_line(rows)}",
             "Values: mean ± sample std over seeds (a single seed shows the value only)",
         ],
+        interrupted=bool(config.get("interrupted")),
     )
     columns = ["model", "category", "seeds", "image AUROC", "pixel AUROC", "AUPRO", "image F1", "latency bs1 ms"]
     columns += [f"img/s bs{tb}", "OV latency bs1 ms", f"OV img/s bs{tb}", "peak mem MB", "params M", "train s"]

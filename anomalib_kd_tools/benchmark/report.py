@@ -66,13 +66,24 @@ def hardware(gpus: Iterable[str] = (), threads: int | None = None, no_gpu: str =
 
 
 def today() -> str:
-    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def header(title: str, hardware: str, date: str, facts: Sequence[str] = (), command: str | None = None) -> list[str]:
-    """The header of every table: title, hardware, date and versions, then ``facts`` and the command."""
+INTERRUPTED = "**Interrupted** (Ctrl-C, or a cap's SIGINT / SIGTERM): these tables hold only what finished before"
+
+
+def header(
+    title: str,
+    hardware: str,
+    date: str,
+    facts: Sequence[str] = (),
+    command: str | None = None,
+    interrupted: bool = False,
+) -> list[str]:
+    """The header of every table: title, hardware, date and versions, then ``facts`` (after :data:`INTERRUPTED` for a
+    run that was stopped early) and the command."""
     lines = [f"# {title}", "", f"- Hardware: {hardware}", f"- Date: {date}; versions: {versions()}"]
-    lines += [f"- {fact}" for fact in facts]
+    lines += [f"- {fact}" for fact in ([INTERRUPTED] if interrupted else []) + list(facts)]
     if command:
         lines.append(f"- Command: `{command}`")
     return [*lines, ""]
@@ -118,6 +129,11 @@ def write_text(path: Path, lines: Sequence[str]) -> str:
     text = "\n".join(lines) + "\n"
     Path(path).write_text(text, encoding="utf-8")
     return text
+
+
+def write_json(path: Path, data: Any, indent: int | None = 2) -> None:  # noqa: ANN401
+    """``data`` as JSON (the machine-readable twin of a markdown table; ``nan`` is written as ``NaN``)."""
+    Path(path).write_text(json.dumps(data, indent=indent), encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------------------------- CSV

@@ -188,5 +188,4 @@ class CellProcess:
         self._log.close()
 
 
-
 __all__ = ["CellProcess", "append_row", "child_visible_devices", "read_rows", "resolve_devices", "run_schedule"]

@@ -56,6 +56,7 @@ from pathlib import Path
 import torch
 
 from anomalib_kd_tools.benchmark import report
+from anomalib_kd_tools.benchmark.timing import time_calls
 
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
 INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
@@ -72,7 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     parser.add_argument("--only", choices=("train", "inference"), default=None)
     parser.add_argument("--configs", nargs="+", default=list(TRAIN_CONFIGS), choices=TRAIN_CONFIGS)
-    parser.add_argument("--output", type=Path, default=Path("results/speed"))
+    parser.add_argument("--output", type=Path, default=Path("runs/speed"))
     parser.add_argument("--models", nargs="+", default=list(INFERENCE_MODELS), choices=INFERENCE_MODELS,
                         help="inference models (ReverseDistillation is always timed: the ratios are to it)")
     parser.add_argument("--no-openvino", action="store_true", help="skip the OpenVINO inference rows")
@@ -261,8 +262,10 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
-    results = []
+def train_table(args: argparse.Namespace, results: list[dict] | None = None) -> tuple[list[dict], dict]:
+    """One child process per configuration; each finished configuration is appended to ``results`` at once (an
+    interrupted run keeps those). Returns ``(results, derived ratios)``."""
+    results = [] if results is None else results
     for config in args.configs:
         command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config,
                    "--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size",
@@ -274,6 +277,11 @@ def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"training benchmark {config} failed")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results, derive(results)
+
+
+def derive(results: Sequence[dict]) -> dict:
+    """The ratios to RD of the speed issue, from the training rows there are."""
     by = {r["config"]: r for r in results}
     derived = {}
     if "rd" in by:
@@ -285,11 +293,13 @@ def train_table(args: argparse.Namespace) -> tuple[list[dict], dict]:
             derived["aand_schedule_vs_rd_200"] = aand / (200 * rd["step_s"])
         if "memkd" in by:
             derived["memkd_epoch_vs_rd"] = by["memkd"]["step_s"] / rd["step_s"]
-    return results, derived
+    return derived
 
 
 # --------------------------------------------------------------------------------------------- inference
-def inference_table(args: argparse.Namespace) -> list[dict]:
+def inference_table(args: argparse.Namespace, rows: list[dict] | None = None) -> list[dict]:
+    """The inference rows, appended to ``rows`` as they are measured; the ratios to RD are filled in also when the
+    run is interrupted (``nan`` where RD's row is missing)."""
     from anomalib.models import ReverseDistillation
 
     from anomalib_aand import Aand
@@ -305,9 +315,23 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
         for name, cls in classes.items()
         if name in wanted
     }
-    rows = []
+    rows = [] if rows is None else rows
     # eager fp32 latency: every model timed in the same rounds, alternating (see interleaved_eager_times)
     eager: dict[tuple[str, int], list[float]] = {}
+    try:
+        _measure_inference(modules, eager, rows, args, device)
+    finally:
+        _ratios_to_rd(rows, eager)
+    return rows
+
+
+def _measure_inference(
+    modules: dict,
+    eager: dict[tuple[str, int], list[float]],
+    rows: list[dict],
+    args: argparse.Namespace,
+    device: torch.device,
+) -> None:
     networks = {name: module.model.to(device).eval() for name, module in modules.items()}
     for batch_size in (1, args.batch_size):
         images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
@@ -348,6 +372,9 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
                 model.set_fast_inference(False)
         if device.type == "cpu" and not getattr(args, "no_openvino", False):
             rows.extend(openvino_rows(name, module, args))
+
+
+def _ratios_to_rd(rows: list[dict], eager: dict[tuple[str, int], list[float]]) -> None:
     rd = {(r["variant"], r["batch"]): r["ms"] for r in rows if r["model"] == "ReverseDistillation"}
     for row in rows:
         base = rd.get(("eager-fp32", row["batch"]))
@@ -355,7 +382,6 @@ def inference_table(args: argparse.Namespace) -> list[dict]:
         if row["variant"] == "eager-fp32" and ("ReverseDistillation", row["batch"]) in eager:
             pairs = zip(eager[(row["model"], row["batch"])], eager[("ReverseDistillation", row["batch"])], strict=True)
             row["vs_rd_eager_paired"] = statistics.median(t / t_rd for t, t_rd in pairs)
-    return rows
 
 
 def interleaved_eager_times(
@@ -412,14 +438,7 @@ def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
         compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         for batch_size in (1, args.batch_size):
             images = torch.rand(batch_size, 3, args.image_size, args.image_size).numpy()
-            for _ in range(2):
-                compiled(images)
-            times = []
-            for _ in range(args.runs):
-                start = time.perf_counter()
-                compiled(images)
-                times.append(time.perf_counter() - start)
-            median = statistics.median(times)
+            median = statistics.median(time_calls(lambda images=images: compiled(images), args.runs, warmup=2))
             rows.append({"model": name, "variant": "openvino-fp32 (whole module)", "batch": batch_size,
                          "ms": 1000 * median, "img_per_s": batch_size / median})  # fmt: skip
     return rows
@@ -427,8 +446,8 @@ def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
 
 # --------------------------------------------------------------------------------------------- report
 def markdown(train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace,
-             argv: Sequence[str]) -> str:  # fmt: skip
-    """``speed.md``: the report header, the training and ratio tables, the inference table."""
+             argv: Sequence[str], interrupted: bool = False) -> list[str]:  # fmt: skip
+    """The lines of ``speed.md``: the report header, the training and ratio tables, the inference table."""
     lines = report.header(
         "Speed benchmark: AAND and MemKD relative to ReverseDistillation (training step, memory, inference)",
         hardware(args.device),
@@ -436,6 +455,7 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
         [f"Setting: {args.backbone} (random init), {args.image_size} px, training bs {args.batch_size}, "
          f"MemKD N={args.exemplars}; device {args.device}"],  # fmt: skip
         command=" ".join(["anomalib-kd-benchmark", "speed", *argv]),
+        interrupted=interrupted,
     )
     if train:
         unit = "peak GPU memory (GB)" if args.device.startswith("cuda") else "step peak RSS increase (GB)"
@@ -484,7 +504,7 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
              "GFLOP / image", "/ RD GFLOP", "map error vs fp32 (of range)"],  # fmt: skip
             (cells(row) for row in inference),
         )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def plot(path: Path, train: list[dict], inference: list[dict], title: str) -> None:
@@ -507,22 +527,27 @@ def plot(path: Path, train: list[dict], inference: list[dict], title: str) -> No
         report.write_png(path, panels, title)
 
 
-
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before anything imports huggingface_hub
     warnings.filterwarnings("ignore")
     if args.child:
         print(json.dumps(run_child(args.child, args)))
         return 0
-    train, derived, inference = [], {}, []
-    if args.only in (None, "train"):
-        train, derived = train_table(args)
-    if args.only in (None, "inference"):
-        print("[inference] ...", flush=True)
-        inference = inference_table(args)
-    table = write_tables(args.output, train, derived, inference, args, argv)
+    train: list[dict] = []
+    inference: list[dict] = []
+    interrupted = False
+    try:
+        if args.only in (None, "train"):
+            train_table(args, train)
+        if args.only in (None, "inference"):
+            print("[inference] ...", flush=True)
+            inference_table(args, inference)
+    except KeyboardInterrupt:  # Ctrl-C, or SIGINT / SIGTERM from a cap (cli.sigterm_as_interrupt)
+        interrupted = True
+        print("[speed] interrupted: writing the tables of what is done", file=sys.stderr, flush=True)
+    table = write_tables(args.output, train, derive(train), inference, args, argv, interrupted=interrupted)
     print("\n" + table)
-    return 0
+    return 130 if interrupted else 0
 
 
 def write_tables(
@@ -532,17 +557,17 @@ def write_tables(
     inference: list[dict],
     args: argparse.Namespace,
     argv: Sequence[str],
+    interrupted: bool = False,
 ) -> str:
     """``speed.md`` (report header + tables), ``speed_train.csv``, ``speed_inference.csv``, ``speed.png`` and
-    ``speed.json`` in ``output``."""
-    table = markdown(train, derived, inference, args, argv)
+    ``speed.json`` in ``output``; returns the markdown."""
     output.mkdir(parents=True, exist_ok=True)
-    (output / "speed.md").write_text(table, encoding="utf-8")
+    text = report.write_text(output / "speed.md", markdown(train, derived, inference, args, argv, interrupted))
     if train:
         report.write_csv(output / "speed_train.csv", train)
     if inference:
         report.write_csv(output / "speed_inference.csv", inference)
     setting = f"{args.backbone} (random init), {args.image_size} px, bs {args.batch_size}"
     plot(output / "speed.png", train, inference, f"{setting} - {hardware(args.device)}")
-    (output / "speed.json").write_text(json.dumps({"train": train, "derived": derived, "inference": inference}))
-    return table
+    report.write_json(output / "speed.json", {"train": train, "derived": derived, "inference": inference}, indent=None)
+    return text

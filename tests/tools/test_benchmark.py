@@ -177,6 +177,19 @@ def test_mean_std_and_aggregation() -> None:
     assert overall["image_auroc"][1] == pytest.approx(statistics.stdev(per_seed))
 
 
+def test_image_auroc_is_anomalibs_and_matches_the_rank_statistic() -> None:
+    """edge and quality share job.image_auroc (anomalib's AUROC); ties count one half, as in sklearn."""
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    labels = np.array([0, 0, 0, 1, 1, 0, 1], dtype=bool)
+    scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.2, 0.9], dtype=np.float32)  # one tie across the classes
+    pairs = [(p, n) for p in scores[labels] for n in scores[~labels]]
+    by_hand = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
+    assert job.image_auroc(scores, labels) == pytest.approx(by_hand, abs=1e-6) == roc_auc_score(labels, scores)
+    assert job.image_auroc(-scores, labels) == pytest.approx(1 - by_hand, abs=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------- end to end
 def _csv(path: Path) -> list[dict]:
     with path.open(newline="") as file:
@@ -327,8 +340,21 @@ def test_no_subcommand_means_quality(tmp_path: Path) -> None:
         cli.parse(["edge", "--generated"])  # a quality option is not an edge option
 
 
+def test_a_mistyped_subcommand_is_reported_as_such(capsys) -> None:
+    """Only an empty argv or one that starts with an option means quality: a typo is not read as quality's args."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["qualty", "--generated"])
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "unknown subcommand 'qualty'" in error and "--dataset-root" not in error
+    assert cli.with_subcommand([]) == ["quality"]
+    assert cli.with_subcommand(["--generated"]) == ["quality", "--generated"]
+    assert cli.with_subcommand(["--help"]) == ["--help"]  # the command's own help
+
+
 # ---------------------------------------------------------------------------------------------- ablation mode
-from anomalib_kd_tools.benchmark import ablation  # noqa: E402
+from anomalib_kd_tools import proxy  # noqa: E402
+from anomalib_kd_tools.benchmark import ablation, ablation_report  # noqa: E402
 
 def test_ablation_variants_follow_the_agreed_interface() -> None:
     """The variants the model code is written against (INTERFACES): names, model classes, overrides."""
@@ -408,7 +434,7 @@ def test_proxy_teacher_calibrates_the_teachers_batchnorm(name: str, dataset_root
     spec = {"model": name, "image_size": 64, "backbone": "resnet18", "pre_trained": False, "coreset_ratio": 0.1}
     spec.update(epochs=1, aand_stage_epochs=[1, 1])
     model, *_ = job.build_model(spec)
-    network = ablation.teacher_network(model)
+    network = proxy.teacher_network(model)
     expected_module = model.model.feature_extractor if name == "Patchcore" else model.model.encoder
     assert network is expected_module.feature_extractor  # the timm network inside anomalib's extractor
     datamodule = mvtec_datamodule(dataset_root)
@@ -423,7 +449,7 @@ def test_proxy_teacher_calibrates_the_teachers_batchnorm(name: str, dataset_root
             batch_vars.append(out.var(dim=(0, 2, 3), unbiased=True))
     state = torch.random.get_rng_state()
 
-    assert ablation.calibrate_proxy_teacher(model, data, batch_size=4) == 12
+    assert proxy.calibrate_proxy_teacher(model, data, batch_size=4) == 12
 
     assert torch.equal(torch.random.get_rng_state(), state)  # the fit's seeded random stream is untouched
     bn = network.bn1
@@ -479,7 +505,7 @@ def test_ablation_markdown_aggregates_metrics_and_mechanism_figures(tmp_path: Pa
     variants = [v for v in ablation.variants_of("memkd") if v.name in values]
     config = {"ablation": "memkd", "proxy_teacher": True, "pre_trained": False, "dataset_kind": "generated"}
     config["generated_spec"] = {"defects": ["foreign", "tint"], "n_train": 8}
-    text = ablation.write_markdown(tmp_path / "r.md", rows, config, variants, {"MemKD no memory": ["use_memory"]})
+    text = ablation_report.write_markdown(tmp_path / "r.md", rows, config, variants, {"MemKD no memory": ["use_memory"]})
     assert text == (tmp_path / "r.md").read_text()
     assert ablation.PROXY_TEACHER in text and "ImageNet" not in text
     assert "foreign, tint" in text
@@ -547,6 +573,7 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
     md = (out / "results.md").read_text()
     for variant in expected_skipped:
         assert f"| {variant.name} | skipped" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # bars per variant, by ablation_report
     textures = out / "textures"
     assert len(list(textures.glob("*/*.jpg"))) > 0
     config = json.loads((out / "run_config.json").read_text())
@@ -569,7 +596,7 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
         figures = json.loads(row["mechanism"])
         if has_report and variant.overrides.get("use_memory") is not False:
             assert figures and all(isinstance(v, float) for v in figures.values())
-            assert f"| {min(figures, key=ablation._natural)} |" in md  # noqa: SLF001 - its mechanism table
+            assert f"| {min(figures, key=ablation_report.natural_key)} |" in md  # its mechanism table
     by_variant = {r["variant"]: r for r in rows}
     assert by_variant["AAND stage1=0"]["schedule"] == "0+1 epochs"  # the override reached the constructor
     assert by_variant["AAND"]["schedule"] == "1+1 epochs"

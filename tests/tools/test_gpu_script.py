@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -14,6 +15,22 @@ from anomalib_kd_tools.benchmark import cli
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu.sh"
 MODULE = "anomalib_kd_tools.benchmark"
+SETUP_S = 30  # what the script spends outside the two capped steps, at most
+
+
+def test_gpu_script_worst_case_fits_eight_minutes() -> None:
+    """The defaults as written in the script (not only as the dry run prints them): caps + kill graces + set-up."""
+    text = SCRIPT.read_text(encoding="utf-8")
+
+    def default(name: str) -> int:
+        match = re.search(rf'\$\{{{name}:-(\d+)\}}', text)
+        assert match, f"gpu.sh has no default for {name}"
+        return int(match.group(1))
+
+    caps = [default("QUALITY_TIMEOUT"), default("SPEED_TIMEOUT")]
+    kill = default("KILL_AFTER")
+    assert text.count('timeout -s INT -k "$kill_after"') == 3  # capped() and the two dry-run lines use the same grace
+    assert sum(cap + kill for cap in caps) + SETUP_S <= 8 * 60
 
 
 def _script(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
@@ -33,12 +50,13 @@ def test_gpu_script_dry_run(tmp_path: Path) -> None:
     commands = [shlex.split(line) for line in result.stdout.splitlines() if f"-m {MODULE} " in line]
     parsed = {}
     for tokens in commands:
-        assert tokens[:5] == ["timeout", "-s", "INT", "-k", "30"] and int(tokens[5]) > 0  # every step is capped
+        assert tokens[:4] == ["timeout", "-s", "INT", "-k"] and int(tokens[4]) > 0 and int(tokens[5]) > 0  # capped
         assert tokens[6:9] == [sys.executable, "-m", MODULE]
         args = cli.parse(tokens[9:])  # the real parser: a renamed or removed flag fails here
         parsed[args.command] = args
     assert sorted(parsed) == ["quality", "speed"]
-    assert sum(int(tokens[5]) for tokens in commands) <= 8 * 60  # the caps keep the whole run inside 8 minutes
+    # worst case of each step: its cap, then SIGKILL after the -k grace; + 30 s of set-up (CUDA probe, nvidia-smi)
+    assert sum(int(tokens[5]) + int(tokens[4]) for tokens in commands) + SETUP_S <= 8 * 60
 
     quality = parsed["quality"]
     assert quality.generated and quality.dataset_root is None
@@ -69,3 +87,38 @@ def test_gpu_script_refuses_without_cuda(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "no CUDA device" in result.stderr and "DRY_RUN=1" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_script_reports_a_broken_install_not_missing_cuda(tmp_path: Path) -> None:
+    fake = tmp_path / "python"  # an interpreter whose install is broken: the import fails
+    fake.write_text("#!/bin/sh\necho \"ModuleNotFoundError: No module named 'torch'\" >&2\nexit 1\n")
+    fake.chmod(0o755)
+    result = _script(tmp_path, PYTHON=str(fake))
+    assert result.returncode == 2
+    assert "cannot import torch" in result.stderr and "No module named 'torch'" in result.stderr
+    assert "no CUDA" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_gpu_script_runs_from_the_repo_root(tmp_path: Path) -> None:
+    """Started from elsewhere, the script works in the repo root; a relative OUTPUT stays relative to the caller."""
+    fake = tmp_path / "python"  # records the directory the script runs its interpreter in
+    fake.write_text(f"#!/bin/sh\npwd > {tmp_path / 'cwd.txt'}\nexit 1\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        ["bash", str(SCRIPT), "rel-out"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHON": str(fake), "DRY_RUN": "1"},
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"(output: {tmp_path / 'rel-out'})" in result.stdout
+    result = subprocess.run(
+        ["bash", str(SCRIPT)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "PYTHON": str(fake)}, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert (tmp_path / "cwd.txt").read_text().strip() == str(SCRIPT.parents[1])

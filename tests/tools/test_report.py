@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd_tools.benchmark import ablation, edge, job, quality_report, report, speed
+from anomalib_kd_tools.benchmark import ablation, ablation_report, edge, job, quality_report, report, speed
 
 HEADER = re.compile(
     r"# (?P<title>[^\n]+)\n"
@@ -38,7 +38,7 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
     texts = {"quality": quality_report.write_markdown(tmp_path / "results.md", rows, config)}
     variants = [v for v in ablation.variants_of("memkd") if v.name == "MemKD"]
     ablation_rows = [r for r in rows if r["model"] == "MemKD"]
-    texts["ablation"] = ablation.write_markdown(tmp_path / "ablation.md", ablation_rows, config, variants, {})
+    texts["ablation"] = ablation_report.write_markdown(tmp_path / "ablation.md", ablation_rows, config, variants, {})
 
     edge_rows = [
         {"model": m, "backend": b, "p50_ms": p50, "p95_ms": 1.5 * p50, "throughput": 100 / p50, "image_auroc": 0.75}
@@ -114,3 +114,100 @@ def test_mean_std_and_png(tmp_path: Path) -> None:
     report.write_png(tmp_path / "p.png", [bars, scatter], "title")
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+# ---------------------------------------------------------------------------------------------- interrupted runs
+TINY_QUALITY = ["--generated", "--image-size", "64", "--n-train", "4", "--n-test-good", "2", "--n-test-per-defect", "1"]
+TINY_QUALITY += ["--backbone", "resnet18", "--no-pre-trained", "--no-openvino", "--devices", "cpu"]
+
+
+def test_interrupted_quality_run_writes_the_tables_of_the_finished_cells(tmp_path: Path, monkeypatch) -> None:
+    """No training: the first cell 'finishes' with a hand-made row, the second is interrupted (as by a cap)."""
+    from anomalib_kd_tools.benchmark import cli, runner
+    from anomalib_kd_tools.benchmark.generator import GENERATED_CATEGORY
+
+    terminated = []
+
+    class FakeCell:
+        def __init__(self, spec: dict, device: str, run_dir: Path, log_path: Path) -> None:  # noqa: ARG002
+            self.spec = spec
+
+        def poll(self) -> dict:
+            if self.spec["model"] == "Aand":
+                raise KeyboardInterrupt  # what SIGINT / SIGTERM (cli.sigterm_as_interrupt) raise in the parent
+            row = _quality_row(self.spec["model"], self.spec["seed"]) | {"category": GENERATED_CATEGORY}
+            return {"ok": True, "row": row, "elapsed": 1.0}
+
+        def terminate(self) -> None:
+            terminated.append(self.spec["model"])
+
+        def cleanup(self) -> None:
+            pass
+
+    monkeypatch.setattr(runner, "CellProcess", FakeCell)
+    out = tmp_path / "q"
+    code = cli.main(["quality", *TINY_QUALITY, "--models", "Patchcore", "Aand", "--output", str(out)])
+    assert code == 130 and terminated == ["Aand"]
+    assert [r["model"] for r in runner.read_rows(out / "results.csv")] == ["Patchcore"]
+    md = (out / "results.md").read_text()
+    assert report.INTERRUPTED in md
+    assert f"| Patchcore | {GENERATED_CATEGORY} | 0 |" in md and "| Aand |" not in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interrupted_speed_run_writes_the_tables_of_what_is_done(tmp_path: Path, monkeypatch) -> None:
+    """No training: the first configuration's child 'returns' a row, the second is interrupted."""
+    import json
+    import subprocess
+    from types import SimpleNamespace
+
+    calls = []
+
+    def fake_run(command: list[str], **kwargs) -> SimpleNamespace:  # noqa: ARG001
+        config = command[command.index("--child") + 1]
+        calls.append(config)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return SimpleNamespace(returncode=0, stdout=json.dumps({"config": config, "step_s": 0.5, "peak_bytes": 1e8}))
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    out = tmp_path / "s"
+    argv = ["--quick", "--device", "cpu", "--output", str(out)]
+    assert speed.run(speed.parse_args(argv), argv) == 130
+    assert calls == ["rd", "aand-s1"]
+    md = (out / "speed.md").read_text()
+    assert report.INTERRUPTED in md and "| rd | 0.500 | 0.10 |" in md
+    assert [r["config"] for r in report.read_csv(out / "speed_train.csv")] == ["rd"]
+    assert json.loads((out / "speed.json").read_text())["train"][0]["step_s"] == 0.5
+    assert not (out / "speed_inference.csv").exists()  # interrupted before the inference part
+
+
+def test_sigterm_raises_keyboard_interrupt_inside_the_command() -> None:
+    import os
+    import signal
+    import time
+
+    from anomalib_kd_tools.benchmark import cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), cli.sigterm_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)  # without the handler this would end the test process
+        time.sleep(5)  # the handler raises during the sleep
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_ablation_png_has_one_panel_per_ablation(tmp_path: Path, monkeypatch) -> None:
+    rows = []
+    for variant, model in (("AAND", "Aand"), ("AAND no L_A", "Aand"), ("MemKD", "MemKD")):
+        for seed, auroc in ((0, 0.6), (1, 0.8)):
+            rows.append(_quality_row(model, seed) | {"variant": variant, "image_auroc": auroc})
+    variants = [v for v in ablation.variants_of("all") if v.name in {"AAND", "AAND no L_A", "MemKD"}]
+    drawn = {}
+    monkeypatch.setattr(report, "write_png", lambda path, panels, title: drawn.update(panels=panels, title=title))
+    assert ablation_report.write_plot(tmp_path / "r.png", rows, {"dataset_kind": "generated"}, variants, {})
+    aand, memkd = drawn["panels"]
+    assert (aand.title, memkd.title) == ("aand", "memkd")
+    assert list(aand.series) == ["AAND", "AAND no L_A"] and list(memkd.series) == ["MemKD"]
+    mean, std = aand.series["AAND"][0]  # image AUROC: mean ± std over the two seeds
+    assert mean == pytest.approx(0.7) and std == pytest.approx(math.sqrt(0.02))
+    assert not ablation_report.write_plot(tmp_path / "none.png", [], {}, variants, {})
