@@ -26,9 +26,18 @@ could only be consumed inside its own stage; all three memories are placed alike
 The second block of each stage is anomalib's own block type with ``2C`` input channels. Its identity path is the
 query ``q`` (the first ``C`` of its ``2C`` input channels): a stride-1 block keeps its input's channels on the
 identity path, and the query is that input before the recall was appended, so no projection layer is invented.
-(Measured on the CPU: the concatenation copy costs < 1 % of the block's convolution, and convolving ``q`` and ``r``
-with the two halves of the weight instead was no faster, so the block keeps anomalib's own forward on the
-concatenation.)
+
+**How the recall is computed** (same value, float rounding apart; :meth:`RecallBlock.forward_memory`): the block's
+first convolution is linear in the read ``r = V^T A`` (``A`` the ``L`` read weights per position, ``V`` the values),
+so its ``r`` half ``W_r`` is folded into the values once per forward, ``W_r * r = (W_r V^T) * A``, and ``r``
+itself, the concatenation and the convolution over ``C`` extra channels are never formed. At WideResNet50-2
+(``C_out = C / 2``, 1x1) the per-position cost of the recall drops from ``C L + C^2 / 2`` to ``C L / 2``
+multiply-adds on top of the ``C L`` of the similarities; at 256 px the eager model's FLOPs went from 1.021x to
+1.004x RD's (``torch.utils.flop_counter``, bs1). What the folded path saves besides arithmetic: at bs16 the read and
+the concatenation were 64-128 MiB fresh tensors each, whose page faults the CPU pays on every call. A basic-block
+decoder (resnet18/34, 3x3 first convolution, ``C_out = C``) gains less and keeps the plain path when
+``L > 1.125 C`` (:meth:`RecallBlock.folds_recall`). Exported graphs (ONNX / OpenVINO) keep the plain path, whose
+convolution kernels are constants.
 
 The block type, block counts, groups, base width and normalisation are those of anomalib's ``get_decoder(arch)``
 (its first blocks are reused as they are), so every backbone RD supports is supported here. Every stage of those
@@ -40,6 +49,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 from anomalib.models.components.backbone.resnet_decoder import (
@@ -48,6 +58,8 @@ from anomalib.models.components.backbone.resnet_decoder import (
     ResNetDecoder,
     get_decoder,
 )
+
+from .memory import NRMemory, _exporting
 
 STAGES = ("layer1", "layer2", "layer3")
 
@@ -73,7 +85,9 @@ class RecallBlock(nn.Module):
         groups, base_width, norm_layer: as anomalib's decoder.
 
     The block is anomalib's own (``block_type(2C, C / expansion, stride=1)``, initialised as anomalib's decoder
-    initialises its blocks) with :class:`QueryShortcut` on its identity branch; its own ``forward`` runs it.
+    initialises its blocks) with :class:`QueryShortcut` on its identity branch. :meth:`forward` runs anomalib's own
+    block forward on the concatenation; the decoder calls :meth:`forward_memory`, the same function of the query and
+    the memory with the read folded into the first convolution.
     """
 
     def __init__(
@@ -104,6 +118,64 @@ class RecallBlock(nn.Module):
     def forward(self, query: torch.Tensor, recall: torch.Tensor) -> torch.Tensor:
         """``relu(branch(cat[query, recall]) + query)``, anomalib's block forward on the concatenation."""
         return self.block(torch.cat([query, recall], dim=1))
+
+    def folds_recall(self, num_items: int, positions: int) -> bool:
+        """Whether :meth:`forward_memory` folds the read into the first convolution (the cheaper of the two).
+
+        Per position the plain path costs ``C L`` (the read ``F^R``) + ``k^2 C_out C`` multiply-adds (the first
+        convolution over the recall half of its input), the folded one ``k^2 C_out L`` (the same convolution over the
+        ``L`` read weights), plus ``k^2 C_out C L`` once per call to form the folded kernel; ``positions`` is
+        ``B * H * W`` of the call. Bottleneck decoders (WideResNet50-2: ``k = 1``, ``C_out = C / 2``) fold at any
+        useful map size; a basic-block one (resnet18/34: ``k = 3``, ``C_out = C``) gains less and never folds when
+        ``L > 1.125 C``.
+        """
+        conv = self.block.conv1
+        taps = conv.kernel_size[0] * conv.kernel_size[1]
+        channels = conv.in_channels // 2
+        plain = channels * num_items + taps * conv.out_channels * channels
+        folded = taps * conv.out_channels * num_items
+        return taps * conv.out_channels * channels * num_items + positions * folded < positions * plain
+
+    def forward_memory(self, query: torch.Tensor, memory: NRMemory) -> torch.Tensor:
+        """The block on ``cat[query, memory(query)]`` (same value as ``self(query, memory(query))``), cheaper.
+
+        The first convolution ``W = [W_q, W_r]`` (bias-free) is linear in the recall ``F^R = V^T A`` (``A`` the
+        ``(L, HW)`` read weights of Eq. 5, ``V`` the ``(L, C)`` values, Eq. 6), so
+        ``W_r * F^R = (W_r V^T) * A``: the ``L x C_out`` (``x k x k``) kernel ``W_r V^T`` is formed once per forward
+        and convolved with the ``L`` weight maps instead of forming ``F^R`` (``C`` channels), concatenating it and
+        convolving ``2C`` channels. Same sum in another order (float rounding apart); gradients reach ``W_r``, the
+        values and, through ``A``, the keys and the query as before. The rest of the block is anomalib's block
+        forward (``bn1, relu, conv2, bn2, [relu, conv3, bn3]``, ``+ query``, ``relu``), with the query as its
+        identity path. Without folding (:meth:`folds_recall`), and always in exported graphs (whose convolution
+        kernels stay constants, as weight quantisation needs), it is ``self(query, memory(query))``.
+        """
+        if _exporting() or not self.folds_recall(memory.num_items, query.shape[0] * query.shape[2] * query.shape[3]):
+            return self(query, memory(query))
+        block = self.block
+        conv = block.conv1
+        channels = query.shape[1]
+        batch, height, width = query.shape[0], query.shape[2], query.shape[3]
+        weights = memory.read_weights(query)  # (B, L, HW), Eq. 5
+        w_query, w_recall = conv.weight[:, :channels], conv.weight[:, channels:]  # (C_out, C, k, k) each
+        values = memory.values.to(w_recall.dtype)  # (L, C)
+        out = F.conv2d(query, w_query, None, conv.stride, conv.padding, conv.dilation)  # RD's convolution
+        weights = weights.to(out.dtype)  # float32 from the softmax under autocast
+        if conv.kernel_size == (1, 1):
+            folded = (values @ w_recall.flatten(1).t()).t().to(out.dtype)  # (C_out, L) = W_r V^T
+            # out += W_r V^T A, accumulated into the (B, C_out, HW) view of the convolution's fresh output
+            out = out.flatten(2).baddbmm_(folded.expand(batch, -1, -1), weights).view(batch, -1, height, width)
+        else:
+            folded = torch.einsum("ocij,lc->olij", w_recall, values).to(out.dtype)  # (C_out, L, k, k)
+            weight_map = weights.view(batch, -1, height, width)  # (B, L, H, W)
+            out += F.conv2d(weight_map, folded, None, conv.stride, conv.padding, conv.dilation)
+        out = block.relu(block.bn1(out))
+        if isinstance(block, DecoderBottleneck):
+            out = block.relu(block.bn2(block.conv2(out)))
+            out = block.bn3(block.conv3(out))
+        else:
+            out = block.bn2(block.conv2(out))
+        out += query
+        return block.relu(out)
 
 
 class MemoryResNetDecoder(nn.Module):
@@ -159,7 +231,11 @@ class MemoryResNetDecoder(nn.Module):
             stage = getattr(self, name)
             query = stage[0](features)
             queries[memory_index] = query
-            features = stage[1](query, memories[memory_index](query))
+            memory = memories[memory_index]
+            if isinstance(memory, NRMemory):
+                features = stage[1].forward_memory(query, memory)
+            else:
+                features = stage[1](query, memory(query))
             for block in list(stage)[2:]:
                 features = block(features)
             outputs.append(features)

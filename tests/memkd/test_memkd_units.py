@@ -116,6 +116,138 @@ def test_memory_validates_its_arguments() -> None:
         NRMemory(0, 8)
 
 
+# --------------------------------------------------------------------------- optimised recall = plain Eq. 5-9
+def _plain_weights(features: torch.Tensor, items: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 5 / Eq. 8 written out: ``softmax_l(cos(F(:, j), item_l) / tau)``, shape ``(B, HW, L)``."""
+    positions = features.flatten(2).transpose(1, 2)  # (B, HW, C)
+    unit_positions, unit_items = nn.functional.normalize(positions, dim=-1), nn.functional.normalize(items, dim=-1)
+    cos = torch.einsum("bnc,lc->bnl", unit_positions, unit_items)
+    return torch.softmax(cos / tau, dim=-1)
+
+
+def _plain_read(features: torch.Tensor, items: torch.Tensor, values: torch.Tensor, tau: float) -> torch.Tensor:
+    """Eq. 6 / Eq. 9 written out: ``sum_l w_{l,j} v_l`` as a ``(B, C, H, W)`` map."""
+    read = torch.einsum("bnl,lc->bcn", _plain_weights(features, items, tau), values)
+    return read.reshape(features.shape)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.1, 0.37])
+@pytest.mark.parametrize("path", ["eager", "chunked-norms", "export-layout"])
+def test_recall_and_reconstruction_are_the_plain_formulas(
+    tau: float, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from anomalib_memkd.components import memory as memory_module
+
+    if path == "chunked-norms":  # sum the squared norms over chunks of 8 channels, as for a large map
+        monkeypatch.setattr(memory_module, "_NORM_CHUNK_ELEMENTS", 64)
+    if path == "export-layout":  # the (B, HW, L) similarity product that exported graphs use
+        monkeypatch.setattr(memory_module, "_exporting", lambda: True)
+    torch.manual_seed(0)
+    shape = (2, 20, 3, 5)
+    memory = NRMemory(num_items=7, channels=shape[1], temperature=tau)
+    features = torch.randn(shape) * torch.rand(shape[0], 1, *shape[2:]) * 3  # positions of different norms
+    with torch.no_grad():
+        torch.testing.assert_close(memory.key_weights(features), _plain_weights(features, memory.keys, tau))
+        torch.testing.assert_close(memory.read_weights(features), memory.key_weights(features).transpose(1, 2))
+        torch.testing.assert_close(memory.value_weights(features), _plain_weights(features, memory.values, tau))
+        torch.testing.assert_close(memory(features), _plain_read(features, memory.keys, memory.values, tau))
+        reconstruction = _plain_read(features, memory.values, memory.values, tau)
+        torch.testing.assert_close(memory.reconstruct(features), reconstruction)
+
+
+def test_chunked_squared_norms_are_the_sum_of_squares(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anomalib_memkd.components import memory as memory_module
+
+    torch.manual_seed(0)
+    shapes = ((3, 20, 16), (1, 9, 64), (2, 8, 4), (3, 5, 7))  # 3 chunks of <= 8 channels, 2, one, one
+    for threshold in (memory_module._NORM_CHUNK_ELEMENTS, 64):  # the real chunk size and a forced small one
+        monkeypatch.setattr(memory_module, "_NORM_CHUNK_ELEMENTS", threshold)
+        for shape in shapes:
+            flat = torch.randn(shape, dtype=torch.float64)
+            torch.testing.assert_close(memory_module.squared_norms(flat), (flat * flat).sum(dim=1))
+    # at the real threshold a 16 x 256 x 64 x 64 map is summed over chunks of 16 channels
+    monkeypatch.setattr(memory_module, "_NORM_CHUNK_ELEMENTS", 1 << 20)
+    calls, split = [], torch.Tensor.split
+    monkeypatch.setattr(torch.Tensor, "split", lambda self, size, dim=0: calls.append(size) or split(self, size, dim))
+    flat = torch.zeros(1, 1, 1).expand(16, 256, 4096)  # no 64 MiB allocation
+    memory_module.squared_norms(flat)
+    assert calls == [16]
+
+
+def _recall_block(arch: str, stage: str = "layer3") -> RecallBlock:
+    block = getattr(get_memory_decoder(arch), stage)[1]
+    for module in block.modules():  # non-trivial BatchNorm statistics and affine parameters
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+                module.weight.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.5, 0.5)
+    return block
+
+
+# basic block (3x3 first convolution): folds at L = 10, C = 64; not at L = 100 > 1.125 C (plain path);
+# bottleneck (1x1 first convolution): always folds
+FOLD_CASES = [("resnet18", 10, True), ("resnet18", 100, False), ("resnet50", 10, True)]
+
+
+@pytest.mark.parametrize(("arch", "num_items", "folds"), FOLD_CASES)
+@pytest.mark.parametrize("training", [False, True])
+def test_folded_recall_block_is_the_block_on_the_concatenation(
+    arch: str, num_items: int, folds: bool, training: bool
+) -> None:
+    """``forward_memory(q, M)`` (the read folded into the first convolution) = anomalib's block on cat[q, M(q)]."""
+    torch.manual_seed(0)
+    block = _recall_block(arch).train(training)
+    channels = block.block.conv1.in_channels // 2
+    memory = NRMemory(num_items, channels, temperature=0.1)
+    query = torch.relu(torch.randn(2, channels, 8, 8))
+    assert block.folds_recall(num_items, positions=2 * 8 * 8) is folds
+    with torch.no_grad():
+        expected = block(query, memory(query))  # anomalib's forward on torch.cat([query, recall])
+        torch.testing.assert_close(block.forward_memory(query, memory), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("arch", "num_items", "folds"), FOLD_CASES)
+def test_folded_recall_block_has_the_gradients_of_the_concatenation(arch: str, num_items: int, folds: bool) -> None:
+    """Training: the same gradients reach the keys, the values, the query and the block's weights either way."""
+    torch.manual_seed(0)
+    block = _recall_block(arch).train()
+    channels = block.block.conv1.in_channels // 2
+    memory = NRMemory(num_items, channels, temperature=0.1)
+    query = torch.relu(torch.randn(2, channels, 8, 8)).requires_grad_()
+    direction = torch.randn(2, channels, 8, 8)
+    assert block.folds_recall(num_items, positions=2 * 8 * 8) is folds
+    tensors = {"query": query, "keys": memory.keys, "values": memory.values, "conv1": block.block.conv1.weight,
+               "bn1": block.block.bn1.weight}  # fmt: skip
+
+    def gradients(output: torch.Tensor) -> dict[str, torch.Tensor]:
+        grads = torch.autograd.grad((output * direction).sum(), list(tensors.values()))
+        return dict(zip(tensors, grads, strict=True))
+
+    expected = gradients(block(query, memory(query)))
+    folded = gradients(block.forward_memory(query, memory))
+    for name, grad in expected.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(folded[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_decoder_recall_is_the_block_on_the_concatenation(arch: str) -> None:
+    """The decoder's fused path (NR memories) = the same decoder given plain ``query -> read`` callables."""
+    torch.manual_seed(0)
+    decoder = get_memory_decoder(arch).eval()
+    memories = [NRMemory(size, channels, 0.1) for size, channels in zip((10, 20, 30), decoder.memory_channels)]
+    plain = [lambda query, memory=memory: memory(query) for memory in memories]
+    batch = torch.randn(2, 512 * decoder.block_expansion, 2, 2)
+    with torch.no_grad():
+        fused_features, fused_queries = decoder.decode(batch, memories)
+        plain_features, plain_queries = decoder.decode(batch, plain)
+    for fused, expected in zip(fused_features + fused_queries, plain_features + plain_queries, strict=True):
+        assert fused.shape == expected.shape
+        assert (fused - expected).abs().max() <= 1e-5 * expected.abs().max()  # float rounding of a deep stack
+
+
 # --------------------------------------------------------------------------- losses
 def test_normality_memorization_loss_is_eq10_summed_over_memories() -> None:
     # memory A: N=2 exemplars of C*H*W = 3*2*2 = 12 elements; errors 1 and 2 everywhere
