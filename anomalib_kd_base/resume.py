@@ -270,6 +270,14 @@ class RunGuardMixin:
         if _resolved(getattr(trainer, "ckpt_path", None)) != finished:
             return False
         checkpoint["state_dict"] = dict(self.state_dict())  # loading it again is a no-op
+        # Lightning restores callback states in test too, and anomalib's post-processor is a callback whose state is
+        # its thresholds and normalisation bounds: without this the final weights were scored with the interrupted
+        # checkpoint's bounds (clamped scores, other ties: a different image AUROC and F1).
+        states = checkpoint.get("callbacks")
+        if isinstance(states, dict):
+            for callback in trainer.callbacks:
+                if callback.state_key in states:
+                    states[callback.state_key] = callback.state_dict()
         logger.warning(
             "%s: %s was given --ckpt_path %s, the checkpoint this fit resumed from (epoch %s). anomalib's Engine.train "
             "passes it to test as well, which would report the metrics of that interrupted checkpoint. The model this "
