@@ -50,8 +50,8 @@ from torch import nn
 #: as ``torch.nn.functional.normalize``: norms are clamped to this before dividing
 _EPS = 1e-12
 
-#: elements (4 MiB of float32) of one chunk of squares in :func:`squared_norms`
-_NORM_CHUNK_ELEMENTS = 1 << 20
+#: elements (8 MiB of float32) of one chunk of squares in :func:`squared_norms`
+_NORM_CHUNK_ELEMENTS = 1 << 21
 #: fewest channels per chunk
 _NORM_MIN_CHUNK = 8
 
@@ -68,8 +68,8 @@ def squared_norms(flat: torch.Tensor) -> torch.Tensor:
 
     ``(flat * flat).sum(1)`` writes a temporary the size of the map; at 16 x 256 x 64 x 64 (64 MiB) a buffer that
     size is a fresh mapping of the allocator every call, and its page faults cost more than the arithmetic
-    (measured on the CPU, one thread: 39 ms, against 5.3 ms summing 16 channels at a time).
-    The squares are therefore summed over chunks of channels of about 4 MiB (same sum, in another order);
+    (measured on the CPU, one thread: 39 ms, against 5.3-6.8 ms summing 16-32 channels at a time).
+    The squares are therefore summed over chunks of channels of about 8 MiB (same sum, in another order);
     ``torch.linalg.vector_norm`` over ``dim=1`` needs no temporary but was 1.4-10x slower than the one-shot sum.
     Exported graphs take the one-shot sum (the chunk size depends on the batch, a dynamic axis of the export).
     """
@@ -154,8 +154,14 @@ class NRMemory(nn.Module):
         if _exporting():  # (B, HW, L) layout: OpenVINO's INT8 CPU plugin rejects the product below
             logits = torch.matmul(flat.transpose(1, 2), scaled_items.t()) * inverse_norm.unsqueeze(-1)
             return torch.softmax(logits, dim=-1).transpose(1, 2)
-        logits = torch.matmul(scaled_items, flat) * inverse_norm.unsqueeze(1)  # (B, L, HW) = cos / tau
-        return torch.softmax(logits, dim=1)
+        logits = torch.matmul(scaled_items, flat)  # (B, L, HW) = cos / tau once scaled by the inverse norms
+        if torch.is_grad_enabled() and (features.requires_grad or items.requires_grad):
+            return torch.softmax(logits * inverse_norm.unsqueeze(1), dim=1)
+        # inference: the same softmax, computed in the product's own buffer (no two more B x L x HW maps per read:
+        # at batch 16 a fresh map is a fresh mapping of the allocator, whose page faults cost more than the exp)
+        logits.mul_(inverse_norm.unsqueeze(1))
+        logits.sub_(logits.amax(dim=1, keepdim=True)).exp_()
+        return logits.div_(logits.sum(dim=1, keepdim=True))
 
     def _aggregate(self, weights: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Weighted sum of the values: ``(C, L) @ (B, L, HW)``, viewed as ``like``'s ``(B, C, H, W)``."""

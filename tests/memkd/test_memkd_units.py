@@ -132,7 +132,7 @@ def _plain_read(features: torch.Tensor, items: torch.Tensor, values: torch.Tenso
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.1, 0.37])
-@pytest.mark.parametrize("path", ["eager", "chunked-norms", "export-layout"])
+@pytest.mark.parametrize("path", ["eager", "chunked-norms", "export-layout", "autograd"])
 def test_recall_and_reconstruction_are_the_plain_formulas(
     tau: float, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,7 +146,8 @@ def test_recall_and_reconstruction_are_the_plain_formulas(
     shape = (2, 20, 3, 5)
     memory = NRMemory(num_items=7, channels=shape[1], temperature=tau)
     features = torch.randn(shape) * torch.rand(shape[0], 1, *shape[2:]) * 3  # positions of different norms
-    with torch.no_grad():
+    # without gradients the softmax runs in place in the product's buffer; with them, the functional softmax
+    with torch.set_grad_enabled(path == "autograd"):
         torch.testing.assert_close(memory.key_weights(features), _plain_weights(features, memory.keys, tau))
         torch.testing.assert_close(memory.read_weights(features), memory.key_weights(features).transpose(1, 2))
         torch.testing.assert_close(memory.value_weights(features), _plain_weights(features, memory.values, tau))
@@ -165,13 +166,13 @@ def test_chunked_squared_norms_are_the_sum_of_squares(monkeypatch: pytest.Monkey
         for shape in shapes:
             flat = torch.randn(shape, dtype=torch.float64)
             torch.testing.assert_close(memory_module.squared_norms(flat), (flat * flat).sum(dim=1))
-    # at the real threshold a 16 x 256 x 64 x 64 map is summed over chunks of 16 channels
-    monkeypatch.setattr(memory_module, "_NORM_CHUNK_ELEMENTS", 1 << 20)
+    # at the real threshold a 16 x 256 x 64 x 64 map is summed over chunks of 32 channels
+    monkeypatch.setattr(memory_module, "_NORM_CHUNK_ELEMENTS", 1 << 21)
     calls, split = [], torch.Tensor.split
     monkeypatch.setattr(torch.Tensor, "split", lambda self, size, dim=0: calls.append(size) or split(self, size, dim))
     flat = torch.zeros(1, 1, 1).expand(16, 256, 4096)  # no 64 MiB allocation
     memory_module.squared_norms(flat)
-    assert calls == [16]
+    assert calls == [32]
 
 
 def _recall_block(arch: str, stage: str = "layer3") -> RecallBlock:
@@ -192,16 +193,20 @@ FOLD_CASES = [("resnet18", 10, True), ("resnet18", 100, False), ("resnet50", 10,
 
 
 @pytest.mark.parametrize(("arch", "num_items", "folds"), FOLD_CASES)
-@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize(("training", "channels_last"), [(False, False), (True, False), (False, True)])
 def test_folded_recall_block_is_the_block_on_the_concatenation(
-    arch: str, num_items: int, folds: bool, training: bool
+    arch: str, num_items: int, folds: bool, training: bool, channels_last: bool
 ) -> None:
-    """``forward_memory(q, M)`` (the read folded into the first convolution) = anomalib's block on cat[q, M(q)]."""
+    """``forward_memory(q, M)`` (the read folded into the first convolution) = anomalib's block on cat[q, M(q)],
+    also in the channels-last layout of the fast path (another branch of the folded 1x1 product)."""
     torch.manual_seed(0)
     block = _recall_block(arch).train(training)
     channels = block.block.conv1.in_channels // 2
     memory = NRMemory(num_items, channels, temperature=0.1)
     query = torch.relu(torch.randn(2, channels, 8, 8))
+    if channels_last:
+        block = block.to(memory_format=torch.channels_last)
+        query = query.contiguous(memory_format=torch.channels_last)
     assert block.folds_recall(num_items, positions=2 * 8 * 8) is folds
     with torch.no_grad():
         expected = block(query, memory(query))  # anomalib's forward on torch.cat([query, recall])
