@@ -43,11 +43,7 @@ from typing import Any
 
 import torch
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
-from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn import functional as F  # noqa: N812
@@ -165,11 +161,9 @@ class Aand(KDModelBase, AnomalibModule):
             does not need the file (the checkpoint holds the teacher). Provenance: ``model.teacher_provenance``.
         fast_inference: opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on CPU) with
             channels-last weights, anomaly-map head in float32 (see ``anomalib_kd_base.fast``); exports are unaffected.
-        pre_processor: anomalib pre-processor (default: resize to 256 x 256, the paper's size, and ImageNet
-            normalisation).
-        post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
-        evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
-        visualizer: anomalib visualizer (default: anomalib's image visualizer).
+        **components: anomalib's ``pre_processor`` (default: resize to 256 x 256, the paper's size, and ImageNet
+            normalisation), ``post_processor``, ``evaluator`` and ``visualizer``, declared once in
+            :class:`anomalib_kd_base.model.KDModelBase` (the CLI's ``--model.pre_processor`` etc.).
 
     Multi-GPU (``Engine(strategy="ddp", devices=N)``, see :mod:`anomalib_kd_base.distributed`): DDP runs with
     ``find_unused_parameters=True`` (set by the model: each stage leaves the other stage's modules without
@@ -214,17 +208,9 @@ class Aand(KDModelBase, AnomalibModule):
         foreground_threshold: float | None = None,
         backbone_weights: str | None = None,
         fast_inference: bool = False,
-        pre_processor: PreProcessor | bool = True,
-        post_processor: PostProcessor | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **components: Any,  # noqa: ANN401
     ) -> None:
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(**components)
         self.require_input_size(
             "AAND needs a fixed input size: give a pre_processor whose transform resizes the images."
         )

@@ -18,8 +18,11 @@ It bundles the mixins both models use, in this order: :class:`~anomalib_kd_base.
 * ``learning_type`` (one-class), ``validation_step`` and ``trainer_arguments`` (no gradient clipping, no sanity
   validation, ``max_epochs`` = the model's :attr:`~KDModelBase.training_epochs`).
 
-It has no ``__init__``: the models' constructors call anomalib's directly, so Lightning's ``save_hyperparameters``
-records their own arguments, as before.
+Its ``__init__`` declares anomalib's four components (``pre_processor``, ``post_processor``, ``evaluator``,
+``visualizer``) once for both models: each model's constructor takes its own arguments and passes the components on
+as ``**components``. jsonargparse (the anomalib CLI) follows that ``super().__init__(**components)`` call, so
+``--model.pre_processor`` etc. keep their types and help text; Lightning's ``save_hyperparameters`` records the
+model's own arguments (anomalib leaves the components out of the hyperparameters, as before).
 
 The argument checks of the constructors (:func:`check_at_least`, :func:`check_positive`, :func:`check_choice`) keep
 each model's wording, which users and tests match: AAND's ``"lr must be > 0, got 0.0"``, and with ``sentence=True``
@@ -33,6 +36,10 @@ from typing import Any, NoReturn
 
 from anomalib import LearningType
 from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
@@ -124,6 +131,29 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
     """
 
     model: nn.Module
+
+    def __init__(
+        self,
+        pre_processor: PreProcessor | bool = True,
+        post_processor: PostProcessor | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        """anomalib's components of the model (the models pass them on as ``**components``).
+
+        Args:
+            pre_processor: anomalib pre-processor (default: the model's ``configure_pre_processor()``: resize to
+                256 x 256, the papers' size, and ImageNet normalisation). It must resize to a fixed size.
+            post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
+            evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
+            visualizer: anomalib visualizer (default: anomalib's image visualizer).
+        """
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
 
     def require_input_size(self, message: str) -> tuple[int, int]:
         """The pre-processor's output ``(H, W)``; ``ValueError(message)`` when it does not resize to a fixed size."""

@@ -34,11 +34,7 @@ from torch import optim
 from torch.utils.data import DataLoader, RandomSampler
 
 from anomalib.data import Batch
-from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
-from anomalib.post_processing import PostProcessor
-from anomalib.pre_processing import PreProcessor
-from anomalib.visualization import Visualizer
 
 from anomalib_kd_base.model import KDModelBase, batch_size_warning, check_at_least, check_positive
 
@@ -97,11 +93,9 @@ class MemKD(KDModelBase, AnomalibModule):
         fast_inference (bool): Opt-in fast eval path: networks under autocast (fp16 on CUDA, bf16 on
             CPU) with channels-last weights, anomaly-map head in float32 (see ``anomalib_kd_base.fast``);
             exports are unaffected. Defaults to ``False``.
-        pre_processor (PreProcessor | bool): Pre-processor (resize + ImageNet normalisation;
-            256x256 by default). Its output size must be a multiple of 32. Defaults to ``True``.
-        post_processor (PostProcessor | bool): Post-processor. Defaults to ``True``.
-        evaluator (Evaluator | bool): Evaluator. Defaults to ``True``.
-        visualizer (Visualizer | bool): Visualizer. Defaults to ``True``.
+        **components: anomalib's ``pre_processor`` (resize + ImageNet normalisation, 256x256 by default; its
+            output size must be a multiple of 32), ``post_processor``, ``evaluator`` and ``visualizer``, declared
+            once in :class:`anomalib_kd_base.model.KDModelBase` (the CLI's ``--model.pre_processor`` etc.).
 
     **Exemplars.** Training draws the exemplars through one separate ``DataLoader`` over the fitted
     datamodule's ``train_data``, built once per fit and reused across epochs (random sampler,
@@ -185,17 +179,9 @@ class MemKD(KDModelBase, AnomalibModule):
         epochs: int = 100,
         fast_inference: bool = False,
         backbone_weights: str | None = None,
-        pre_processor: PreProcessor | bool = True,
-        post_processor: PostProcessor | bool = True,
-        evaluator: Evaluator | bool = True,
-        visualizer: Visualizer | bool = True,
+        **components: Any,  # noqa: ANN401
     ) -> None:
-        super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
-        )
+        super().__init__(**components)
         input_size = self.require_input_size(
             "Input size is required for MemKD: give it a pre-processor whose transform resizes the images, "
             "e.g. MemKD(pre_processor=MemKD.configure_pre_processor(image_size=(256, 256)))."

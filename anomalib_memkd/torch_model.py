@@ -79,15 +79,12 @@ from anomalib.models.image.reverse_distillation.anomaly_map import AnomalyMapGen
 from anomalib.models.image.reverse_distillation.components import get_bottleneck_layer
 
 from anomalib_kd_base.fast import inference_autocast, set_channels_last
+from anomalib_kd_base.model import SIZE_MULTIPLE, check_size_multiple
 from anomalib_kd_base.weights import build_teacher
 
 from anomalib.models.components.backbone.resnet_decoder import get_decoder
 
 from .components import NRMemory, get_memory_decoder
-
-#: Total stride of teacher + bottleneck; input height and width must be multiples of it.
-SIZE_MULTIPLE = 32
-
 
 class MemKDTrainOutput(NamedTuple):
     """What the training-mode forward returns (everything :class:`~anomalib_memkd.loss.MemKDLoss` needs).
@@ -106,15 +103,14 @@ class MemKDTrainOutput(NamedTuple):
 
 
 def check_input_size(height: int, width: int) -> None:
-    """Raise ``ValueError`` unless height and width are multiples of 32 (RD bottleneck/decoder geometry)."""
-    if height % SIZE_MULTIPLE or width % SIZE_MULTIPLE:
-        msg = (
-            f"MemKD needs an input height and width that are multiples of {SIZE_MULTIPLE} (the reverse-distillation "
-            f"bottleneck and decoder would otherwise produce features of the wrong size); got {height}x{width}. "
-            f"Set the pre-processor's image size accordingly, e.g. "
-            f"MemKD(pre_processor=MemKD.configure_pre_processor(image_size=(256, 256)))."
-        )
-        raise ValueError(msg)
+    """Raise ``ValueError`` unless height and width are multiples of 32 (the base's check, MemKD's message)."""
+    msg = (
+        f"MemKD needs an input height and width that are multiples of {SIZE_MULTIPLE} (the reverse-distillation "
+        f"bottleneck and decoder would otherwise produce features of the wrong size); got {height}x{width}. "
+        f"Set the pre-processor's image size accordingly, e.g. "
+        f"MemKD(pre_processor=MemKD.configure_pre_processor(image_size=(256, 256)))."
+    )
+    check_size_multiple(height, width, msg)
 
 
 def memory_sizes(memory_size: int | Sequence[int]) -> tuple[int, int, int]:

@@ -104,12 +104,32 @@ def model_class(model: str) -> type:
     return getattr(anomalib.models, model)
 
 
+def accepted_kwargs(cls: type) -> set[str] | None:
+    """The keywords ``cls(...)`` accepts, ``None`` for any.
+
+    A constructor's ``**kwargs`` is followed up the MRO to the next ``__init__`` (``Aand`` / ``MemKD`` pass
+    ``**components`` to :class:`~anomalib_kd_base.model.KDModelBase`), so a misspelt override is still caught; a
+    ``**kwargs`` that reaches no named parameter list accepts anything.
+    """
+    named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    names: set[str] = set()
+    for klass in getattr(cls, "__mro__", (cls,)):
+        init = klass.__dict__.get("__init__")
+        if init is None or klass is object:
+            continue
+        parameters = inspect.signature(init).parameters
+        names |= {name for name, p in parameters.items() if p.kind in named and name != "self"}
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+            return names
+    return None
+
+
 def missing_kwargs(variant: Variant, cls: type | None = None) -> list[str]:
-    """The override keywords the installed model's constructor does not accept (``**kwargs`` accepts all)."""
-    parameters = inspect.signature(cls or model_class(variant.model)).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    """The override keywords the installed model's constructor does not accept (see :func:`accepted_kwargs`)."""
+    accepted = accepted_kwargs(cls or model_class(variant.model))
+    if accepted is None:
         return []
-    return [k for k in variant.overrides if k not in parameters]
+    return [k for k in variant.overrides if k not in accepted]
 
 
 def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str, list[str]]]:

@@ -131,10 +131,34 @@ def test_both_models_stand_on_the_base(cls: type) -> None:
     mro = cls.__mro__
     order = [KDModelBase, DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule]
     assert [mro.index(base) for base in order] == sorted(mro.index(base) for base in order)
-    # the base has no __init__: save_hyperparameters still records exactly the model's own arguments
+    # anomalib's four components are declared once, in the base; the model passes them on as **components
+    base = inspect.signature(KDModelBase.__init__).parameters
+    assert set(base) - {"self"} == COMPONENTS
+    own = inspect.signature(cls.__init__).parameters
+    assert not COMPONENTS & set(own) and own["components"].kind is inspect.Parameter.VAR_KEYWORD
+    # save_hyperparameters still records exactly the model's own arguments
     model = _small(cls)
-    assert set(model.hparams) == set(inspect.signature(cls.__init__).parameters) - {"self"} - COMPONENTS
+    assert set(model.hparams) == set(own) - {"self", "components"}
     assert model.learning_type == LearningType.ONE_CLASS
+    # the components reach anomalib (a given pre-processor is the one used); a misspelt one is refused
+    assert model.input_size == (SIZE, SIZE)
+    with pytest.raises(TypeError, match="pre_procesor"):
+        _small(cls, pre_procesor=True)
+
+
+@pytest.mark.parametrize("cls", [Aand, MemKD])
+def test_cli_sees_the_components_with_types_and_help(cls: type) -> None:
+    """jsonargparse (the anomalib CLI) follows ``super().__init__(**components)`` to the base's parameters."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "model")
+    helps = {action.dest: action.help for action in parser._actions}  # noqa: SLF001
+    for name in COMPONENTS:
+        assert helps.get(f"model.{name}") not in {None, "", "_EMPTY_HELP_"}, name
+    assert "pre-processor" in helps["model.pre_processor"]
+    config = parser.parse_args(["--model.visualizer", "false", "--model.backbone", "resnet18"])
+    assert config.model.visualizer is False and config.model.backbone == "resnet18"
 
 
 def test_trainer_arguments_run_each_models_schedule() -> None:

@@ -400,6 +400,21 @@ def test_variants_whose_keywords_the_model_lacks_are_skipped(monkeypatch) -> Non
     assert [v.name for v in runnable] == [v.name for v in ablation.variants_of("all") if v.name not in skipped]
 
 
+def test_keywords_passed_on_as_kwargs_are_followed_to_the_base() -> None:
+    """``Aand`` / ``MemKD`` take ``**components`` for the base: their own and the base's keywords count, no others."""
+    from anomalib_memkd import MemKD
+
+    accepted = ablation.accepted_kwargs(MemKD)
+    assert accepted is not None and {"use_memory", "temperature", "pre_processor", "visualizer"} <= accepted
+    typo = ablation.Variant("MemKD typo", "MemKD", {"use_memori": False, "pre_processor": True})
+    assert ablation.missing_kwargs(typo, MemKD) == ["use_memori"]
+
+    class Open:
+        def __init__(self, **kwargs) -> None: ...
+
+    assert ablation.accepted_kwargs(Open) is None and ablation.missing_kwargs(typo, Open) == []
+
+
 def test_ablation_defects_prefer_families_unlike_the_synthesis() -> None:
     assert ablation.default_ablation_defects(("scratch", "stain", "hole")) == ("scratch", "hole")
     assert ablation.default_ablation_defects(("scratch", "stain", "hole", "foreign", "tint")) == ("foreign", "tint")
