@@ -31,6 +31,7 @@ MemKD's ``"lr must be positive, got 0.0."``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Sequence
 from typing import Any, NoReturn
 
@@ -46,6 +47,9 @@ from torch import nn
 from .distributed import DistributedTrainingMixin
 from .export import ProvenanceExportMixin
 from .quantization import AnomalyMapPTQMixin
+from .weights import restoring
+
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------ argument checks
@@ -138,6 +142,7 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
         post_processor: PostProcessor | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
+        **unexpected: Any,  # noqa: ANN401
     ) -> None:
         """anomalib's components of the model (the models pass them on as ``**components``).
 
@@ -147,7 +152,18 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
             post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
             evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
             visualizer: anomalib visualizer (default: anomalib's image visualizer).
+            **unexpected: refused with Python's ``TypeError``, except while ``load_from_checkpoint`` builds the
+                model: Lightning hands a constructor with ``**kwargs`` every saved hyper-parameter (it filters them
+                only for constructors without one), so the ones the model does not name (another model's, another
+                version's) are dropped here, as Lightning drops them for anomalib's own models.
         """
+        if unexpected:
+            if not restoring():
+                name = next(iter(unexpected))
+                msg = f"{type(self).__name__}.__init__() got an unexpected keyword argument '{name}'"
+                raise TypeError(msg)
+            logger.debug("%s: checkpoint hyper-parameters it does not take, dropped: %s", type(self).__name__,
+                         sorted(unexpected))  # fmt: skip
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,

@@ -96,6 +96,11 @@ def restoring_from_checkpoint() -> Iterator[None]:
         _RESTORING.reset(token)
 
 
+def restoring() -> bool:
+    """Whether the caller runs inside :func:`restoring_from_checkpoint` (a model built by ``load_from_checkpoint``)."""
+    return _RESTORING.get()
+
+
 # ---------------------------------------------------------------------------------------------- hashing
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (what ``sha256sum`` prints)."""

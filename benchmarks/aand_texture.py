@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -47,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from anomalib_kd_tools.benchmark.ablation import accepted_kwargs  # noqa: E402
 from anomalib_kd_tools.proxy import calibrate_batchnorm  # noqa: E402
 from anomalib_kd_tools.synthetic import make_mvtec_like_dataset, make_texture_folder  # noqa: E402
 
@@ -108,8 +108,8 @@ def build_aand(args: argparse.Namespace, texture_dir: Path | None, **overrides):
         "post_processor": False,
     }
     params.update(overrides)
-    accepted = inspect.signature(Aand.__init__).parameters
-    return Aand(**{k: v for k, v in params.items() if k in accepted})
+    accepted = accepted_kwargs(Aand)  # its own and the base's (pre_processor, ...): Aand passes **components on
+    return Aand(**{k: v for k, v in params.items() if accepted is None or k in accepted})
 
 
 def structured_first_layer(conv: torch.nn.Conv2d, seed: int) -> None:

@@ -133,7 +133,7 @@ def test_both_models_stand_on_the_base(cls: type) -> None:
     assert [mro.index(base) for base in order] == sorted(mro.index(base) for base in order)
     # anomalib's four components are declared once, in the base; the model passes them on as **components
     base = inspect.signature(KDModelBase.__init__).parameters
-    assert set(base) - {"self"} == COMPONENTS
+    assert set(base) - {"self", "unexpected"} == COMPONENTS
     own = inspect.signature(cls.__init__).parameters
     assert not COMPONENTS & set(own) and own["components"].kind is inspect.Parameter.VAR_KEYWORD
     # save_hyperparameters still records exactly the model's own arguments
@@ -142,7 +142,7 @@ def test_both_models_stand_on_the_base(cls: type) -> None:
     assert model.learning_type == LearningType.ONE_CLASS
     # the components reach anomalib (a given pre-processor is the one used); a misspelt one is refused
     assert model.input_size == (SIZE, SIZE)
-    with pytest.raises(TypeError, match="pre_procesor"):
+    with pytest.raises(TypeError, match=rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'pre_procesor'"):
         _small(cls, pre_procesor=True)
 
 
