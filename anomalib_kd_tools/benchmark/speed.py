@@ -333,10 +333,13 @@ def _measure_inference(
     device: torch.device,
 ) -> None:
     networks = {name: module.model.to(device).eval() for name, module in modules.items()}
+    faults: dict[tuple[str, int], list[int]] = {}
     for batch_size in (1, args.batch_size):
         images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
-        for name, times in interleaved_eager_times(networks, images, args.runs, device).items():
+        calls_faults: dict[str, list[int]] = {}
+        for name, times in interleaved_eager_times(networks, images, args.runs, device, calls_faults).items():
             eager[(name, batch_size)] = times
+            faults[(name, batch_size)] = calls_faults[name]
     for name, module in modules.items():
         model = module.model.to(device).eval()
         for batch_size in (1, args.batch_size):
@@ -361,6 +364,8 @@ def _measure_inference(
                 row = {"model": name, "variant": label, "batch": batch_size, "ms": 1000 * statistics.median(times)}
                 if label == "eager-fp32":
                     row["gflop_per_image"] = gflop_per_image(model, images[:1])
+                    if device.type == "cpu":  # the allocator's cost: fresh large tensors are fresh pages
+                        row["minor_faults_per_call"] = statistics.median(faults[(name, batch_size)])
                 row["img_per_s"] = batch_size / statistics.median(times)
                 if reference is None:
                     reference = out.anomaly_map.float()
@@ -389,15 +394,21 @@ def interleaved_eager_times(
     images: torch.Tensor,
     runs: int,
     device: torch.device,
+    faults: dict[str, list[int]] | None = None,
 ) -> dict[str, list[float]]:
     """Eager fp32 latency (seconds) of every network on ``images``, ``runs`` rounds of one call per network.
 
     The calls alternate between the networks, in an order rotated every round, so that a change of load on a shared
     machine hits every network alike; the latency ratios to RD (``vs_rd_eager`` from the medians, and
     ``vs_rd_eager_paired``, the median of the per-round ratios) are therefore measured in the same run, side by side.
+    ``faults``, when given, receives each network's minor page faults per call (``getrusage`` of this process): at
+    large batches a fresh large tensor is a fresh mapping of the allocator, and its page faults can cost more
+    than the arithmetic (MemKD's extra similarity maps did, see docs/benchmarks.md).
     """
     names = list(networks)
     times: dict[str, list[float]] = {name: [] for name in names}
+    if faults is not None:
+        faults.update({name: [] for name in names})
     for network in networks.values():
         if hasattr(network, "set_fast_inference"):
             network.set_fast_inference(False)
@@ -409,10 +420,13 @@ def interleaved_eager_times(
         for round_index in range(runs):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
+                before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
                 start = time.perf_counter()
                 networks[name](images)
                 sync(device)
                 times[name].append(time.perf_counter() - start)
+                if faults is not None:
+                    faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return times
 
 
@@ -496,12 +510,13 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
             flops = f"{row['gflop_per_image']:.1f}" if "gflop_per_image" in row else ""
             flop_ratio = f"{row['gflop_per_image'] / rd_flops:.3f}" if "gflop_per_image" in row and rd_flops else ""
             paired = f"{row['vs_rd_eager_paired']:.3f}" if "vs_rd_eager_paired" in row else ""
+            faults = f"{row['minor_faults_per_call']:.0f}" if "minor_faults_per_call" in row else ""
             return [row["model"], row["variant"], row["batch"], f"{row['ms']:.1f}", f"{row['img_per_s']:.1f}",
-                    f"{row['vs_rd_eager']:.3f}", paired, flops, flop_ratio, err]  # fmt: skip
+                    f"{row['vs_rd_eager']:.3f}", paired, flops, flop_ratio, faults, err]  # fmt: skip
 
         lines += report.table(
             ["inference", "variant", "batch", "ms / batch", "img/s", "/ RD eager", "/ RD eager (paired rounds)",
-             "GFLOP / image", "/ RD GFLOP", "map error vs fp32 (of range)"],  # fmt: skip
+             "GFLOP / image", "/ RD GFLOP", "page faults / call", "map error vs fp32 (of range)"],  # fmt: skip
             (cells(row) for row in inference),
         )
     return lines

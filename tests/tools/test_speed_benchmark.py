@@ -43,6 +43,11 @@ def test_cli_speed_subcommand(tmp_path: Path) -> None:
     flops = {row["model"]: row["gflop_per_image"] for row in inference if row["variant"] == "eager-fp32"}
     assert flops["Aand"] > flops["ReverseDistillation"] > 0  # the RAA modules add arithmetic to RD's
     assert flops["MemKD"] > flops["ReverseDistillation"]  # 2C-channel decoder inputs
+    # every eager row of the CPU run counts its minor page faults per call (the allocator's share of the latency)
+    eager = [row for row in inference if row["variant"] == "eager-fp32"]
+    assert eager and all(isinstance(row["minor_faults_per_call"], int | float) and row["minor_faults_per_call"] >= 0
+                         for row in eager)  # fmt: skip
+    assert "page faults / call" in (tmp_path / "speed.md").read_text()
     table = (tmp_path / "speed.md").read_text()
     assert "AAND stage-1 (exact L_A) peak memory / RD" in table
     assert table in result.stdout  # printed as well as written
