@@ -155,7 +155,8 @@ class NRMemory(nn.Module):
             logits = torch.matmul(flat.transpose(1, 2), scaled_items.t()) * inverse_norm.unsqueeze(-1)
             return torch.softmax(logits, dim=-1).transpose(1, 2)
         logits = torch.matmul(scaled_items, flat)  # (B, L, HW) = cos / tau once scaled by the inverse norms
-        if torch.is_grad_enabled() and (features.requires_grad or items.requires_grad):
+        needs_graph = torch.is_grad_enabled() and (features.requires_grad or items.requires_grad)
+        if needs_graph or logits.dtype != torch.float32:  # autograd, or autocast's softmax (computed in float32)
             return torch.softmax(logits * inverse_norm.unsqueeze(1), dim=1)
         # inference: the same softmax, computed in the product's own buffer (no two more B x L x HW maps per read:
         # at batch 16 a fresh map is a fresh mapping of the allocator, whose page faults cost more than the exp)

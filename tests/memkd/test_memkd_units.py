@@ -768,3 +768,17 @@ def test_warns_once_when_exemplars_cannot_be_kept_out_of_the_batch(caplog) -> No
         model._build_exemplar_iterator()  # noqa: SLF001
         model._build_exemplar_iterator()  # noqa: SLF001
     assert caplog.text.count("has no train_batch_size") == 1
+
+
+def test_read_weights_under_autocast_are_a_float32_softmax() -> None:
+    """The fast path's bf16 autocast keeps the softmax in float32 (the in-place float32 softmax is not taken)."""
+    torch.manual_seed(0)
+    memory = NRMemory(num_items=7, channels=16, temperature=0.1)
+    query = torch.randn(2, 16, 4, 4)
+    with torch.inference_mode():
+        expected = memory.read_weights(query)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weights = memory.read_weights(query)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 16))
+    torch.testing.assert_close(weights, expected, atol=2e-2, rtol=0)  # bf16 product, float32 softmax
