@@ -132,7 +132,9 @@ class Aand(KDModelBase, AnomalibModule):
             patches per level and batch enter ``L_A`` (5000, the reference implementation's cap).
         focal_alpha: ``alpha`` of the gate's focal loss, the weight of the anomalous class (0.8).
         focal_gamma: ``gamma`` of the gate's focal loss, the focusing exponent (2).
-        label_threshold: a patch of a level is anomalous when its share of anomalous pixels exceeds it (0.3).
+        label_threshold: a patch of a level is anomalous when its share of anomalous pixels exceeds it (0.3); the
+            normal patches of ``L_A`` are the other patches whose share of foreground pixels exceeds it (the reference
+            uses the one 0.3 rule for both).
         hard_samples: ``K_h`` of the hard KD loss, Eq. (11) (10).
         stage1_epochs: epochs of stage 1, anomaly amplification (100 in the paper; 0 skips it: RD + HKD on
             the vanilla teacher).
@@ -450,7 +452,8 @@ class Aand(KDModelBase, AnomalibModule):
         normal = []
         for labels, size in zip(anomalous, sizes, strict=True):
             candidates = ~labels
-            in_foreground = candidates & (F.adaptive_avg_pool2d(foreground, size) > 0.5)
+            # the reference's rule for the labels (pooled share > 0.3) also picks the foreground patches
+            in_foreground = candidates & (F.adaptive_avg_pool2d(foreground, size) > self.label_threshold)
             normal.append(in_foreground if in_foreground.any() else candidates)
         with self.rank_random(images.device):  # "subsample" pair draws
             total, focal, l_a = self.amplification_loss(advanced, vanilla, logits, anomalous, normal)

@@ -17,8 +17,9 @@ un-amplified layer1), so the vanilla features come for free next to the amplifie
 Initialisation (the paper is silent; matched to the public reference implementation): the memory items are
 drawn from ``N(0, 1)`` (norm about ``sqrt(C)``; the cosine matching ignores the norm, but under Adam the step
 size is per coordinate, so the norm sets how fast an item's *direction* moves - a ``1/sqrt(C)`` scaling would
-make it move ``sqrt(C)`` times faster), and every 1x1 convolution of the two MLPs is Kaiming-normal with
-``mode="fan_out"`` (ReLU gain) and a zero bias, instead of PyTorch's default uniform init.
+make it move ``sqrt(C)`` times faster), and the *weight* of every 1x1 convolution of the two MLPs is re-initialised
+Kaiming-normal with ``mode="fan_out"`` (ReLU gain); the biases keep PyTorch's default (uniform in
+``+-1/sqrt(fan_in)``), as the reference's init loop touches only the weights.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from anomalib_kd_base.model import check_at_least, check_positive
 
 
 def _mlp(channels: int, hidden: int) -> nn.Sequential:
-    """1x1-conv MLP ``C -> h -> h -> C`` applied independently at each position (Kaiming fan-out init)."""
+    """1x1-conv MLP ``C -> h -> h -> C`` applied independently at each position (Kaiming fan-out weights, default biases)."""
     mlp = nn.Sequential(
         nn.Conv2d(channels, hidden, kernel_size=1),
         nn.ReLU(inplace=True),
@@ -43,7 +44,6 @@ def _mlp(channels: int, hidden: int) -> nn.Sequential:
     for module in mlp.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)
     return mlp
 
 

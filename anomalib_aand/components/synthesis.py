@@ -11,28 +11,23 @@ grey-level thresholding. The foreground strategies (:func:`foreground_mask`):
 * ``"dark"``: foreground = blurred grey level below the threshold (the "inverted" binary threshold);
 * ``"disk"``: a centred disk of radius ``DISK_RADIUS`` x H (round products photographed from above).
 
-The grey level is blurred before thresholding with a Gaussian of ``FOREGROUND_BLUR_SIGMA`` = 2 px (kernel
-``2 * round(3 sigma) + 1`` = 13 px) at the pre-processed resolution (256 px by default), which closes
-pin-holes and specular speckles in the mask. The threshold is a fixed value in ``[0, 1]``, or Otsu's per image
-when ``None``.
+The grey level is blurred before thresholding with a Gaussian of ``FOREGROUND_BLUR_SIGMA`` = 8 px, the public
+reference implementation's sigma at its 256 px (kernel ``2 * round(3 sigma) + 1`` = 49 px), which closes pin-holes and
+specular speckles in the mask. At another pre-processed size the sigma scales with the image height
+(``8 * H / 256``), so the mask is smoothed over the same share of the product (a choice: the reference only runs at
+256 px). The threshold is a fixed value in ``[0, 1]``, or Otsu's per image when ``None``.
 
 ``foreground="auto"`` (the model's default) picks the strategy and threshold per category name with
-:func:`foreground_preset` from :data:`FOREGROUND_PRESETS`:
+:func:`foreground_preset` from :data:`FOREGROUND_PRESETS`. All values are the public reference implementation's
+(grayscale, Gaussian blur, binary threshold, per category):
 
-* MVTec AD (values from the public reference implementation of AAND): the five textures (carpet, grid,
-  leather, tile, wood) use the whole image; capsule, screw and zipper are thresholded *inverted* at 150/255
-  (``"dark"``); hazelnut, metal_nut, pill and toothbrush at 50/255 (``"bright"``: the products lie on a
-  black background); bottle and cable are a centred disk of radius 0.45 H; transistor uses the whole image
-  (its "misplaced" / "missing" defects lie on the board around the part, so no region may be excluded).
-* VisA (no reference values; derived from how the categories are photographed, *not* verified on the
-  images here because the dataset cannot be downloaded on this machine - check your own images with
-  ``examples/foreground_preview.py``): candle (white candles), cashew, chewinggum, fryum, pipe_fryum,
-  macaroni1 and macaroni2 (pale or orange food items) are bright objects: ``"bright"`` at 50/255 only removes
-  near-black background and cannot remove the object itself; where the background is not dark it degrades
-  to the whole image, the safe choice. capsules (translucent, partly dark capsules in varying poses) and
-  pcb1-pcb4 (the board fills the frame, defects anywhere on it) use the whole image: when in doubt, the whole
-  image is the safe choice, because it can only make the synthesis less targeted, never keep anomalies off
-  the product.
+* MVTec AD: the five textures (carpet, grid, leather, tile, wood) use the whole image; capsule, screw and zipper are
+  thresholded *inverted* at 150/255 (``"dark"``); hazelnut, metal_nut, pill and toothbrush at 50/255 (``"bright"``:
+  the products lie on a black background); bottle and cable are a centred disk of radius 0.45 H; transistor uses the
+  whole image (its "misplaced" / "missing" defects lie on the board around the part, so no region may be excluded).
+* VisA: candle, cashew, chewinggum, fryum, macaroni1, macaroni2 and pcb1 are ``"bright"`` above 150/255; pcb2, pcb3
+  and pipe_fryum ``"bright"`` above 100/255; pcb4 ``"bright"`` above 50/255; capsules is the inverted threshold at
+  100/255 (``"dark"``). Check your own images with ``examples/foreground_preview.py``.
 * any other name: the whole image (the model logs a notice).
 
 Everything runs on the batch's device. Images are expected in ``[0, 1]``.
@@ -51,8 +46,10 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 FOREGROUND_STRATEGIES = ("none", "bright", "dark", "disk")
 #: ``Aand(foreground="auto")`` resolves to one of :data:`FOREGROUND_STRATEGIES` with :func:`foreground_preset`
 AUTO_FOREGROUND = "auto"
-#: standard deviation (pixels of the pre-processed image) of the Gaussian blur applied before thresholding
-FOREGROUND_BLUR_SIGMA = 2.0
+#: standard deviation (pixels of a 256 px image; scaled with the height) of the Gaussian blur before thresholding
+FOREGROUND_BLUR_SIGMA = 8.0
+#: image height at which :data:`FOREGROUND_BLUR_SIGMA` applies unscaled (the reference's input size)
+FOREGROUND_BLUR_REFERENCE_SIZE = 256
 #: radius of the ``"disk"`` strategy as a fraction of the image height
 DISK_RADIUS = 0.45
 
@@ -67,6 +64,9 @@ VISA_CATEGORIES = (
 
 _WHOLE = ("none", None)
 _BRIGHT_50 = ("bright", 50 / 255)
+_BRIGHT_100 = ("bright", 100 / 255)
+_BRIGHT_150 = ("bright", 150 / 255)
+_DARK_100 = ("dark", 100 / 255)
 _DARK_150 = ("dark", 150 / 255)
 _DISK = ("disk", None)
 #: category name -> ``(strategy, threshold)``; see the module docstring for where each value comes from
@@ -79,9 +79,11 @@ FOREGROUND_PRESETS: dict[str, tuple[str, float | None]] = {
     "bottle": _DISK, "cable": _DISK,
     "transistor": _WHOLE,
     # VisA
-    "candle": _BRIGHT_50, "cashew": _BRIGHT_50, "chewinggum": _BRIGHT_50, "fryum": _BRIGHT_50,
-    "pipe_fryum": _BRIGHT_50, "macaroni1": _BRIGHT_50, "macaroni2": _BRIGHT_50,
-    "capsules": _WHOLE, "pcb1": _WHOLE, "pcb2": _WHOLE, "pcb3": _WHOLE, "pcb4": _WHOLE,
+    "candle": _BRIGHT_150, "cashew": _BRIGHT_150, "chewinggum": _BRIGHT_150, "fryum": _BRIGHT_150,
+    "macaroni1": _BRIGHT_150, "macaroni2": _BRIGHT_150, "pcb1": _BRIGHT_150,
+    "pcb2": _BRIGHT_100, "pcb3": _BRIGHT_100, "pipe_fryum": _BRIGHT_100,
+    "pcb4": _BRIGHT_50,
+    "capsules": _DARK_100,
 }  # fmt: skip
 
 
@@ -116,11 +118,12 @@ def foreground_mask(
     images: torch.Tensor,
     strategy: str = "none",
     threshold: float | None = None,
-    blur_sigma: float = FOREGROUND_BLUR_SIGMA,
+    blur_sigma: float | None = None,
 ) -> torch.Tensor:
     """Binary foreground mask ``(B, 1, H, W)`` of images in ``[0, 1]`` (see module docstring).
 
     ``strategy="auto"`` is resolved by the model (per category); here it must be one of ``FOREGROUND_STRATEGIES``.
+    ``blur_sigma`` in pixels of ``images``; ``None`` = :data:`FOREGROUND_BLUR_SIGMA` scaled to the image height.
     """
     if strategy not in FOREGROUND_STRATEGIES:
         msg = f"foreground strategy must be one of {FOREGROUND_STRATEGIES}, got {strategy!r}"
@@ -134,6 +137,8 @@ def foreground_mask(
         inside = rows.view(-1, 1) ** 2 + cols.view(1, -1) ** 2 <= (DISK_RADIUS * height) ** 2
         return inside.to(images.dtype).expand(batch, 1, height, width).clone()
     gray = TF.rgb_to_grayscale(images) if images.shape[1] == 3 else images[:, :1]
+    if blur_sigma is None:
+        blur_sigma = FOREGROUND_BLUR_SIGMA * height / FOREGROUND_BLUR_REFERENCE_SIZE
     kernel = 2 * int(3 * blur_sigma + 0.5) + 1
     gray = TF.gaussian_blur(gray, kernel_size=[kernel, kernel], sigma=[blur_sigma, blur_sigma])
     if threshold is None:

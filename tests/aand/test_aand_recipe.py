@@ -260,16 +260,23 @@ VISA = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "mac
         "pcb4", "pipe_fryum")  # fmt: skip
 
 
+#: every preset of the public reference implementation (grayscale, Gaussian blur sigma 8, binary threshold)
+REFERENCE_PRESETS = {
+    **dict.fromkeys(("carpet", "grid", "leather", "tile", "wood", "transistor"), ("none", None)),
+    **dict.fromkeys(("capsule", "screw", "zipper"), ("dark", 150 / 255)),
+    **dict.fromkeys(("hazelnut", "metal_nut", "pill", "toothbrush"), ("bright", 50 / 255)),
+    **dict.fromkeys(("bottle", "cable"), ("disk", None)),
+    **dict.fromkeys(("candle", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2", "pcb1"), ("bright", 150 / 255)),
+    **dict.fromkeys(("pcb2", "pcb3", "pipe_fryum"), ("bright", 100 / 255)),
+    "pcb4": ("bright", 50 / 255),
+    "capsules": ("dark", 100 / 255),
+}
+
+
 def test_foreground_presets_cover_mvtec_and_visa_with_the_reference_values() -> None:
-    assert set(MVTEC) | set(VISA) <= set(FOREGROUND_PRESETS)
-    for texture in ("carpet", "grid", "leather", "tile", "wood"):
-        assert foreground_preset(texture) == ("none", None, True)
-    for name in ("capsule", "screw", "zipper"):
-        assert foreground_preset(name) == ("dark", 150 / 255, True)
-    for name in ("hazelnut", "metal_nut", "pill", "toothbrush"):
-        assert foreground_preset(name) == ("bright", 50 / 255, True)
-    for name in ("bottle", "cable"):
-        assert foreground_preset(name)[0] == "disk"
+    assert set(REFERENCE_PRESETS) == set(MVTEC) | set(VISA)
+    for name, (strategy, threshold) in REFERENCE_PRESETS.items():
+        assert foreground_preset(name) == (strategy, threshold, True), name
     assert foreground_preset("Screw ") == ("dark", 150 / 255, True)  # case / whitespace of the datamodule's name
     assert foreground_preset("my_part") == ("none", None, False)
     assert foreground_preset(None) == ("none", None, False)
@@ -283,12 +290,22 @@ def test_foreground_masks_disk_inverted_threshold_and_blur() -> None:
     grey[1] = 160 / 255
     inverted = foreground_mask(grey, *foreground_preset("screw")[:2])
     assert inverted[0].all() and not inverted[1].any()  # "dark": foreground below 150/255
-    # the grey level is blurred (sigma 2 px) before thresholding: a lone bright pixel is not foreground
-    assert synthesis.FOREGROUND_BLUR_SIGMA == 2.0
+    # the grey level is blurred (the reference's sigma 8 px at 256 px) before thresholding: a bright speck is not
+    # foreground, and the sigma scales with the image height
+    assert synthesis.FOREGROUND_BLUR_SIGMA == 8.0 and synthesis.FOREGROUND_BLUR_REFERENCE_SIZE == 256
     speck = torch.zeros(1, 3, 32, 32)
     speck[..., 16, 16] = 1.0
     assert not foreground_mask(speck, "bright", 0.5).any()
     assert foreground_mask(speck, "bright", 0.5, blur_sigma=0.01)[0, 0, 16, 16] == 1
+    # a 6 x 6 bright square at 256 px: sigma 8 blurs it below half its level (sigma 2 would keep its centre)
+    square = torch.zeros(1, 3, 256, 256)
+    square[..., 125:131, 125:131] = 1.0
+    assert not foreground_mask(square, "bright", 0.5).any()
+    assert foreground_mask(square, "bright", 0.5, blur_sigma=2.0).any()
+    # the same square scaled to 64 px (1.5 px) with the scaled sigma 2: still removed
+    small = torch.zeros(1, 3, 64, 64)
+    small[..., 31:33, 31:33] = 1.0
+    assert not foreground_mask(small, "bright", 0.5).any()
 
 
 def test_auto_foreground_follows_the_datamodule_category(caplog) -> None:
@@ -453,6 +470,61 @@ def test_stage1_gates_the_residual_with_the_ground_truth(model: Aand, monkeypatc
         assert (captured["advanced"][k] - by_gate[k]).abs().max() > 1e-4  # the predicted gate would differ
 
 
+def test_l_a_normal_patches_use_the_label_rule_on_the_foreground(model: Aand, monkeypatch) -> None:
+    """L_A's normal set = non-anomalous patches whose pooled foreground share exceeds 0.3 (the reference's rule)."""
+    mask = block_mask()
+    foreground = torch.zeros_like(mask)
+    foreground[:, :, :32, :32] = 1  # share 1 at every level
+    foreground[:, :, :32, 32:] = (torch.arange(32) % 4 < 2).float().view(-1, 1)  # share 0.5: in by > 0.3, out by > 0.5
+    foreground[:, :, 32:, :32] = (torch.arange(32) % 8 < 2).float().view(-1, 1)  # share 0.25 (levels 2, 3): out
+    # (the bottom-right quadrant has no foreground at all)
+
+    def synthesise(images: torch.Tensor):
+        return (images + 0.5 * mask).clamp(0, 1), mask, foreground
+
+    monkeypatch.setattr(model.synthesizer, "forward", synthesise)
+    captured = {}
+
+    def spy(advanced, vanilla, logits, anomalous, normal):
+        captured.update(anomalous=anomalous, normal=normal)
+        zero = advanced[0].sum() * 0
+        return zero, zero, zero
+
+    monkeypatch.setattr(model.amplification_loss, "forward", spy)
+    model.stage1_losses(torch.randn(2, 3, 64, 64))
+    for anomalous, normal in zip(captured["anomalous"], captured["normal"], strict=True):
+        share = F.adaptive_avg_pool2d(foreground, tuple(normal.shape[-2:]))
+        torch.testing.assert_close(normal, ~anomalous & (share > 0.3))
+        assert (normal & (share <= 0.5)).any()  # the 0.5 share is normal: a "> 0.5" rule would drop it
+        assert not (normal & (share < 0.3)).any()
+
+
+def test_stage2_student_reads_the_advanced_teacher(model: Aand, monkeypatch) -> None:
+    """Stage 2 feeds the bottleneck + decoder F_A (Sec. III-C: "Its output normal features F_A^n are then passed to
+    a one-class bottleneck"), not the vanilla F_T: a swap would train the student on the wrong teacher."""
+    captured = {}
+    original = model.model.bottleneck.forward
+
+    def spy(features):
+        captured["input"] = [f.detach().clone() for f in features]
+        return original(features)
+
+    monkeypatch.setattr(model.model.bottleneck, "forward", spy)
+    torch.manual_seed(4)
+    images = torch.randn(2, 3, 64, 64)
+    model.stage2_losses(images)
+    with torch.no_grad():
+        vanilla, advanced = _advanced_by_hand(model.model, images)
+    for given, expected, plain in zip(captured["input"], advanced, vanilla, strict=True):
+        torch.testing.assert_close(given, expected)
+        assert (given - plain).abs().max() > 1e-4  # not F_T
+    captured.clear()
+    with torch.no_grad():
+        model.model.eval()(images)  # and the eval path (Eq. 13) reads the same advanced features
+    for given, expected in zip(captured["input"], advanced, strict=True):
+        torch.testing.assert_close(given, expected)
+
+
 def test_generator_learns_from_l_a_and_gate_from_focal(model: Aand, monkeypatch) -> None:
     fixed_synthesis(model, block_mask(), monkeypatch)
     model._set_trainable(1)  # noqa: SLF001
@@ -502,7 +574,9 @@ def test_memory_items_and_mlps_use_the_reference_initialisation() -> None:
         assert norms.mean() == pytest.approx(math.sqrt(channels), rel=0.1)  # randn, not randn / sqrt(C)
         for mlp in (raa.gate.projection, raa.generator.projection):
             for conv in (m for m in mlp if isinstance(m, torch.nn.Conv2d)):
-                assert torch.equal(conv.bias, torch.zeros_like(conv.bias))
+                # biases keep PyTorch's default U(-1/sqrt(fan_in), 1/sqrt(fan_in)), as in the reference (weights only)
+                bound = 1 / math.sqrt(conv.in_channels)
+                assert conv.bias.abs().max() <= bound and conv.bias.std().item() == pytest.approx(bound / math.sqrt(3), rel=0.3)
                 fan_out = conv.out_channels  # 1x1 kernels
                 assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.1)
 
