@@ -32,6 +32,8 @@ The paper's recipe and what the model does where it cannot follow it (each check
   normal patches): see ``amplification_pairs``.
 * batch size 16 with lr 0.005: another training batch size with the default lr logs a warning (the lr is
   never scaled silently).
+* resize: bicubic to 256 x 256, as the reference trains and tests (:meth:`Aand.configure_pre_processor`); the
+  exported graph resizes bicubically too (anomalib's export turns the antialiasing off, as for every model).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from anomalib.models.components import AnomalibModule
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import optim
 from torch.nn import functional as F  # noqa: N812
-from torchvision.transforms.v2 import Normalize
+from anomalib.pre_processing import PreProcessor
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from anomalib_kd_base.model import (
     PAPER_BATCH_SIZE,  # noqa: F401  (re-exported: the recipe's constants, shared with MemKD)
@@ -273,6 +276,21 @@ class Aand(KDModelBase, AnomalibModule):
 
     def _milestones(self, epochs: int) -> list[int]:
         return sorted({max(1, round(fraction * epochs)) for fraction in self.lr_milestones})
+
+    @staticmethod
+    def configure_pre_processor(image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Bicubic resize to ``image_size`` (256 x 256 by default) and ImageNet normalisation.
+
+        The public reference implementation resizes bicubically for training and testing; anomalib's default is
+        bilinear. Ground-truth masks are resized with nearest neighbours (torchvision does so for ``Mask``).
+        """
+        image_size = image_size or (256, 256)
+        return PreProcessor(
+            transform=Compose([
+                Resize(image_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+            ]),
+        )
 
     def configure_optimizers(self) -> tuple[list[optim.Optimizer], list[optim.lr_scheduler.LRScheduler]]:
         """One Adam + MultiStepLR per stage: ``[RAA, student]``."""

@@ -243,7 +243,7 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
         anomalib's default evaluator has image / pixel AUROC and F1. Both papers report PRO (AAND Tab. I-III,
         MemKD Tab. 1-2, integrated up to a false-positive rate of 0.3 as in Bergmann et al.), and MemKD also
         reports image and pixel AP, which anomalib's ``AUPR`` computes. Test time grows with them: see
-        docs/benchmarks.md ("The papers' metrics") for the measured cost at 256 px.
+        docs/training.md ("Test metrics") for the measured cost at 256 px.
         """
         test_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="image_"),

@@ -103,6 +103,23 @@ def test_every_paper_hyper_parameter_is_the_default() -> None:
     assert "--data.train_batch_size 16" in readme and "train_batch_size=16" in readme
 
 
+def test_default_pre_processor_resizes_bicubically_like_the_reference() -> None:
+    """256 px bicubic (the reference's training and test resize), not anomalib's bilinear default."""
+    from torchvision.transforms.v2 import InterpolationMode, Resize
+    from torchvision.transforms.v2 import functional as TF  # noqa: N812
+
+    resize = next(t for t in Aand.configure_pre_processor().transform.transforms if isinstance(t, Resize))
+    assert resize.size == [256, 256] and resize.interpolation == InterpolationMode.BICUBIC and resize.antialias
+    image = torch.rand(1, 3, 100, 100)
+    out = tiny().pre_processor.transform(image)
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    bicubic = (TF.resize(image, [64, 64], interpolation=InterpolationMode.BICUBIC, antialias=True) - mean) / std
+    bilinear = (TF.resize(image, [64, 64], antialias=True) - mean) / std
+    torch.testing.assert_close(out, bicubic)
+    assert (out - bilinear).abs().max() > 1e-2
+
+
 def test_tests_run_outside_the_repository() -> None:
     """conftest's autouse fixture: relative defaults (./datasets/dtd/images) never see the developer's repo root."""
     assert REPO not in (Path.cwd(), *Path.cwd().parents)

@@ -265,6 +265,47 @@ def test_synthesis_masks_are_binary_inside_foreground_and_change_only_masked_pix
     assert clean_masks.sum() == 0 and torch.equal(clean, images)
 
 
+def _constant_perturbation(synth: AnomalySynthesizer, value: float = 1.0) -> None:
+    """Every Perlin draw: the whole image is masked, the perturbation is ``value`` everywhere."""
+
+    def generate(height, width, device, source=None):
+        del source
+        return torch.full((height, width, 3), value, device=device), torch.ones(height, width, 1, device=device)
+
+    synth.generator.generate_perturbation = generate
+
+
+def test_synthesis_defaults_leave_20_percent_clean_and_blend_beta_below_0_8() -> None:
+    """The paper's synthesis constants: 80 % of the images get an anomaly, blended as
+    ``beta * I + (1 - beta) * P`` with the original's weight ``beta`` in [0, 0.8) (opacity 1 - beta in (0.2, 1])."""
+    model = tiny_aand()
+    assert model.synthesizer.probability == 0.8
+    assert model.synthesizer.blend_range == (0.2, 1.0)
+    torch.manual_seed(0)
+    synth = model.synthesizer
+    _constant_perturbation(synth, 1.0)
+    images = torch.zeros(1000, 3, 4, 4)  # original 0, perturbation 1: a pixel's value is the opacity 1 - beta
+    augmented, masks, _ = synth(images)
+    anomalous = masks.flatten(1).amax(dim=1) > 0
+    assert float(anomalous.float().mean()) == pytest.approx(0.8, abs=0.05)  # 20 % stay clean
+    assert torch.equal(augmented[~anomalous], images[~anomalous])
+    opacity = augmented[anomalous][:, 0, 0, 0]
+    beta = 1 - opacity
+    assert float(beta.min()) >= 0.0 and float(beta.max()) < 0.8
+    assert float(beta.min()) < 0.05 and float(beta.max()) > 0.75  # the whole range is drawn
+    assert float(beta.mean()) == pytest.approx(0.4, abs=0.03)  # uniform
+
+
+def test_blend_weights_the_original_by_beta_and_the_perturbation_by_one_minus_beta() -> None:
+    """Direction of beta: with opacity 0.3 the result is 0.3 * perturbation + 0.7 * image (not the reverse)."""
+    synth = AnomalySynthesizer(probability=1.0, blend_range=(0.3, 0.3))
+    _constant_perturbation(synth, 1.0)
+    images = torch.full((2, 3, 8, 8), 0.5)
+    augmented, masks, _ = synth(images)
+    assert masks.all()
+    torch.testing.assert_close(augmented, torch.full_like(images, 0.3 * 1.0 + 0.7 * 0.5))
+
+
 def test_texture_folder_without_images_is_a_clear_error(tmp_path) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
     for folder in (tmp_path, tmp_path / "missing"):

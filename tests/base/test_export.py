@@ -150,6 +150,9 @@ def test_eval_graph_is_dynamic_in_size_and_static_in_control_flow(trained, tmp_p
     assert dims[1].dim_value == 3
     assert dims[2].dim_param and dims[3].dim_param, "height / width must be dynamic"
     assert "Resize" in op_types
+    # the resize of the paper's recipe: AAND's reference resizes bicubically, MemKD keeps anomalib's bilinear
+    modes = {attr.s.decode() for node in graph.node if node.op_type == "Resize" for attr in node.attribute if attr.name == "mode"}
+    assert ("cubic" in modes) == (trained["name"] == "aand"), modes  # the map's up-sampling is linear for both
     constants = {init.name for init in graph.initializer}
     constants |= {out for node in graph.node if node.op_type == "Constant" for out in node.output}
     convs = [node for node in graph.node if node.op_type in {"Conv", "ConvTranspose"}]

@@ -47,6 +47,20 @@ def test_demo_script_runs_the_demo(tmp_path: Path, capsys: pytest.CaptureFixture
     assert "| Aand |" in printed and "| MemKD |" in printed  # the table the README's results come from
 
 
+def test_metrics_cost_benchmark_runs(tmp_path: Path) -> None:
+    """`python benchmarks/metrics_cost.py` (docs/training.md): both evaluators timed, the papers' one has 3 more metrics."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "metrics_cost.py"), "--images", "6", "--size", "32", "--batch", "4",
+         "--repeats", "1"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| anomalib default", "| papers'"))]
+    assert len(rows) == 2
+    assert rows[0].count("_") == 4 and "pixel_AUPRO" in rows[1] and "image_AUPR" in rows[1]
+
+
 def test_memkd_addressing_script_runs(tmp_path: Path) -> None:
     """`python benchmarks/memkd_addressing.py --configs ... --seeds ... --epochs ...`, one tiny configuration."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
