@@ -632,7 +632,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--probe", action="store_true", help="only the linear probe of pseudo-anomalies per level")
     p.add_argument("--curve", type=int, nargs="+", default=None,
                    help="only stage 1: report the gate after these cumulative numbers of steps")
+    p.add_argument("--results-csv", type=Path, default=None,
+                   help="append the per-seed rows (run, model, seed, image/pixel AUROC, AUPRO, gate TPR/FPR) to this CSV")
     return p.parse_args(argv)
+
+
+#: the per-seed columns that ``--results-csv`` appends (the docs' tables are computed from them)
+RESULT_COLUMNS = ["run", "teacher", "rd_epochs", "aand_stage1_epochs", "aand_stage2_epochs", "model", "seed",
+                  "image_auroc", "pixel_auroc", "aupro", *(f"gate_{q}_l{k}" for q in ("tpr", "fpr") for k in (1, 2, 3)),
+                  "code"]  # fmt: skip
+
+
+def append_results(rows: list[dict], args: argparse.Namespace, path: Path) -> None:
+    """Append the per-seed rows to ``path`` (header written once), with the run's teacher and schedule."""
+    import pandas as pd
+
+    stage1, stage2 = args.aand_stages
+    frame = pd.DataFrame(rows).assign(
+        run=f"{args.teacher} proxy, RD {args.rd_epochs}, AAND {stage1} + {stage2}",
+        rd_epochs=args.rd_epochs, aand_stage1_epochs=stage1, aand_stage2_epochs=stage2,
+    )  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.reindex(columns=RESULT_COLUMNS).to_csv(path, mode="a", header=not path.exists(), index=False, float_format="%.4f")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -667,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in args.seeds:
         rows += run_seed(seed, args, data, texture_dir, out)
     print(summarise(rows, out / "summary.md"))
+    if args.results_csv is not None:
+        append_results(rows, args, args.results_csv)
     return 0
 
 

@@ -182,7 +182,7 @@ def test_texture_diagnosis_runs_and_measures_per_level(tmp_path: Path) -> None:
     code = module.main([
         "--out", str(out), "--seeds", "0", "--size", "64", "--n-train", "4", "--n-test-good", "2",
         "--n-test-per-defect", "1", "--defects", "foreign", "tint", "--batch", "4", "--rd-epochs", "1",
-        "--aand-stages", "1", "1", "--models", "RD", "AAND",
+        "--aand-stages", "1", "1", "--models", "RD", "AAND", "--results-csv", str(tmp_path / "results" / "rows.csv"),
     ])
     assert code == 0
     rows = {row["model"]: row for row in map(json.loads, (out / "rows.jsonl").read_text().splitlines())}
@@ -198,3 +198,13 @@ def test_texture_diagnosis_runs_and_measures_per_level(tmp_path: Path) -> None:
         assert zero[f"energy_normal_l{k}"] == 0.0  # gate forced to 0: no residual reaches F_A
         assert zero[f"shift_normal_l{k}"] < 1e-6  # F_A = F_T
     assert "| RD |" in (out / "summary.md").read_text()
+    # --results-csv: the per-seed rows the docs' tables are computed from, with the run's teacher and schedule
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "results" / "rows.csv")
+    assert list(table.columns) == module.RESULT_COLUMNS
+    assert sorted(table["model"]) == sorted(rows)
+    assert set(table["run"]) == {"random proxy, RD 1, AAND 1 + 1"} and set(table["seed"]) == {0}
+    by_model = table.set_index("model")
+    for name, row in rows.items():
+        assert by_model.loc[name, "pixel_auroc"] == pytest.approx(row["pixel_auroc"], abs=1e-4)
