@@ -243,7 +243,7 @@ class Aand(KDModelBase, AnomalibModule):
             AandModel, backbone, layers, pre_trained, backbone_weights, fast_inference,
             memory_size=memory_size, gate_temperature=gate_temperature,
         )
-        # stage1_epochs=0 is "RD + HKD on the vanilla teacher": an untrained RAA must not perturb F_T (issue 18)
+        # stage1_epochs=0 is "RD + HKD on the vanilla teacher": an untrained RAA must not perturb F_T
         self.model.amplification = self.stage1_epochs > 0
         self.amplification_loss = AandAmplificationLoss(
             margin=margin,
