@@ -21,6 +21,10 @@ families, unlike AAND's Perlin-blob synthesis, are available for any product (``
 ``tint`` (a blob whose colour is shifted while its structure is kept). They are opt-in: the default
 ``defects`` stay ``DEFECT_TYPES`` and the default product's files are byte-identical to before.
 
+``product="grain"`` is a full-frame *irregular* texture (stone / leather-like): fractal noise with a ``1/f^1.6``
+amplitude spectrum, mapped between two shades, with fine grain; no two images share a structure, and nothing in it
+repeats (unlike the brick wall's regular grid).
+
 It is deliberately a generic, easy dataset: it proves that a pipeline trains, evaluates and
 exports end to end. Numbers measured on it say nothing about MVTec AD or VisA.
 """
@@ -38,8 +42,9 @@ DEFECT_TYPES = ("scratch", "stain", "hole")
 #: opt-in defect families (not in the default ``defects``), unlike AAND's synthesis
 EXTRA_DEFECT_TYPES = ("foreign", "tint")
 ALL_DEFECT_TYPES = DEFECT_TYPES + EXTRA_DEFECT_TYPES
-#: ``"widget"``: textured disc on a plain background (default); ``"brick"``: full-frame brick-wall texture
-PRODUCTS = ("widget", "brick")
+#: ``"widget"``: textured disc on a plain background (default, an aligned object); ``"brick"``: full-frame brick-wall
+#: texture (regular); ``"grain"``: full-frame fractal-noise texture (irregular)
+PRODUCTS = ("widget", "brick", "grain")
 
 
 @dataclass(frozen=True)
@@ -116,6 +121,30 @@ def _brick(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
     joint = in_bed | in_head
     image[joint] = mortar_colour + rng.normal(0, 0.02, (int(joint.sum()), 1)).astype(np.float32)
     image += rng.normal(0, 0.01, image.shape).astype(np.float32)
+    return np.clip(image, 0, 1).astype(np.float32), np.ones((size, size), dtype=bool)
+
+
+def _grain(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """An irregular stone / leather-like texture ``(H, W, 3)`` in [0, 1]; foreground = whole image.
+
+    White noise filtered to a ``1/f^1.6`` amplitude spectrum (fractal noise: structure at every scale, no period),
+    standardised, squashed by a logistic and mapped between a dark and a light shade (each +-5 % per image), plus
+    pixel grain.
+    """
+    noise = rng.normal(size=(size, size))
+    fy = np.fft.fftfreq(size)[:, None]
+    fx = np.fft.rfftfreq(size)[None, :]
+    frequency = np.sqrt(fy**2 + fx**2)
+    frequency[0, 0] = 1.0
+    spectrum = np.fft.rfft2(noise) / frequency**1.6
+    spectrum[0, 0] = 0.0
+    field = np.fft.irfft2(spectrum, s=(size, size))
+    field = (field - field.mean()) / max(float(field.std()), 1e-8)
+    tone = 1.0 / (1.0 + np.exp(-1.5 * field))
+    dark = np.array([0.34, 0.27, 0.21]) * rng.uniform(0.95, 1.05)
+    light = np.array([0.74, 0.64, 0.52]) * rng.uniform(0.95, 1.05)
+    image = dark + (light - dark) * tone[..., None] + rng.normal(0, 0.025, (size, size, 1))
+    image += rng.normal(0, 0.01, image.shape)
     return np.clip(image, 0, 1).astype(np.float32), np.ones((size, size), dtype=bool)
 
 
@@ -206,7 +235,7 @@ def make_mvtec_like_dataset(root: str | Path, spec: SyntheticSpec | None = None,
     if spec.product not in PRODUCTS:
         msg = f"unknown product {spec.product!r}; choose from {PRODUCTS}"
         raise ValueError(msg)
-    product = _brick if spec.product == "brick" else _product
+    product = {"widget": _product, "brick": _brick, "grain": _grain}[spec.product]
     root = Path(root)
     base = root / spec.category
     rng = np.random.default_rng(spec.seed)

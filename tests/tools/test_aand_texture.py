@@ -100,6 +100,35 @@ def test_brick_dataset_with_extra_defects_has_the_mvtec_layout(tmp_path: Path) -
     assert set(ALL_DEFECT_TYPES) == set(DEFECT_TYPES) | set(EXTRA_DEFECT_TYPES)
 
 
+def test_grain_is_an_irregular_texture_that_changes_per_image() -> None:
+    """The irregular texture: whole-image foreground, structure at every scale, no period, a new pattern per image."""
+    size = 128
+    rng = np.random.default_rng(0)
+    first, fg = synthetic._grain(rng, size)
+    second, _ = synthetic._grain(rng, size)
+    assert fg.all() and first.shape == (size, size, 3) and 0.0 <= first.min() and first.max() <= 1.0
+    grey = _grey(first) - _grey(first).mean()
+    assert grey.std() > 0.05  # visible structure, not flat noise
+    assert abs(np.corrcoef(_grey(first).ravel(), _grey(second).ravel())[0, 1]) < 0.3  # another pattern per image
+
+    def corr(lag: int) -> float:
+        return float(np.corrcoef(grey[:, :-lag].ravel(), grey[:, lag:].ravel())[0, 1])
+
+    # fractal: neighbours correlate strongly, and the correlation only decays with the lag (no period to come back to)
+    lags = [1, 2, 4, 8, 16, 32]
+    values = [corr(lag) for lag in lags]
+    assert values[0] > 0.8
+    assert all(a > b for a, b in zip(values, values[1:], strict=False)), values
+
+
+def test_grain_dataset_has_the_mvtec_layout(tmp_path: Path) -> None:
+    root = make_mvtec_like_dataset(tmp_path, category="grain", product="grain", image_size=64, n_train=2, n_test_good=1,
+                                   n_test_per_defect=1, defects=("scratch", "foreign", "tint"))  # fmt: skip
+    for kind in ("scratch", "foreign", "tint"):
+        assert (root / "grain" / "test" / kind / "000.png").is_file()
+        assert np.asarray(Image.open(root / "grain" / "ground_truth" / kind / "000_mask.png")).any()
+
+
 def test_unknown_product_or_defect_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="unknown product"):
         make_mvtec_like_dataset(tmp_path, product="gravel", n_train=1, n_test_good=1, n_test_per_defect=1)
