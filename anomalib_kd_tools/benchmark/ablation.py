@@ -2,10 +2,10 @@
 
 ``anomalib-kd-benchmark quality --ablation aand|memkd|all`` trains, on the same data and seeds, the variants below (a
 variant is a model name plus constructor keyword overrides) and reports image AUROC, pixel AUROC and AUPRO as
-mean ± std over ``--seeds`` (0 1 2 by default here), plus the figures of the model's own
-``mechanism_report(test_dataloader)`` (AAND: the Fig. 8 residual energy ratio per level, the gate's false-positive
-rate, each level's share of the map; MemKD: the addressing figures of each memory). The figures are generic:
-whatever flat ``{name: float}`` the model returns is aggregated; a model without the method gives none.
+mean ± std over ``--seeds`` (0 1 2 by default here), plus the model's mechanism figures on the test images
+(:func:`anomalib_kd_tools.mechanisms.mechanism_report`; AAND: the Fig. 8 residual energy ratio per level, the gate's
+false-positive rate, each level's share of the map; MemKD: the addressing figures of each memory). The figures are
+generic: whatever flat ``{name: float}`` the report returns is aggregated; a model without a report gives none.
 
 * Cells are ``(variant, category, seed)``; ``results.csv`` has a ``variant`` column next to ``model`` (the model
   class), the constructor ``overrides`` and the ``mechanism`` figures (a JSON object), and resumes like the
@@ -297,21 +297,25 @@ def teacher_label(config: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- in the cell
-def mechanism_figures(model: Any, dataloader: Any) -> tuple[dict[str, float], str]:  # noqa: ANN401
-    """``(figures, status)`` of ``model.mechanism_report(dataloader)`` in eval mode under ``no_grad``.
+def mechanism_figures(model: Any, dataloader: Any, report: Any = None) -> tuple[dict[str, float], str]:  # noqa: ANN401
+    """``(figures, status)`` of ``report(model, dataloader)`` (default:
+    :func:`anomalib_kd_tools.mechanisms.mechanism_report`) in eval mode under ``no_grad``.
 
-    ``status`` is ``ok``, ``absent`` (the model has no such method) or ``error: ...`` (the traceback goes to the
+    ``status`` is ``ok``, ``absent`` (no report for this model) or ``error: ...`` (the traceback goes to the
     cell's log; the cell's metrics are kept). Non-numeric values are dropped.
     """
     import torch
 
-    report = getattr(model, "mechanism_report", None)
-    if not callable(report):
-        return {}, "absent"
+    from anomalib_kd_tools import mechanisms
+
+    if report is None:
+        if not mechanisms.has_mechanism_report(model):
+            return {}, "absent"
+        report = mechanisms.mechanism_report
     model.eval()
     try:
         with torch.no_grad():
-            raw = report(dataloader)
+            raw = report(model, dataloader)
     except Exception as error:  # noqa: BLE001 - reported in the results, the metrics of the cell stay valid
         traceback.print_exc()
         return {}, f"error: {type(error).__name__}: {error}"[:300]

@@ -1,72 +1,40 @@
 """The tables of an ablation run (``anomalib-kd-benchmark quality --ablation``): ``results.md`` and ``results.png``.
 
-Aggregation over seeds per (variant, category) of the metrics and of the models' ``mechanism_report`` figures
-(:func:`summarise`), and the content of the two files; the files themselves, the header every table shares and the
-markdown tables are :mod:`.report`'s, the header lines of a quality run :mod:`.quality_report`'s. The variants and
-options are :mod:`.ablation`'s.
+The statistics over seeds per (variant, category) of the metrics and of the mechanism figures (:func:`figures`, one
+column per figure of the rows' ``mechanism`` JSON) are :mod:`.schema`'s; this module holds the content of the two
+files. The files themselves, the header every table shares and the markdown tables are :mod:`.report`'s, the header
+lines of a quality run :mod:`.quality_report`'s. The variants and options are :mod:`.ablation`'s.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import quality_report, report
+import pandas as pd
+
+from anomalib_kd_tools.benchmark import quality_report, report, schema
 from anomalib_kd_tools.benchmark.ablation import ABLATIONS, TEXTURES, Variant, ablation_of, teacher_label
-from anomalib_kd_tools.benchmark.job import METRIC_LABELS, NUMERIC
+from anomalib_kd_tools.benchmark.schema import LABELS
 
 ABLATION_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
-def figures_of(row: dict[str, Any]) -> dict[str, float]:
-    """The mechanism figures of a ``results.csv`` row (its ``mechanism`` JSON object; ``null`` becomes ``nan``)."""
-    text = row.get("mechanism") or ""
-    if not text:
-        return {}
-    return {k: (math.nan if v is None else float(v)) for k, v in json.loads(text).items()}
-
-
 def natural_key(key: str) -> list[Any]:
     """Sort key that orders ``m2`` before ``m10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
 
 
-def summarise(rows: Sequence[dict[str, Any]], variants: Sequence[str]) -> list[dict[str, Any]]:
-    """Per (variant, category): mean / std / n over seeds of the metrics and of every mechanism figure."""
-    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
-    for row in rows:
-        groups.setdefault((row["variant"], row["category"]), []).append(row)
-    order = {name: i for i, name in enumerate(variants)}
-    out = []
-    for (variant, category), members in sorted(groups.items(), key=lambda kv: (order.get(kv[0][0], 99), kv[0])):
-        figures = [figures_of(r) for r in members]
-        keys = sorted({k for f in figures for k in f}, key=natural_key)
-        out.append(
-            {
-                "variant": variant,
-                "category": category,
-                "seeds": sorted(int(r["seed"]) for r in members),
-                "schedule": members[0].get("schedule", ""),
-                "status": sorted({str(r.get("mechanism_status", "")) for r in members}),
-                **{k: report.mean_std(r[k] for r in members) for k in NUMERIC},
-                "figures": {k: report.mean_std(f.get(k, math.nan) for f in figures) for k in keys},
-            },
-        )
-    return out
-
-
-def over_categories(rows: Sequence[dict[str, Any]], variant: str, metric: str) -> tuple[float, float, int]:
-    """Mean / std / n over seeds of the per-seed mean over categories of one variant's metric."""
-    by_seed: dict[int, list[float]] = {}
-    for row in rows:
-        if row["variant"] == variant:
-            by_seed.setdefault(int(row["seed"]), []).append(row[metric])
-    return report.mean_std(report.mean_std(values)[0] for values in by_seed.values())
+def figures(rows: pd.DataFrame) -> pd.DataFrame:
+    """The mechanism figures of each row (its ``mechanism`` JSON object; ``null`` becomes ``nan``), one column per
+    figure in natural order (``m2`` before ``m10``), indexed like ``rows``."""
+    parsed = [json.loads(text) if text else {} for text in rows.get("mechanism", pd.Series("", index=rows.index))]
+    frame = pd.DataFrame(parsed, index=rows.index, dtype=float)
+    return frame[sorted(frame.columns, key=natural_key)]
 
 
 # ---------------------------------------------------------------------------------------------- results.md / .png
@@ -96,15 +64,15 @@ def _by_ablation(variants: Sequence[Variant], skipped: dict[str, list[str]]) -> 
 
 def write_markdown(
     path: Path,
-    rows: Sequence[dict[str, Any]],
+    rows: pd.DataFrame | Sequence[dict[str, Any]],
     config: dict[str, Any],
     variants: Sequence[Variant],
     skipped: dict[str, list[str]],
 ) -> str:
     """``results.md`` of an ablation run: per ablation a metrics table and a mechanism-figures table."""
-    seeds = sorted({int(r["seed"]) for r in rows})
+    rows = pd.DataFrame(rows)
+    seeds = sorted(set(rows.seed.astype(int)))
     spec = config.get("generated_spec") or {}
-    ms = report.format_mean_std
     lines = report.header(
         f"Ablation ({config.get('ablation')}): same data, same seeds",
         quality_report.hardware_line(rows),
@@ -124,51 +92,42 @@ def write_markdown(
         interrupted=bool(config.get("interrupted")),
     )
     overrides = {v.name: v.overrides for v in variants}
-    metric_columns = [METRIC_LABELS[m] for m in ABLATION_METRICS]
+    metric_columns = [LABELS[m] for m in ABLATION_METRICS]
     for name, (listed, skipped_here) in _by_ablation(variants, skipped).items():
-        summaries = summarise([r for r in rows if r["variant"] in listed], listed)
-        lines += [f"## {name}: metrics", ""]
-        lines += report.table(
-            ["variant", "overrides", "category", "seeds", *metric_columns, "schedule", "train s"],
-            [
-                *(
-                    [s["variant"], _overrides(overrides.get(s["variant"], {})), s["category"], len(s["seeds"])]
-                    + [ms(s[m]) for m in ABLATION_METRICS]
-                    + [s["schedule"], ms(s["train_time_s"], 1)]
-                    for s in summaries
-                ),
-                *(
-                    [variant, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7]
-                    for variant, missing in skipped_here.items()
-                ),
-            ],
-        )
-        keys = sorted({k for s in summaries for k in s["figures"]}, key=natural_key)
+        members = rows[rows.variant.isin(listed)]
+        measured = members.join(figures(members))
+        keys = [k for k in measured.columns if k not in rows.columns]
+        by = {"by": ["variant", "category"], "order": {"variant": listed}}
+        stats = schema.aggregate(measured, columns=[*ABLATION_METRICS, "train_time_s", *keys], **by)
+        cells = schema.formatted(stats).reset_index(drop=True)
+        groups = stats.index.to_frame(index=False)
+        table = groups.copy()
+        table.insert(1, "overrides", [_overrides(overrides.get(v, {})) for v in table.variant])
+        table["seeds"] = stats["seeds", "n"].to_numpy()
+        table[metric_columns] = cells[list(ABLATION_METRICS)].to_numpy()
+        table["schedule"] = members.groupby(by["by"]).schedule.first().loc[stats.index].to_numpy()
+        table["train s"] = cells["train_time_s"].to_numpy()
+        no = [[v, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7] for v, missing in skipped_here.items()]
+        table = pd.concat([table.astype(object), pd.DataFrame(no, columns=table.columns, dtype=object)])
+        lines += [f"## {name}: metrics", "", *report.markdown(table)]
         lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
         if keys:
-            lines += report.table(
-                ["variant", "category", *keys],
-                (
-                    [s["variant"], s["category"]] + [ms(s["figures"].get(k, (math.nan, math.nan, 0))) for k in keys]
-                    for s in summaries
-                ),
-            )
-        notes = {f"{s['variant']}: {', '.join(x for x in s['status'] if x != 'ok')}" for s in summaries}
-        notes = sorted(n for n in notes if not n.endswith(": "))
+            lines += report.markdown(pd.concat([groups, cells[keys]], axis=1))
+        status = members.groupby(by["by"]).mechanism_status.agg(lambda s: ", ".join(sorted(set(s) - {"ok"})))
+        notes = sorted({f"{variant}: {text}" for (variant, _), text in status.items() if text})
         if not keys:
             lines.append("No figures: the model has no `mechanism_report` or it returned none.")
         if notes:
             lines += ["", "Status: " + "; ".join(notes)]
         lines.append("")
     lines += ["## Raw rows (results.csv)", ""]
-    lines += report.table(
-        ["variant", "category", "seed", *metric_columns, "train s", "mechanism"],
-        (
-            [r["variant"], r["category"], r["seed"], *(report.fmt(r[m]) for m in ABLATION_METRICS)]
-            + [report.fmt(r["train_time_s"], 1), r.get("mechanism_status", "")]
-            for r in sorted(rows, key=lambda r: (r["variant"], r["category"], r["seed"]))
-        ),
-    )
+    raw = rows.sort_values(["variant", "category", "seed"])
+    raw_table = raw[["variant", "category", "seed"]].copy()
+    for metric in ABLATION_METRICS:
+        raw_table[LABELS[metric]] = raw[metric].map(schema.fmt)
+    raw_table["train s"] = [schema.fmt(value, 1) for value in raw.train_time_s]
+    raw_table["mechanism"] = raw.get("mechanism_status", "")
+    lines += report.markdown(raw_table)
     if config.get("dataset_kind") == "generated":
         lines += [
             "",
@@ -180,21 +139,22 @@ def write_markdown(
 
 def write_plot(
     path: Path,
-    rows: Sequence[dict[str, Any]],
+    rows: pd.DataFrame | Sequence[dict[str, Any]],
     config: dict[str, Any],
     variants: Sequence[Variant],
     skipped: dict[str, list[str]],
 ) -> bool:
     """``results.png`` of an ablation run: per ablation, bars of each variant's image AUROC, pixel AUROC and AUPRO
     (mean ± std over seeds of the mean over categories). Writes nothing and returns ``False`` without rows."""
-    measured = {r["variant"] for r in rows}
+    rows = pd.DataFrame(rows)
     panels = []
     for name, (listed, _) in _by_ablation(variants, skipped).items():
-        shown = [v for v in listed if v in measured]
+        shown = [v for v in listed if v in set(rows.get("variant", ()))]
         if shown:
-            series = {v: [over_categories(rows, v, m)[:2] for m in ABLATION_METRICS] for v in shown}
-            labels = [METRIC_LABELS[m] for m in ABLATION_METRICS]
-            panels.append(report.Bars(labels, series, "score (mean ± std over seeds)", title=name, ylim=(0, 1.05)))
+            members = rows[rows.variant.isin(shown)]
+            stats = schema.aggregate(members, ["variant"], ABLATION_METRICS, over_categories=True, order={"variant": shown})
+            mean, std = (stats.xs(s, axis=1, level=1)[list(ABLATION_METRICS)].T.rename(index=LABELS) for s in ("mean", "std"))
+            panels.append(report.Bars(mean, "score (mean ± std over seeds)", errors=std, title=name, ylim=(0, 1.05)))
     if not panels:
         return False
     kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
@@ -203,4 +163,4 @@ def write_plot(
     return True
 
 
-__all__ = ["figures_of", "natural_key", "summarise", "write_markdown", "write_plot"]
+__all__ = ["figures", "natural_key", "write_markdown", "write_plot"]

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -38,7 +36,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from anomalib_kd_tools.benchmark import report
+import pandas as pd
+
+from anomalib_kd_tools.benchmark import report, schema
 from anomalib_kd_tools.benchmark.timing import time_calls
 
 if TYPE_CHECKING:
@@ -80,13 +80,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.throughput_batch, args.throughput_runs = 4, 1
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The checked options of ``anomalib-kd-benchmark edge`` (``argv`` without the subcommand)."""
-    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
-
-    return parse(["edge", *(sys.argv[1:] if argv is None else argv)])
-
-
 def build_model(name: str, args: argparse.Namespace):
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
@@ -122,26 +115,20 @@ def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.nd
     return images, labels
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
-    return ordered[index]
-
-
 def measure(call, scores_of, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
     import numpy as np
 
     from anomalib_kd_tools.benchmark.job import image_auroc
 
     single = images[:1]
-    latencies = time_calls(lambda: call(single), args.runs, args.warmup)
+    latencies = pd.Series(time_calls(lambda: call(single), args.runs, args.warmup))
     batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
-    batch_times = time_calls(lambda: call(batch), args.throughput_runs, 1)
+    batch_times = pd.Series(time_calls(lambda: call(batch), args.throughput_runs, 1))
     scores = np.concatenate([scores_of(call(images[i : i + 1])) for i in range(len(images))])
     return {
-        "p50_ms": 1000 * statistics.median(latencies),
-        "p95_ms": 1000 * percentile(latencies, 95),
-        "throughput": args.throughput_batch / statistics.median(batch_times),
+        "p50_ms": 1000 * latencies.median(),
+        "p95_ms": 1000 * latencies.quantile(0.95, interpolation="nearest"),  # a measured call, not an interpolation
+        "throughput": args.throughput_batch / batch_times.median(),
         "image_auroc": image_auroc(scores, labels),  # anomalib's AUROC, as in quality
     }
 
@@ -262,25 +249,23 @@ COLUMNS = [
 ]
 
 
-def markdown(rows: list[dict], args: argparse.Namespace, header: Sequence[str]) -> list[str]:
+def markdown(rows: pd.DataFrame, args: argparse.Namespace, header: Sequence[str]) -> list[str]:
     """The lines of ``edge.md``: ``header``, then the table."""
-    names = [title.format(tb=args.throughput_batch) for _, title, _ in COLUMNS]
-    return [*header, *report.table(names, ([fmt.format(row[key]) for key, _, fmt in COLUMNS] for row in rows))]
+    table = pd.DataFrame({title.format(tb=args.throughput_batch): rows[key].map(fmt.format) for key, title, fmt in COLUMNS})
+    return [*header, *report.markdown(table)]
 
 
-def plot(path: Path, rows: list[dict], title: str) -> None:
+def plot(path: Path, rows: pd.DataFrame, title: str) -> None:
     """``edge.png``: bs1 p50 latency (log scale) and image AUROC per back-end, one bar per model."""
-    backends = [b for b in BACKENDS if any(r["backend"] == b for r in rows)]
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    by_key = {(r["model"], r["backend"]): r for r in rows}
-    nan = float("nan")
+    backends = [b for b in BACKENDS if b in set(rows.backend)]
+    models = list(dict.fromkeys(rows.model))
 
-    def series(key: str) -> dict[str, list[tuple[float, float]]]:
-        return {m: [(by_key[(m, b)][key] if (m, b) in by_key else nan, nan) for b in backends] for m in models}
+    def values(key: str) -> pd.DataFrame:
+        return rows.pivot(index="backend", columns="model", values=key).reindex(index=backends, columns=models)
 
     panels = [
-        report.Bars(backends, series("p50_ms"), "latency, batch 1, p50 (ms, log scale)", log=True),
-        report.Bars(backends, series("image_auroc"), "image AUROC", ylim=(0, 1.05)),
+        report.Bars(values("p50_ms"), "latency, batch 1, p50 (ms, log scale)", log=True),
+        report.Bars(values("image_auroc"), "image AUROC", ylim=(0, 1.05)),
     ]
     report.write_png(path, panels, title)
 
@@ -335,8 +320,9 @@ def write_tables(output: Path, rows: list[dict], args: argparse.Namespace, argv:
         [f"Setting: {setting}"],
         command=" ".join(["anomalib-kd-benchmark", "edge", *argv]),
     )
-    text = report.write_text(output / "edge.md", markdown(rows, args, header))
-    report.write_csv(output / "edge.csv", rows)
-    plot(output / "edge.png", rows, f"{setting} - {hardware}")
+    frame = pd.DataFrame(rows)
+    text = report.write_text(output / "edge.md", markdown(frame, args, header))
+    schema.write_csv(output / "edge.csv", rows)
+    plot(output / "edge.png", frame, f"{setting} - {hardware}")
     report.write_json(output / "edge.json", {"header": "\n".join(header), "rows": rows})
     return text

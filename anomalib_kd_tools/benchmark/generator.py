@@ -16,7 +16,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MODELS = ("Patchcore", "ReverseDistillation", "Aand", "MemKD")
+from anomalib_kd_tools.benchmark.schema import MODELS
+
 GENERATED_CATEGORY = "widget"
 
 
@@ -52,9 +53,4 @@ def make_cells(models: Sequence[str], categories: Sequence[str], seeds: Sequence
     return [Cell(c["model"], c["category"], c["seed"]) for c in get_iterator_from_grid_dict(grid)]
 
 
-def model_order(model: str) -> tuple[int, str]:
-    """Sort key of the report: the four models in :data:`MODELS` order, anything else after them by name."""
-    return (MODELS.index(model) if model in MODELS else len(MODELS), model)
-
-
-__all__ = ["GENERATED_CATEGORY", "MODELS", "Cell", "make_cells", "model_order"]
+__all__ = ["GENERATED_CATEGORY", "MODELS", "Cell", "make_cells"]

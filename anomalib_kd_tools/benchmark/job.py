@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark.generator import MODELS
 from anomalib_kd_tools.benchmark.report import cpu_name
+from anomalib_kd_tools.benchmark.schema import MODELS
 from anomalib_kd_tools.benchmark.timing import time_calls
 
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
@@ -38,47 +38,6 @@ DEFAULT_BACKBONE = {
     "Aand": "wide_resnet50_2.tv_in1k",  # torchvision ImageNet-V1 weights, as in the papers
     "MemKD": "wide_resnet50_2.tv_in1k",
 }
-
-# ---------------------------------------------------------------------------------------------- the row
-METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
-METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO", "image_f1": "image F1"}
-NUMERIC = (
-    *METRICS,
-    "latency_bs1_ms",
-    "throughput_ips",
-    "ov_latency_bs1_ms",
-    "ov_throughput_ips",
-    "peak_memory_mb",
-    "params_m",
-    "trainable_params_m",
-    "state_mb",
-    "train_time_s",
-)
-COLUMNS = (
-    "dataset_kind",
-    "dataset",
-    "category",
-    "model",
-    "seed",
-    *NUMERIC,
-    "memory_kind",
-    "throughput_batch",
-    "threads",
-    "backbone",
-    "weights_tag",
-    "image_size",
-    "schedule",
-    "val_split",
-    "n_train",
-    "n_val",
-    "n_test",
-    "device",
-    "device_name",
-    "finished_at",
-)
-# An ablation's results.csv: the cell is (variant, category, seed); ``model`` stays the model class.
-ABLATION_COLUMNS = (*COLUMNS[:4], "variant", *COLUMNS[4:], "teacher", "overrides", "mechanism_status", "mechanism")
-
 
 # ---------------------------------------------------------------------------------------------- one cell (child)
 def weights_tag(backbone: str, pre_trained: bool, model: Any = None) -> str:  # noqa: ANN401
@@ -235,9 +194,9 @@ def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, AN
     return stacked[:1].contiguous(), big
 
 
-def _time(call: Callable[[], Any], runs: int, warmup: int, sync: Callable[[], None]) -> float:
+def _time(call: Callable[[], Any], runs: int, warmup: int, cuda: bool = False) -> float:
     """Median seconds of a call (:func:`.timing.time_calls`)."""
-    return statistics.median(time_calls(call, runs, warmup, sync))
+    return statistics.median(time_calls(call, runs, warmup, cuda))
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
@@ -317,10 +276,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         model = model.to(device).eval()
         one, many = _timing_batches(datamodule, spec["image_size"], spec["throughput_batch"])
         one, many = one.to(device), many.to(device)
-        sync = torch.cuda.synchronize if cuda else (lambda: None)
         with torch.inference_mode():
-            latency = _time(lambda: model(one), spec["timing_runs"], spec["warmup"], sync)
-            batch_time = _time(lambda: model(many), max(3, spec["timing_runs"] // 4), 1, sync)
+            latency = _time(lambda: model(one), spec["timing_runs"], spec["warmup"], cuda)
+            batch_time = _time(lambda: model(many), max(3, spec["timing_runs"] // 4), 1, cuda)
         row: dict[str, Any] = {
             **metrics,
             "latency_bs1_ms": 1000 * latency,
@@ -410,8 +368,8 @@ def _openvino_speed(model: Any, one: Any, many: Any, spec: dict[str, Any], work:
     compiled = ov.Core().compile_model(str(xml), "CPU", config)
     one_np, many_np = one.numpy(), many.numpy()
     with torch.inference_mode():
-        latency = _time(lambda: compiled(one_np), spec["timing_runs"], spec["warmup"], lambda: None)
-        batch_time = _time(lambda: compiled(many_np), max(3, spec["timing_runs"] // 4), 1, lambda: None)
+        latency = _time(lambda: compiled(one_np), spec["timing_runs"], spec["warmup"])
+        batch_time = _time(lambda: compiled(many_np), max(3, spec["timing_runs"] // 4), 1)
     return {"ov_latency_bs1_ms": 1000 * latency, "ov_throughput_ips": spec["throughput_batch"] / batch_time}
 
 
@@ -425,4 +383,4 @@ def cell_entry(spec_path: str, result_path: str) -> int:
     return 0
 
 
-__all__ = ["ABLATION_COLUMNS", "COLUMNS", "METRICS", "NUMERIC", "build_model", "cell_entry", "image_auroc", "run_cell"]
+__all__ = ["build_model", "cell_entry", "image_auroc", "run_cell"]

@@ -5,7 +5,8 @@
 publish for a metric the benchmark measures (image AUROC, pixel AUROC, AUPRO), the measured mean over seeds, and
 ``delta = measured - paper``.
 
-What the papers publish (transcribed below, each block with its table):
+What the papers publish (transcribed in the packaged ``data/papers.csv``, one number per line, each block under a
+comment naming its table; :func:`papers` reads it):
 
 * AAND (Tang et al., "Advancing Pre-trained Teacher: Towards Robust Feature Discrepancy for Anomaly Detection"):
   Table II - dataset means of I-AUC / P-AUC / PRO on MVTec AD and VisA for AAND ("Ours") and "RD [3] (baseline)";
@@ -23,7 +24,8 @@ most on VisA (AAND: 96.2 / 98.6 / 93.4, MemKD: 96.0 / 90.1 / 70.9 for I-AUC / P-
 
 Units: the papers print percentages with one decimal; the benchmark measures fractions in [0, 1]. Every number is
 stored as printed (percent) and converted once by :func:`percent_to_fraction`; the report shows fractions, so a
-|delta| below 0.0005 is within the papers' rounding.
+|delta| below 0.0005 is within the papers' rounding. The file also holds the numbers other tables repeat and the
+gains over RD the texts state (``kind`` ``repeat`` / ``gain``), which only the consistency tests read.
 
 Metrics: the papers' "PRO" (both cite Bergmann et al., "Uninformed Students", CVPR 2020) is the area under the
 per-region-overlap curve up to a false-positive rate of 0.3, normalised - the benchmark's ``aupro`` (anomalib
@@ -48,148 +50,47 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
-from collections.abc import Sequence
-from dataclasses import dataclass
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import report
+import pandas as pd
+
+from anomalib_kd_tools.benchmark import report, schema
 from anomalib_kd_tools.benchmark.job import PAPER_AAND_STAGES
 
 MEAN = "mean"  # the category of a dataset mean
-
 # anomalib's category names (anomalib.data.datasets.image.mvtecad.CATEGORIES / visa.CATEGORIES; a test keeps them
 # equal). Written out here so that the report needs no anomalib import.
-MVTEC_CATEGORIES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
+MVTEC_CATEGORIES = tuple(
+    "bottle cable capsule carpet grid hazelnut leather metal_nut pill screw tile toothbrush transistor wood zipper".split(),
 )
-VISA_CATEGORIES = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
+VISA_CATEGORIES = tuple(
+    "candle capsules cashew chewinggum fryum macaroni1 macaroni2 pcb1 pcb2 pcb3 pcb4 pipe_fryum".split(),
 )
 DATASETS = {"mvtec": ("MVTec AD", MVTEC_CATEGORIES), "visa": ("VisA", VISA_CATEGORIES)}
-# The benchmark's metrics that the papers also report, in report order.
-COMPARED_METRICS = ("image_auroc", "pixel_auroc", "aupro")
-METRIC_LABELS = {"image_auroc": "image AUROC", "pixel_auroc": "pixel AUROC", "aupro": "AUPRO"}
+COMPARED_METRICS = ("image_auroc", "pixel_auroc", "aupro")  # the benchmark's metrics the papers report, in order
+MODEL_ORDER = ("Aand", "MemKD", "ReverseDistillation")  # the papers' models, in report order
 # The papers' protocol (AAND Sec. IV-B, MemKD Sec. 5.2): WideResNet50 ImageNet teacher, 256 x 256, batch 16
 # (anomalib_kd_base.model.PAPER_BATCH_SIZE, imported where it is used: that module imports anomalib), AAND 100 + 120
 # epochs (job.PAPER_AAND_STAGES), MemKD 100 epochs; RD's own paper trains 200 epochs (the benchmark's default).
 PAPER_IMAGE_SIZE = 256
-
-# ------------------------------------------------------------------------------------------ the papers' numbers
-# All values in percent, exactly as printed. Metric keys are the benchmark's: image_auroc = I-AUC,
-# pixel_auroc = P-AUC, aupro = PRO / P-PRO; image_ap = I-AP, pixel_ap = P-AP (not measured by the benchmark).
-
-# AAND paper, TABLE II "Anomaly detection and localization performance on the MVTec AD, VISA and MvTec3D-RGB
-# dataset", columns I-AUC, P-AUC, PRO; rows "Ours" (AAND) and "RD [3] (baseline)" (CVPR'22). MvTec3D-RGB not used.
-AAND_TABLE_II = {
-    "mvtec": {
-        "Aand": {"image_auroc": 99.5, "pixel_auroc": 98.4, "aupro": 95.0},
-        "ReverseDistillation": {"image_auroc": 98.5, "pixel_auroc": 98.3, "aupro": 94.0},
-    },
-    "visa": {
-        "Aand": {"image_auroc": 98.1, "pixel_auroc": 99.0, "aupro": 94.8},
-        "ReverseDistillation": {"image_auroc": 96.2, "pixel_auroc": 98.6, "aupro": 93.4},
-    },
-}
-
-# AAND paper, TABLE III "I-AUC for anomaly detection performance of all object categories on the challenging VisA
-# dataset". Column headers as printed ("maca- roni1" is hyphenated by the layout), then the printed "mean".
-AAND_TABLE_III_COLUMNS = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewing gum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe fryum",
-)
-AAND_TABLE_III = {  # model: (per-category values in column order, printed mean)
-    "Aand": ((98.4, 92.3, 98.0, 99.7, 98.0, 99.6, 95.2, 98.4, 98.9, 98.7, 99.9, 99.9), 98.1),  # row "Ours"
-    "ReverseDistillation": ((95.3, 90.7, 97.0, 99.1, 96.5, 96.5, 90.6, 97.0, 96.9, 95.5, 99.5, 99.5), 96.2),  # "RD [3]"
-}
-# AAND Sec. IV-C text: "a 1.6% improvement in the 'capsules' category, a 4.6% improvement in the 'macarnoni2'
-# category" - Table III's AAND minus RD (the second-best there), in percentage points. Consistency test only.
-AAND_TEXT_GAINS_OVER_RD = {"capsules": 1.6, "macaroni2": 4.6}
-
-# AAND paper, TABLE VI row "(d) Our AAND" and TABLE VII row "(c) ARG w/ tanh" (the full method) repeat Table II's
-# AAND I-AUC / PRO. Not reported; kept for the consistency test only.
-AAND_REPEATS = {
-    "Table VI (d)": {"mvtec": {"image_auroc": 99.5, "aupro": 95.0}, "visa": {"image_auroc": 98.1, "aupro": 94.8}},
-    "Table VII (c)": {"mvtec": {"image_auroc": 99.5, "aupro": 95.0}, "visa": {"image_auroc": 98.1, "aupro": 94.8}},
-}
-
-# MemKD paper, Table 1 "Quantitative results for anomaly detection and localization on (a) MVTec AD, (b) VisA and
-# (c) MPDD"; rows I-AUC, I-AP, P-AUC, P-AP, P-PRO; columns "RD [8]" (KD based) and "Ours" (MemKD). (c) not used.
-MEMKD_TABLE_1 = {
-    "mvtec": {  # Table 1(a)
-        "MemKD": {"image_auroc": 99.6, "image_ap": 99.9, "pixel_auroc": 98.2, "pixel_ap": 59.6, "aupro": 94.5},
-        "ReverseDistillation": {
-            "image_auroc": 98.4,
-            "image_ap": 99.5,
-            "pixel_auroc": 97.8,
-            "pixel_ap": 58.0,
-            "aupro": 93.9,
-        },
-    },
-    "visa": {  # Table 1(b)
-        "MemKD": {"image_auroc": 97.6, "image_ap": 98.6, "pixel_auroc": 98.4, "pixel_ap": 44.1, "aupro": 94.9},
-        "ReverseDistillation": {
-            "image_auroc": 96.0,
-            "image_ap": 96.5,
-            "pixel_auroc": 90.1,
-            "pixel_ap": 27.7,
-            "aupro": 70.9,
-        },
-    },
-}
-
-# MemKD paper, MVTec AD (the ablations are on MVTec AD, Sec. 5.4): Table 4(a) first row (baseline = RD) and last row
-# (all components), Table 4(b) row L = 50/50/50, Table 5 rows "RD [8]" and "MemRD" repeat Table 1(a)'s
-# I-AUC / P-AUC / P-PRO. Kept for the consistency test only.
-MEMKD_REPEATS = {
-    "Table 4(a) baseline": ("ReverseDistillation", {"image_auroc": 98.4, "pixel_auroc": 97.8, "aupro": 93.9}),
-    "Table 4(a) all": ("MemKD", {"image_auroc": 99.6, "pixel_auroc": 98.2, "aupro": 94.5}),
-    "Table 4(b) 50/50/50": ("MemKD", {"image_auroc": 99.6, "pixel_auroc": 98.2, "aupro": 94.5}),
-    "Table 5 RD": ("ReverseDistillation", {"image_auroc": 98.4, "pixel_auroc": 97.8, "aupro": 93.9}),
-    "Table 5 MemRD": ("MemKD", {"image_auroc": 99.6, "pixel_auroc": 98.2, "aupro": 94.5}),
-}
-# MemKD Sec. 5.3 text: MemKD "outperforms ... RD ... by 1.2%, 0.4% on MVTec AD, 1.6%, [1.1%] on VisA ... for image
-# AUC and AP" - (dataset, metric): stated gain in percentage points; the VisA image-AP "1.1%" is left out (see above).
-MEMKD_TEXT_GAINS_OVER_RD = {("mvtec", "image_auroc"): 1.2, ("mvtec", "image_ap"): 0.4, ("visa", "image_auroc"): 1.6}
+CSV_COLUMNS = (
+    "dataset", "model", "category", "metric", "measured", "measured_std", "n_seeds", "n_categories", "paper", "delta",
+    "source", "note",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ published entries
+@cache
+def papers() -> pd.DataFrame:
+    """Every transcribed number (``data/papers.csv``): source, dataset, model, category as printed, metric,
+    percent as printed and kind (``value``, ``printed mean``, ``repeat``, ``gain``)."""
+    with (files(__package__) / "data" / "papers.csv").open(encoding="utf-8") as file:
+        return pd.read_csv(file, comment="#", dtype={"percent": float})
+
+
 def percent_to_fraction(percent: float) -> float:
     """A paper's percentage (99.5) as the benchmark's fraction (0.995)."""
     if not 0.0 <= percent <= 100.0:  # noqa: PLR2004
@@ -211,41 +112,19 @@ def anomalib_category(name: str) -> str:
     return key
 
 
-@dataclass(frozen=True)
-class Published:
-    """One published number: ``percent`` as printed; ``value`` as the benchmark's fraction."""
-
-    dataset: str  # "mvtec" | "visa"
-    model: str  # the benchmark's model name
-    category: str  # anomalib's category name, or MEAN
-    metric: str  # the benchmark's metric key
-    percent: float
-    source: str  # "AAND Table III", "MemKD Table 1(b)", ...
-
-    @property
-    def value(self) -> float:
-        return percent_to_fraction(self.percent)
-
-
-def published(dataset: str) -> list[Published]:
-    """Every published number for ``dataset`` ("mvtec" / "visa") of a metric in :data:`COMPARED_METRICS`."""
-    out = []
-    for model, values in AAND_TABLE_II[dataset].items():
-        out += [Published(dataset, model, MEAN, m, v, "AAND Table II") for m, v in values.items()]
-    if dataset == "visa":
-        for model, (values, _) in AAND_TABLE_III.items():
-            out += [
-                Published(dataset, model, anomalib_category(c), "image_auroc", v, "AAND Table III")
-                for c, v in zip(AAND_TABLE_III_COLUMNS, values, strict=True)
-            ]
-    table = "MemKD Table 1(a)" if dataset == "mvtec" else "MemKD Table 1(b)"
-    for model, values in MEMKD_TABLE_1[dataset].items():
-        out += [Published(dataset, model, MEAN, m, v, table) for m, v in values.items()]
-    return [p for p in out if p.metric in COMPARED_METRICS]
+def published(dataset: str) -> pd.DataFrame:
+    """Every published number for ``dataset`` ("mvtec" / "visa") of a metric in :data:`COMPARED_METRICS`: model,
+    category (anomalib's name, or :data:`MEAN`), metric, ``percent`` as printed, ``value`` as the benchmark's
+    fraction, source."""
+    table = papers()
+    table = table[(table.dataset == dataset) & (table.kind == "value") & table.metric.isin(COMPARED_METRICS)].copy()
+    table["category"] = [c if c == MEAN else anomalib_category(c) for c in table.category]
+    table["value"] = table.percent.map(percent_to_fraction)
+    return table[["dataset", "model", "category", "metric", "percent", "value", "source"]].reset_index(drop=True)
 
 
 # ------------------------------------------------------------------------------------------ which dataset
-def detect_dataset(categories: Sequence[str]) -> str | None:
+def detect_dataset(categories: Any) -> str | None:  # noqa: ANN401
     """"mvtec" / "visa" when every category is one of that dataset's (anomalib's names), else ``None``."""
     names = set(categories)
     for key, (_, known) in DATASETS.items():
@@ -254,7 +133,7 @@ def detect_dataset(categories: Sequence[str]) -> str | None:
     return None
 
 
-def resolve_dataset(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> str | None:
+def resolve_dataset(rows: pd.DataFrame, config: dict[str, Any]) -> str | None:
     """The dataset to compare with: none for generated data or ``--dataset-name none``; ``mvtec`` / ``visa`` as
     given; ``auto`` (default) detects it from the measured categories."""
     if config.get("dataset_kind") == "generated":
@@ -264,7 +143,7 @@ def resolve_dataset(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> s
         return None
     if name in DATASETS:
         return name
-    return detect_dataset(sorted({r["category"] for r in rows}))
+    return detect_dataset(pd.DataFrame(rows)["category"])
 
 
 def protocol_differences(config: dict[str, Any]) -> list[str]:
@@ -295,39 +174,29 @@ def protocol_differences(config: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------ the comparison
-def _finite(values: Any) -> list[float]:  # noqa: ANN401
-    return [float(v) for v in values if v is not None and not math.isnan(float(v))]
-
-
-def compare(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> list[dict[str, Any]]:
-    """One record per published number whose model (and category) was measured: measured mean over seeds (for a
-    dataset mean: of the per-seed category mean), std, n seeds, n categories, paper value (fraction), delta
-    (measured - paper; ``None`` for a mean over fewer categories than the dataset has), source, note."""
+def compare(rows: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
+    """One row (:data:`CSV_COLUMNS`) per published number whose model (and category) was measured: measured mean over
+    seeds (for a dataset mean: of the per-seed category mean), std, n seeds, n categories, paper value (fraction),
+    delta (measured - paper; ``nan`` for a mean over fewer categories than the dataset has), source, note."""
     dataset = resolve_dataset(rows, config)
     if dataset is None:
-        return []
+        return pd.DataFrame(columns=list(CSV_COLUMNS))
     all_categories = DATASETS[dataset][1]
+    rows = pd.DataFrame(rows)
+    rows = rows[rows.category.isin(all_categories)]
     out = []
-    for entry in published(dataset):
-        members = [r for r in rows if r["model"] == entry.model and r["category"] in all_categories]
-        if entry.category != MEAN:
-            members = [r for r in members if r["category"] == entry.category]
-        if not members:
+    for entry in published(dataset).itertuples():
+        members = rows[(rows.model == entry.model) & ((rows.category == entry.category) | (entry.category == MEAN))]
+        values = members[["seed", "category", entry.metric]].dropna()
+        if values.empty:
             continue
-        by_seed: dict[int, dict[str, float]] = {}
-        for r in members:
-            values = _finite([r.get(entry.metric)])
-            if values:
-                by_seed.setdefault(int(r["seed"]), {})[r["category"]] = values[0]
-        if not by_seed:
-            continue
-        per_seed = [statistics.fmean(cats.values()) for cats in by_seed.values()]
-        covered = {c for cats in by_seed.values() for c in cats}
-        complete = entry.category != MEAN or all(len(cats) == len(all_categories) for cats in by_seed.values())
-        measured = statistics.fmean(per_seed)
+        stats = schema.aggregate(values.assign(model=entry.model), ["model"], [entry.metric], over_categories=True)
+        mean, std, n_seeds = stats[entry.metric].iloc[0]
+        covered = values.category.nunique()
+        complete = entry.category != MEAN or (values.groupby("seed").category.nunique() == len(all_categories)).all()
         note = ""
-        if len(covered) < len(all_categories) and entry.category == MEAN:
-            note = f"measured over {len(covered)} of {len(all_categories)} categories: not the paper's mean, no Δ"
+        if covered < len(all_categories) and entry.category == MEAN:
+            note = f"measured over {covered} of {len(all_categories)} categories: not the paper's mean, no Δ"
         elif not complete:
             note = f"not every seed covers all {len(all_categories)} categories: no Δ"
         out.append(
@@ -336,41 +205,32 @@ def compare(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> list[dict
                 "model": entry.model,
                 "category": entry.category,
                 "metric": entry.metric,
-                "measured": measured,
-                "measured_std": statistics.stdev(per_seed) if len(per_seed) > 1 else math.nan,
-                "n_seeds": len(per_seed),
-                "n_categories": len(covered),
+                "measured": mean,
+                "measured_std": std,
+                "n_seeds": int(n_seeds),
+                "n_categories": covered,
                 "paper": entry.value,
-                "delta": measured - entry.value if complete else None,
+                "delta": mean - entry.value if complete else math.nan,
                 "source": entry.source,
                 "note": note,
             },
         )
-    order = {m: i for i, m in enumerate(("Aand", "MemKD", "ReverseDistillation"))}
-    cat_order = {c: i for i, c in enumerate(all_categories)}
-    out.sort(
-        key=lambda r: (
-            order.get(r["model"], 9),
-            r["category"] == MEAN,
-            cat_order.get(r["category"], 0),
-            COMPARED_METRICS.index(r["metric"]),
-            r["source"],
-        ),
-    )
-    return out
+    records = pd.DataFrame(out, columns=list(CSV_COLUMNS))
+    key = {
+        "model": lambda c: c.map(lambda m: schema.rank(m, MODEL_ORDER)),
+        "category": lambda c: c.map(lambda x: f"{x == MEAN:d}{all_categories.index(x) if x in all_categories else 0:03d}"),
+        "metric": lambda c: c.map(COMPARED_METRICS.index),
+    }
+    return records.sort_values(list(key) + ["source"], key=lambda c: key.get(c.name, lambda c: c)(c), ignore_index=True)
 
 
-def _signed(value: float | None) -> str:
-    return "–" if value is None else f"{value:+.3f}"
-
-
-def markdown_lines(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> list[str]:
+def markdown_lines(rows: pd.DataFrame, config: dict[str, Any]) -> list[str]:
     """The ``results.md`` section (a list of lines, leading blank line included); ``[]`` when there is nothing to
     compare (generated data, another dataset, or none of Aand / MemKD / ReverseDistillation measured)."""
     records = compare(rows, config)
-    if not records:
+    if records.empty:
         return []
-    dataset = records[0]["dataset"]
+    dataset = records.dataset.iloc[0]
     differences = protocol_differences(config)
     lines = [
         "",
@@ -385,43 +245,21 @@ def markdown_lines(rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> li
         "- Differences from the papers' protocol: " + ("; ".join(differences) if differences else "none found"),
         "",
     ]
-
-    def measured(r: dict[str, Any]) -> str:
-        return f"{r['measured']:.3f}" + ("" if math.isnan(r["measured_std"]) else f" ± {r['measured_std']:.3f}")
-
-    lines += report.table(
-        ["model", "category", "metric", "measured", "paper", "Δ", "source", "note"],
-        (
-            [r["model"], r["category"], METRIC_LABELS[r["metric"]], measured(r), f"{r['paper']:.3f}"]
-            + [_signed(r["delta"]), r["source"], r["note"]]
-            for r in records
-        ),
-    )
-    return lines
+    table = records[["model", "category"]].assign(metric=records.metric.map(schema.LABELS))
+    stats = records[["measured", "measured_std", "n_seeds"]].itertuples(index=False)
+    table["measured"] = [schema.format_mean_std(*stat) for stat in stats]
+    table["paper"] = records.paper.map("{:.3f}".format)
+    table["Δ"] = records.delta.map(lambda d: schema.DASH if math.isnan(d) else f"{d:+.3f}")
+    table[["source", "note"]] = records[["source", "note"]]
+    return [*lines, *report.markdown(table)]
 
 
-CSV_COLUMNS = (
-    "dataset",
-    "model",
-    "category",
-    "metric",
-    "measured",
-    "measured_std",
-    "n_seeds",
-    "n_categories",
-    "paper",
-    "delta",
-    "source",
-    "note",
-)
-
-
-def write_csv(path: Path, rows: Sequence[dict[str, Any]], config: dict[str, Any]) -> bool:
+def write_csv(path: Path, rows: pd.DataFrame, config: dict[str, Any]) -> bool:
     """``paper_comparison.csv`` (fractions, like ``results.csv``); when there is nothing to compare, writes nothing
     (and removes a stale file from an earlier run into the same folder) and returns ``False``."""
     records = compare(rows, config)
-    if not records:
+    if records.empty:
         path.unlink(missing_ok=True)
         return False
-    report.write_csv(path, records, CSV_COLUMNS, digits=6)
+    schema.write_csv(path, records, CSV_COLUMNS, digits=6)
     return True

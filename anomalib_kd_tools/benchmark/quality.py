@@ -64,14 +64,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import ablation, ablation_report, paper_results, quality_report, runner
+from anomalib_kd_tools.benchmark import ablation, ablation_report, paper_results, quality_report, runner, schema
 from anomalib_kd_tools.benchmark.generator import GENERATED_CATEGORY, MODELS, Cell, make_cells
-from anomalib_kd_tools.benchmark.job import ABLATION_COLUMNS, COLUMNS, METRIC_LABELS, METRICS
+from anomalib_kd_tools.benchmark.schema import ABLATION_COLUMNS, COLUMNS, LABELS, METRICS
 
 DESCRIPTION = "Side-by-side benchmark of Patchcore, ReverseDistillation, Aand and MemKD (same data, seeds)."
 EPILOG = "Paper numbers need ImageNet weights (--pre-trained) and MVTec AD / VisA (--dataset-root)."
@@ -166,13 +165,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         import importlib.util
 
         args.openvino = importlib.util.find_spec("openvino") is not None
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The checked options of ``anomalib-kd-benchmark quality`` (``argv`` without the subcommand)."""
-    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
-
-    return parse(["quality", *(sys.argv[1:] if argv is None else argv)])
 
 
 # ---------------------------------------------------------------------------------------------- data and settings
@@ -270,7 +262,7 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     cells = make_cells(list(by_name), categories, args.seeds)
     for name, missing in skipped.items():
         console.print(f"[yellow]skip variant {name}: the model's constructor has no {', '.join(missing)}[/yellow]")
-    finished = runner.done_keys(runner.read_rows(csv_path))
+    finished = set(schema.cell_keys(schema.read_results(csv_path)))
     todo = [c for c in cells if c.key not in finished]
     for cell in cells:
         if cell.key in finished:
@@ -327,11 +319,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
             _, handle = running.pop(device)
             if outcome["ok"]:
                 row = outcome["row"]
-                runner.append_row(csv_path, row, ABLATION_COLUMNS if args.ablation else COLUMNS)
+                schema.append_row(csv_path, row, ABLATION_COLUMNS if args.ablation else COLUMNS)
                 handle.cleanup()
                 progress.console.print(
                     f"done {cell.name} on {device} in {outcome['elapsed']:.0f} s: "
-                    + ", ".join(f"{METRIC_LABELS[m]} {row[m]:.3f}" for m in METRICS)
+                    + ", ".join(f"{LABELS[m]} {row[m]:.3f}" for m in METRICS)
                     + f", latency {row['latency_bs1_ms']:.1f} ms",
                 )
             else:
@@ -353,14 +345,16 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
                 "[yellow]interrupted; writing the tables of the finished cells (results.csv); re-run to resume[/yellow]",
             )
 
-    rows = [r for r in runner.read_rows(csv_path) if runner.row_key(r) in {c.key for c in cells}]
+    rows = schema.read_results(csv_path)
+    wanted = {c.key for c in cells}
+    rows = rows[[key in wanted for key in schema.cell_keys(rows)]]
     config["interrupted"] = interrupted  # report only: the tables say they are partial
-    if rows and args.ablation:
+    if len(rows) and args.ablation:
         text = ablation_report.write_markdown(args.output / "results.md", rows, config, variants, skipped)
         ablation_report.write_plot(args.output / "results.png", rows, config, variants, skipped)
         console.print(text, markup=False, highlight=False)
         console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
-    elif rows:
+    elif len(rows):
         text = quality_report.write_markdown(args.output / "results.md", rows, config)
         quality_report.write_plot(args.output / "results.png", rows, config)
         if paper_results.write_csv(args.output / "paper_comparison.csv", rows, config):
@@ -374,4 +368,4 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     return 1 if failures else 0
 
 
-__all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "parse_args", "run"]
+__all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "run"]

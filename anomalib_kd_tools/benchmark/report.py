@@ -1,35 +1,31 @@
-"""The one report writer of ``anomalib-kd-benchmark``: CSV, markdown and PNG for ``quality``, ``edge`` and ``speed``.
+"""The one report writer of ``anomalib-kd-benchmark``: markdown and PNG for ``quality``, ``edge`` and ``speed``.
 
-Every subcommand writes its tables through this module; the subcommand decides what the rows and panels are:
+Every subcommand writes its tables through this module and :mod:`.schema` (the columns, the CSV files and the
+statistics over seeds); the subcommand decides what the rows and panels are:
 
-* CSV: :func:`write_csv` (a whole table), :func:`append_row` (one row, flushed to disk at once: the resumable
-  ``results.csv`` of ``quality``) and :func:`read_csv` (numbers parsed, empty cells become ``nan``). A float is
-  written as ``repr`` (or with ``digits`` significant digits), ``nan`` / ``None`` as an empty cell, so a table
-  read back with :func:`read_csv` gives the numbers that were written.
 * markdown: :func:`header` gives every table the same header - a ``# title`` line, then ``- Hardware:``,
-  ``- Date: ...; versions: ...``, the tool's own setting lines and the command; :func:`table` renders a
-  markdown table; :func:`write_text` writes the file.
-* PNG: :class:`Bars` and :class:`Scatter` panels drawn side by side by :func:`write_png` (matplotlib, Agg).
-  anomalib's visualisation helpers (:mod:`anomalib.utils.visualization`) draw images, anomaly maps and
-  per-image metric plots, not bar charts over models, so the figure code lives here.
-
-Statistics shared by the reports: :func:`mean_std` (mean, sample std and count of the finite values) and
-:func:`format_mean_std`.
+  ``- Date: ...; versions: ...``, the tool's own setting lines and the command; :func:`table` renders a markdown
+  table (pandas' ``to_markdown``); :func:`write_text` writes the file.
+* PNG: :class:`Bars` (pandas' bar plot of a DataFrame) and :class:`Scatter` panels drawn side by side by
+  :func:`write_png` (matplotlib, Agg). anomalib's visualisation helpers (:mod:`anomalib.utils.visualization`) draw
+  images, anomaly maps and per-image metric plots, not bar charts over models, so the figure code lives here.
 """
 
 from __future__ import annotations
 
-import csv
 import datetime as dt
 import json
 import math
 import os
 import platform
-import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
+
+from anomalib_kd_tools.benchmark import schema
 
 VERSIONED_PACKAGES = ("anomalib", "torch", "lightning", "timm", "openvino", "anomalib-kd")
 
@@ -89,39 +85,15 @@ def header(
     return [*lines, ""]
 
 
-# ---------------------------------------------------------------------------------------------- numbers
-def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
-    """Mean, sample standard deviation (``nan`` for a single value) and count of the finite values."""
-    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    if not finite:
-        return math.nan, math.nan, 0
-    std = statistics.stdev(finite) if len(finite) > 1 else math.nan
-    return statistics.fmean(finite), std, len(finite)
-
-
-def format_mean_std(stat: tuple[float, float, int], digits: int = 3) -> str:
-    mean, std, n = stat
-    if n == 0:
-        return "–"
-    if n == 1 or math.isnan(std):
-        return f"{mean:.{digits}f}"
-    return f"{mean:.{digits}f} ± {std:.{digits}f}"
-
-
-def fmt(value: float | None, digits: int = 3) -> str:
-    return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
-
-
-def fmt_int(value: float | None) -> str:
-    return "–" if value is None or math.isnan(value) else str(int(value))
-
-
 # ---------------------------------------------------------------------------------------------- markdown
+def markdown(frame: pd.DataFrame) -> list[str]:
+    """The lines of a markdown table of ``frame`` (:func:`.schema.to_markdown`: pandas' ``to_markdown``)."""
+    return schema.to_markdown(frame).splitlines()
+
+
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
-    """A markdown table: header, separator and one line per row (cells converted with ``str``)."""
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
-    return lines
+    """The lines of a markdown table of ``rows`` under ``columns``."""
+    return markdown(pd.DataFrame(list(rows), columns=list(columns)))
 
 
 def write_text(path: Path, lines: Sequence[str]) -> str:
@@ -136,69 +108,15 @@ def write_json(path: Path, data: Any, indent: int | None = 2) -> None:  # noqa: 
     Path(path).write_text(json.dumps(data, indent=indent), encoding="utf-8")
 
 
-# ---------------------------------------------------------------------------------------------- CSV
-def csv_value(value: Any, digits: int | None = None) -> Any:  # noqa: ANN401
-    if isinstance(value, float):
-        if math.isnan(value):
-            return ""
-        return repr(value) if digits is None else f"{value:.{digits}g}"
-    if isinstance(value, (dict, list, tuple)):
-        return json.dumps(value)
-    return "" if value is None else value
-
-
-def write_csv(
-    path: Path,
-    rows: Sequence[dict[str, Any]],
-    columns: Sequence[str] | None = None,
-    digits: int | None = None,
-) -> None:
-    """The whole table (``columns``: the first row's keys by default, then any other key in order of appearance)."""
-    if columns is None:
-        columns = list(dict.fromkeys(key for row in rows for key in row))
-    with Path(path).open("w", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({key: csv_value(row.get(key), digits) for key in columns})
-
-
-def append_row(path: Path, row: dict[str, Any], columns: Sequence[str], digits: int | None = 6) -> None:
-    """Append one row (header on first write), flushed to disk at once: a crash keeps every finished row."""
-    path = Path(path)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="", encoding="utf-8") as file:
-        writer = csv.DictWriter(file, fieldnames=list(columns), extrasaction="ignore")
-        if new:
-            writer.writeheader()
-        writer.writerow({key: csv_value(row.get(key), digits) for key in columns})
-        file.flush()
-        os.fsync(file.fileno())
-
-
-def read_csv(path: Path, numeric: Iterable[str] = ()) -> list[dict[str, Any]]:
-    """Rows of a CSV written here; the ``numeric`` columns parsed as floats (empty cells become ``nan``)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    with path.open(newline="", encoding="utf-8") as file:
-        rows = list(csv.DictReader(file))
-    numeric = tuple(numeric)
-    for row in rows:
-        for key in numeric:
-            value = row.get(key, "")
-            row[key] = float(value) if value not in ("", None) else math.nan
-    return rows
-
-
 # ---------------------------------------------------------------------------------------------- PNG
 @dataclass
 class Bars:
-    """Grouped bars: one group per label along x, one bar per series, with error bars (``nan``: none)."""
+    """Grouped bars: one group per row of ``values`` (x labels: its index), one bar per column (the series), with
+    the same cells of ``errors`` as error bars (``nan`` or no ``errors``: none)."""
 
-    labels: Sequence[str]
-    series: dict[str, Sequence[tuple[float, float]]]  # name -> (value, error) per label
+    values: pd.DataFrame
     ylabel: str
+    errors: pd.DataFrame | None = None
     title: str = ""
     ylim: tuple[float, float] | None = None
     log: bool = False
@@ -206,44 +124,34 @@ class Bars:
 
 @dataclass
 class Scatter:
-    """Named points with x / y error bars (``nan``: none), each annotated with its name."""
+    """Named points (``points``' index) at ``x`` / ``y`` with ``x_error`` / ``y_error`` bars (``nan``: none)."""
 
-    points: dict[str, tuple[float, float, float, float]]  # name -> (x, x error, y, y error)
+    points: pd.DataFrame  # columns x, x_error, y, y_error
     xlabel: str
     ylabel: str
     title: str = ""
     xlog: bool = False
 
 
-def _error(value: float) -> float:
-    return 0.0 if value is None or math.isnan(value) else value
-
-
 def _draw_bars(ax: Any, panel: Bars) -> None:  # noqa: ANN401
-    names = list(panel.series)
-    width = 0.8 / max(1, len(names))
-    for i, name in enumerate(names):
-        values = panel.series[name]
-        means = [v for v, _ in values]
-        errors = [_error(e) for _, e in values]
-        xs = [j + (i - (len(names) - 1) / 2) * width for j in range(len(panel.labels))]
-        ax.bar(xs, means, width, yerr=errors, capsize=3, label=name)
-    ax.set_xticks(range(len(panel.labels)), list(panel.labels))
-    if panel.log:
-        ax.set_yscale("log")
+    errors = None if panel.errors is None else panel.errors.astype(float).fillna(0.0)
+    values = panel.values.astype(float)
+    values.plot.bar(ax=ax, yerr=errors, capsize=3, width=0.8, rot=0, logy=panel.log, legend=False)
     if panel.ylim is not None:
         ax.set_ylim(*panel.ylim)
     ax.set_ylabel(panel.ylabel)
-    if names:
-        ax.legend(fontsize=8, ncol=max(1, len(names)), loc="upper center", bbox_to_anchor=(0.5, -0.07))
+    ax.set_xlabel("")
+    if len(values.columns):
+        ax.legend(fontsize=8, ncol=len(values.columns), loc="upper center", bbox_to_anchor=(0.5, -0.07))
     ax.grid(axis="y", alpha=0.3)
 
 
 def _draw_scatter(ax: Any, panel: Scatter) -> None:  # noqa: ANN401
-    for name, (x, x_error, y, y_error) in panel.points.items():
+    points = panel.points[["x", "x_error", "y", "y_error"]].astype(float).fillna({"x_error": 0.0, "y_error": 0.0})
+    for name, (x, x_error, y, y_error) in points.iterrows():
         if math.isnan(x) or math.isnan(y):
             continue
-        ax.errorbar(x, y, xerr=_error(x_error), yerr=_error(y_error), fmt="o", capsize=3, label=name)
+        ax.errorbar(x, y, xerr=x_error, yerr=y_error, fmt="o", capsize=3, label=name)
         ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
     if panel.xlog:
         ax.set_xscale("log")
@@ -275,17 +183,4 @@ def write_png(
     plt.close(fig)
 
 
-__all__ = [
-    "Bars",
-    "Scatter",
-    "append_row",
-    "format_mean_std",
-    "hardware",
-    "header",
-    "mean_std",
-    "read_csv",
-    "table",
-    "write_csv",
-    "write_png",
-    "write_text",
-]
+__all__ = ["INTERRUPTED", "Bars", "Scatter", "hardware", "header", "markdown", "table", "today", "write_json", "write_png", "write_text"]

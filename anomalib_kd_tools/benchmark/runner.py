@@ -4,8 +4,9 @@
 * :func:`run_schedule` - at most one cell per device at a time, in grid order, until all are done.
 * :class:`CellProcess` - a cell in a fresh Python process (``python -m anomalib_kd_tools.benchmark --run-cell``)
   that sees only its GPU (``CUDA_VISIBLE_DEVICES``), with its output in its own log file.
-* :func:`read_rows` / :func:`append_row` / :func:`done_keys` - ``results.csv``, appended as soon as a cell ends and
-  read back to skip the finished cells of a re-run; :func:`changed_settings` guards ``run_config.json``.
+* :func:`changed_settings` guards ``run_config.json``; ``results.csv`` is :mod:`.schema`'s (:func:`.schema.append_row`
+  as soon as a cell ends, :func:`.schema.read_results` / :func:`.schema.cell_keys` to skip the finished cells of a
+  re-run).
 
 Why not anomalib's ``ParallelRunner`` / ``SerialRunner`` (:mod:`anomalib.pipelines.components.runners`):
 
@@ -30,9 +31,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from anomalib_kd_tools.benchmark import report
 from anomalib_kd_tools.benchmark.generator import Cell
-from anomalib_kd_tools.benchmark.job import COLUMNS, NUMERIC
 
 
 def resolve_devices(spec: str, cuda_count: int | None = None) -> list[str]:
@@ -95,29 +94,7 @@ def run_schedule(
             time.sleep(poll_interval)
 
 
-# ---------------------------------------------------------------------------------------------- results.csv
-def read_rows(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``results.csv`` with numbers parsed (missing values become ``nan``)."""
-    rows = report.read_csv(path, (*NUMERIC, "image_size", "n_train", "n_val", "n_test", "throughput_batch", "threads"))
-    for row in rows:
-        row["seed"] = int(row["seed"])
-    return rows
-
-
-def append_row(path: Path, row: dict[str, Any], columns: Sequence[str] = COLUMNS) -> None:
-    """Append one finished cell to ``results.csv`` (header on first write), flushed to disk at once."""
-    report.append_row(path, row, columns, digits=6)
-
-
-def row_key(row: dict[str, Any]) -> tuple[str, str, int]:
-    """The cell of a row: (variant or model, category, seed)."""
-    return (row.get("variant") or row["model"], row["category"], int(row["seed"]))
-
-
-def done_keys(rows: Iterable[dict[str, Any]]) -> set[tuple[str, str, int]]:
-    return {row_key(row) for row in rows}
-
-
+# ---------------------------------------------------------------------------------------------- run_config.json
 def changed_settings(
     previous: dict[str, Any],
     config: dict[str, Any],
@@ -188,4 +165,4 @@ class CellProcess:
         self._log.close()
 
 
-__all__ = ["CellProcess", "append_row", "child_visible_devices", "read_rows", "resolve_devices", "run_schedule"]
+__all__ = ["CellProcess", "changed_settings", "child_visible_devices", "resolve_devices", "run_schedule"]

@@ -48,15 +48,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-from anomalib_kd_tools.benchmark import report
-from anomalib_kd_tools.benchmark.timing import time_calls
+from anomalib_kd_tools.benchmark import report, schema
+from anomalib_kd_tools.benchmark.timing import CallTimer, time_calls
 
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
 INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
@@ -90,13 +90,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.backbone, args.image_size, args.batch_size, args.exemplars, args.steps, args.runs = (
             "resnet18", 64, 4, 4, 1, 3
         )
-
-
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The checked options of ``anomalib-kd-benchmark speed`` (``argv`` without the subcommand)."""
-    from anomalib_kd_tools.benchmark.cli import parse  # the command's own parser (cli imports this module)
-
-    return parse(["speed", *(sys.argv[1:] if argv is None else argv)])
 
 
 def hardware(device: str) -> str:
@@ -170,11 +163,8 @@ def build_step(config: str, args: argparse.Namespace, device: torch.device):
         def step(images: torch.Tensor) -> None:
             if stage == 1:
                 mean, std = module._normalisation(images)  # noqa: SLF001
-                sync(device)
-                start = time.perf_counter()
-                module.synthesizer((images * std + mean).clamp(0, 1))
-                sync(device)
-                extra["synthesis_s"].append(time.perf_counter() - start)
+                raw = (images * std + mean).clamp(0, 1)
+                extra["synthesis_s"].append(CallTimer(lambda: module.synthesizer(raw), device.type == "cuda").once())
             losses = losses_of(images)
             optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
@@ -244,12 +234,7 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     baseline = rss_bytes()
-    times = []
-    for _ in range(args.steps):
-        start = time.perf_counter()
-        step(images)
-        sync(device)
-        times.append(time.perf_counter() - start)
+    times = CallTimer(lambda: step(images), device.type == "cuda").calls(args.steps)
     result = {"config": config, "step_s": statistics.median(times)}
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -352,15 +337,11 @@ def _measure_inference(
                 if hasattr(model, "set_fast_inference"):
                     model.set_fast_inference(fast)
                 with torch.inference_mode():
-                    for _ in range(2):
-                        out = model(images)
-                    sync(device)
-                    times = list(eager[(name, batch_size)]) if label == "eager-fp32" else []
-                    for _ in range(0 if times else args.runs):
-                        start = time.perf_counter()
-                        out = model(images)
-                        sync(device)
-                        times.append(time.perf_counter() - start)
+                    out = model(images)  # warm-up; its map is the one compared with float32
+                    if label == "eager-fp32":  # timed in the interleaved rounds
+                        times = list(eager[(name, batch_size)])
+                    else:
+                        times = CallTimer(lambda: model(images), device.type == "cuda").calls(args.runs, warmup=1)
                 row = {"model": name, "variant": label, "batch": batch_size, "ms": 1000 * statistics.median(times)}
                 if label == "eager-fp32":
                     row["gflop_per_image"] = gflop_per_image(model, images[:1])
@@ -412,19 +393,16 @@ def interleaved_eager_times(
     for network in networks.values():
         if hasattr(network, "set_fast_inference"):
             network.set_fast_inference(False)
+    timers = {name: CallTimer(lambda network=network: network(images), device.type == "cuda")
+              for name, network in networks.items()}  # fmt: skip
     with torch.inference_mode():
-        for name in names:  # warm-up (allocator, oneDNN / cuDNN kernels)
-            for _ in range(2):
-                networks[name](images)
-        sync(device)
+        for timer in timers.values():
+            timer.calls(0, warmup=2)  # warm-up (allocator, oneDNN / cuDNN kernels)
         for round_index in range(runs):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-                start = time.perf_counter()
-                networks[name](images)
-                sync(device)
-                times[name].append(time.perf_counter() - start)
+                times[name].append(timers[name].once())
                 if faults is not None:
                     faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return times
@@ -524,20 +502,18 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
 
 def plot(path: Path, train: list[dict], inference: list[dict], title: str) -> None:
     """``speed.png``: training step time and peak memory per configuration, inference latency at batch 1."""
-    nan = float("nan")
     panels: list = []
     if train:
-        configs = [row["config"] for row in train]
-        panels.append(report.Bars(configs, {"step": [(row["step_s"], nan) for row in train]}, "training step (s)"))
-        memory = {"peak": [(row["peak_bytes"] / 1e9, nan) for row in train]}
-        panels.append(report.Bars(configs, memory, "training step peak memory (GB)"))
-    single = [row for row in inference if row["batch"] == 1]
-    if single:
-        variants = list(dict.fromkeys(row["variant"] for row in single))
-        models = list(dict.fromkeys(row["model"] for row in single))
-        by_key = {(row["model"], row["variant"]): row["ms"] for row in single}
-        series = {m: [(by_key.get((m, v), nan), nan) for v in variants] for m in models}
-        panels.append(report.Bars(variants, series, "inference latency, batch 1 (ms, log scale)", log=True))
+        steps = pd.DataFrame(train).set_index("config")
+        panels.append(report.Bars(steps[["step_s"]].rename(columns={"step_s": "step"}), "training step (s)"))
+        memory = (steps[["peak_bytes"]] / 1e9).rename(columns={"peak_bytes": "peak"})
+        panels.append(report.Bars(memory, "training step peak memory (GB)"))
+    single = pd.DataFrame(inference)
+    single = single[single.batch == 1] if len(single) else single
+    if len(single):
+        latency = single.pivot(index="variant", columns="model", values="ms")
+        latency = latency.reindex(index=list(dict.fromkeys(single.variant)), columns=list(dict.fromkeys(single.model)))
+        panels.append(report.Bars(latency, "inference latency, batch 1 (ms, log scale)", log=True))
     if panels:
         report.write_png(path, panels, title)
 
@@ -579,9 +555,9 @@ def write_tables(
     output.mkdir(parents=True, exist_ok=True)
     text = report.write_text(output / "speed.md", markdown(train, derived, inference, args, argv, interrupted))
     if train:
-        report.write_csv(output / "speed_train.csv", train)
+        schema.write_csv(output / "speed_train.csv", train)
     if inference:
-        report.write_csv(output / "speed_inference.csv", inference)
+        schema.write_csv(output / "speed_inference.csv", inference)
     setting = f"{args.backbone} (random init), {args.image_size} px, bs {args.batch_size}"
     plot(output / "speed.png", train, inference, f"{setting} - {hardware(args.device)}")
     report.write_json(output / "speed.json", {"train": train, "derived": derived, "inference": inference}, indent=None)

@@ -1,32 +1,45 @@
-"""The one timing loop of ``anomalib-kd-benchmark``: ``warmup`` untimed calls, then ``runs`` timed ones.
+"""The one timer of ``anomalib-kd-benchmark``: :class:`torch.utils.benchmark.Timer`, for a fixed number of calls.
 
-Used by ``quality`` (:mod:`.job`: latency and throughput of a cell), ``edge`` (every back-end) and ``speed`` (the
-OpenVINO rows). ``speed``'s training steps and its interleaved eager rounds time their own calls: the first resets
-the peak-memory counters between warm-up and timing, the second alternates the models within each round.
+Used by ``quality`` (:mod:`.job`: latency and throughput of a cell), ``edge`` (every back-end) and ``speed`` (its
+training steps, interleaved eager rounds and OpenVINO rows). ``Timer`` brings the clock that synchronises the
+accelerator before each reading (CUDA calls; CPU and OpenVINO calls read ``timeit.default_timer``) and the compiled
+timing loop. Its ``timeit`` adds two warm-up calls to each measurement and reports the mean of a block, and
+``blocked_autorange`` picks how many calls to time; the subcommands' options fix both (``--warmup`` untimed calls,
+then ``--runs`` / ``--timing-runs`` / ``--steps`` timed ones, each timed alone for their median and percentiles), so
+:class:`CallTimer` adds that on the primitive every ``Timer`` method is built on (``Timer._timeit(number)``).
 """
 
 from __future__ import annotations
 
-import time
+import timeit
 from collections.abc import Callable
 from typing import Any
 
-
-def time_calls(call: Callable[[], Any], runs: int, warmup: int = 0, sync: Callable[[], None] | None = None) -> list[float]:
-    """Seconds of each of ``runs`` calls of ``call()`` after ``warmup`` untimed ones; ``sync`` (e.g.
-    ``torch.cuda.synchronize``) runs after the warm-up and after each timed call, inside its timing."""
-    for _ in range(warmup):
-        call()
-    if sync is not None:
-        sync()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        call()
-        if sync is not None:
-            sync()
-        times.append(time.perf_counter() - start)
-    return times
+import torch
+from torch.utils.benchmark import Timer
 
 
-__all__ = ["time_calls"]
+class CallTimer(Timer):
+    """``call()`` timed by ``torch.utils.benchmark.Timer`` at this process's thread count (Timer's default is 1)."""
+
+    def __init__(self, call: Callable[[], Any], cuda: bool = False) -> None:
+        clock = {} if cuda else {"timer": timeit.default_timer}  # Timer's default clock synchronises the GPU
+        super().__init__("call()", globals={"call": call}, num_threads=torch.get_num_threads(), **clock)
+
+    def once(self) -> float:
+        """Seconds of one call."""
+        return self._timeit(1)
+
+    def calls(self, runs: int, warmup: int = 0) -> list[float]:
+        """Seconds of each of ``runs`` calls after ``warmup`` untimed ones."""
+        if warmup:
+            self._timeit(warmup)
+        return [self._timeit(1) for _ in range(runs)]
+
+
+def time_calls(call: Callable[[], Any], runs: int, warmup: int = 0, cuda: bool = False) -> list[float]:
+    """Seconds of each of ``runs`` calls of ``call()`` after ``warmup`` untimed ones (``cuda``: synchronised)."""
+    return CallTimer(call, cuda).calls(runs, warmup)
+
+
+__all__ = ["CallTimer", "time_calls"]

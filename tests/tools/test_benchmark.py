@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, quality_report, report, runner
+from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, runner, schema
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
@@ -157,24 +157,64 @@ def test_resolve_devices() -> None:
 
 
 def test_mean_std_and_aggregation() -> None:
+    import pandas as pd
+
     rows = []
     for seed, (auroc, latency) in enumerate([(0.9, 10.0), (0.8, 14.0), (0.7, 12.0)]):
-        row = {key: math.nan for key in job.NUMERIC}
+        row = {key: math.nan for key in schema.NUMERIC}
         row.update(model="Aand", category="x", seed=seed, image_auroc=auroc, latency_bs1_ms=latency)
         row.update(backbone="b", weights_tag="t", schedule="s")
         rows.append(row)
     rows.append({**rows[0], "category": "y", "image_auroc": 0.5})
-    summary = {s["category"]: s for s in quality_report.aggregate(rows)}
-    mean, std, n = summary["x"]["image_auroc"]
+    rows = pd.DataFrame(rows)
+    summary = schema.aggregate(rows).droplevel("model")
+    mean, std, n = summary.loc["x", "image_auroc"]
     assert (n, mean, std) == (3, pytest.approx(0.8), pytest.approx(statistics.stdev([0.9, 0.8, 0.7])))
-    assert summary["x"]["pixel_auroc"][2] == 0  # all-nan column: no values
-    assert report.format_mean_std(summary["x"]["image_auroc"]) == "0.800 ± 0.100"
-    assert report.format_mean_std(summary["y"]["image_auroc"]) == "0.500"  # one seed: no std
+    assert summary.loc["x", ("pixel_auroc", "n")] == 0  # all-nan column: no values
+    assert summary.loc["x", ("seeds", "n")] == 3
+    cells = schema.formatted(summary)
+    assert cells.loc["x", "image_auroc"] == "0.800 ± 0.100"
+    assert cells.loc["y", "image_auroc"] == "0.500"  # one seed: no std
+    assert cells.loc["x", "latency_bs1_ms"] == "12.0 ± 2.0" and cells.loc["x", "pixel_auroc"] == "–"
     # over categories: per seed the mean over categories, then mean / std over seeds (seed 0 has x and y)
-    overall = quality_report.aggregate_over_categories(rows)[0]
+    overall = schema.aggregate(rows, ["model"], over_categories=True).loc["Aand"]
     per_seed = [(0.9 + 0.5) / 2, 0.8, 0.7]
-    assert overall["image_auroc"][0] == pytest.approx(statistics.fmean(per_seed))
-    assert overall["image_auroc"][1] == pytest.approx(statistics.stdev(per_seed))
+    assert overall["image_auroc", "mean"] == pytest.approx(statistics.fmean(per_seed))
+    assert overall["image_auroc", "std"] == pytest.approx(statistics.stdev(per_seed))
+
+
+def test_the_side_by_side_table_is_one_call() -> None:
+    """What a README table needs: mean ± std per model over seeds, models in report order, as markdown."""
+    import pandas as pd
+
+    values = {"MemKD": (0.9, 0.7), "Patchcore": (0.95, 0.97), "Aand": (0.8, 0.8), "Other": (0.5, 0.6)}
+    rows = pd.DataFrame(
+        [{"model": m, "category": c, "seed": s, "image_auroc": v[s], "latency_bs1_ms": 10.0 + s}
+         for m, v in values.items() for c in ("a", "b") for s in (0, 1)],
+    )  # fmt: skip
+    table = schema.mean_std_table(rows, ["model"], ["image_auroc", "latency_bs1_ms"], over_categories=True)
+    assert list(table.columns) == ["model", "seeds", "image AUROC", "latency bs1 ms"]
+    assert list(table.model) == ["Patchcore", "Aand", "MemKD", "Other"]  # schema.MODELS order, others after
+    memkd = table.set_index("model").loc["MemKD"]
+    assert memkd["image AUROC"] == f"0.800 ± {statistics.stdev([0.9, 0.7]):.3f}" and memkd["seeds"] == 2
+    assert memkd["latency bs1 ms"] == f"10.5 ± {statistics.stdev([10.0, 11.0]):.1f}"
+    lines = schema.to_markdown(table).splitlines()
+    assert lines[0] == "| model | seeds | image AUROC | latency bs1 ms |"
+    assert lines[2] == "| Patchcore | 2 | 0.960 ± 0.014 | 10.5 ± 0.7 |" and len(lines) == 6
+
+
+def test_the_timer_makes_the_calls_it_is_asked_for() -> None:
+    """torch.utils.benchmark.Timer under the options' counts: warm-up calls untimed, then one time per call."""
+    import time
+
+    from anomalib_kd_tools.benchmark.timing import CallTimer, time_calls
+
+    calls = []
+    times = time_calls(lambda: (calls.append(1), time.sleep(0.002)), runs=4, warmup=3)
+    assert len(calls) == 7 and len(times) == 4
+    assert all(0.002 <= t < 0.5 for t in times)
+    timer = CallTimer(lambda: calls.append(1))
+    assert timer.calls(0, warmup=2) == [] and len(calls) == 9 and timer.once() > 0 and len(calls) == 10
 
 
 def test_image_auroc_is_anomalibs_and_matches_the_rank_statistic() -> None:
@@ -211,14 +251,14 @@ def test_cli_quality_subcommand(runs) -> None:
     out = runs["out"]
     assert runs["codes"] == (0, 0)
     rows = _csv(out / "results.csv")
-    assert list(rows[0]) == list(job.COLUMNS)
+    assert list(rows[0]) == list(schema.COLUMNS)
     assert sorted((r["model"], r["seed"]) for r in rows) == sorted(
         [(m, "0") for m in FOUR] + [("Patchcore", "1")],
     )
     for row in rows:
         assert row["dataset_kind"] == "generated"
         assert row["category"] == generator.GENERATED_CATEGORY
-        for metric in job.METRICS:
+        for metric in schema.METRICS:
             assert 0.0 <= float(row[metric]) <= 1.0, (row["model"], metric, row[metric])
         for key in ("latency_bs1_ms", "throughput_ips", "peak_memory_mb", "params_m", "train_time_s", "state_mb"):
             value = float(row[key])
@@ -301,7 +341,7 @@ def test_a_cell_gives_the_same_numbers_wherever_it_runs(runs, tmp_path: Path) ->
         row = job.run_cell(spec)
     finally:
         torch.set_num_threads(threads)
-    for metric in job.METRICS:
+    for metric in schema.METRICS:
         assert float(f"{row[metric]:.6g}") == float(reference[metric]), metric
     assert row["params_m"] == pytest.approx(float(reference["params_m"]), rel=1e-5)
     assert math.isfinite(row["ov_latency_bs1_ms"]) and row["ov_latency_bs1_ms"] > 0
@@ -334,7 +374,7 @@ def test_no_subcommand_means_quality(tmp_path: Path) -> None:
     argv = [*TINY, "--output", str(tmp_path), "--seeds", "0", "1"]
     plain, explicit = cli.parse(argv), cli.parse(["quality", *argv])
     assert plain.command == explicit.command == "quality"
-    assert vars(plain) == vars(explicit) == vars(quality.parse_args(argv))
+    assert vars(plain) == vars(explicit)
     assert cli.parse(["speed", "--quick", "--device", "cpu"]).command == "speed"
     with pytest.raises(SystemExit):
         cli.parse(["edge", "--generated"])  # a quality option is not an edge option
@@ -353,7 +393,7 @@ def test_a_mistyped_subcommand_is_reported_as_such(capsys) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- ablation mode
-from anomalib_kd_tools import proxy  # noqa: E402
+from anomalib_kd_tools import mechanisms, proxy  # noqa: E402
 from anomalib_kd_tools.benchmark import ablation, ablation_report  # noqa: E402
 
 def test_ablation_variants_follow_the_agreed_interface() -> None:
@@ -481,29 +521,36 @@ class _FakeReportModel:
         self.training = False
         return self
 
-    def mechanism_report(self, dataloader):
-        import torch
 
-        self.seen = (dataloader, self.training, torch.is_grad_enabled())
-        if self.error is not None:
-            raise self.error
-        return self.result
+def _fake_report(model: _FakeReportModel, dataloader):
+    import torch
+
+    model.seen = (dataloader, model.training, torch.is_grad_enabled())
+    if model.error is not None:
+        raise model.error
+    return model.result
 
 
 def test_mechanism_figures_are_flat_floats_and_tolerate_absence() -> None:
     import torch
 
+    from anomalib_aand import Aand
+    from anomalib_memkd import MemKD
+
     model = _FakeReportModel({"residual_ratio_l1": torch.tensor(2.5), "gate_fpr_l1": 0.25, "note": "text"})
-    figures, status = ablation.mechanism_figures(model, "the-loader")
+    figures, status = ablation.mechanism_figures(model, "the-loader", _fake_report)
     assert (figures, status) == ({"residual_ratio_l1": 2.5, "gate_fpr_l1": 0.25}, "ok")
     assert model.seen == ("the-loader", False, False)  # the test loader as given, eval mode, no grad
-    assert ablation.mechanism_figures(object(), None) == ({}, "absent")
-    figures, status = ablation.mechanism_figures(_FakeReportModel(error=KeyError("gt_mask")), None)
+    assert ablation.mechanism_figures(object(), None) == ({}, "absent")  # the tools have no report for it
+    figures, status = ablation.mechanism_figures(_FakeReportModel(error=KeyError("gt_mask")), None, _fake_report)
     assert figures == {} and status.startswith("error: KeyError")
+    assert mechanisms.has_mechanism_report(Aand) and mechanisms.has_mechanism_report(MemKD)
+    with pytest.raises(TypeError, match="no mechanism report for object"):
+        mechanisms.mechanism_report(object(), [])
 
 
 def _ablation_row(variant: str, seed: int, auroc: float, figures: dict) -> dict:
-    row = {key: math.nan for key in job.NUMERIC}
+    row = {key: math.nan for key in schema.NUMERIC}
     row.update(model="MemKD", variant=variant, category="widget", seed=seed, image_auroc=auroc)
     row.update(schedule="1 epoch", mechanism=__import__("json").dumps(figures), mechanism_status="ok")
     row.update(threads=1.0, device="cpu", device_name="cpu", finished_at="2026-01-01T00:00:00")
@@ -525,14 +572,14 @@ def test_ablation_markdown_aggregates_metrics_and_mechanism_figures(tmp_path: Pa
     assert ablation.PROXY_TEACHER in text and "ImageNet" not in text
     assert "foreign, tint" in text
     metric_line = next(ln for ln in text.splitlines() if ln.startswith("| MemKD | defaults |"))
-    auroc = report.format_mean_std((statistics.fmean([0.9, 0.7]), statistics.stdev([0.9, 0.7]), 2))
+    auroc = schema.format_mean_std(statistics.fmean([0.9, 0.7]), statistics.stdev([0.9, 0.7]), 2)
     assert metric_line.split(" | ")[4] == auroc
     assert "| MemKD no memory | skipped: the constructor has no `use_memory` |" in text
     header = next(ln for ln in text.splitlines() if ln.startswith("| variant | category | peak"))
     assert header.split(" | ")[2:] == ["peak_weight_m0", "recall_dev_m10 |"]  # generic keys, natural order
     section = text.split("mechanism figures")[1].split("## Raw rows")[0]
     figure_lines = {ln.split(" | ")[0][2:]: ln.split(" | ") for ln in section.splitlines() if "| widget | " in ln}
-    assert figure_lines["MemKD"][2] == report.format_mean_std((0.4, statistics.stdev([0.3, 0.5]), 2))
+    assert figure_lines["MemKD"][2] == schema.format_mean_std(0.4, statistics.stdev([0.3, 0.5]), 2)
     assert figure_lines["MemKD no NEL"][2] == "0.100"  # NaN seeds are left out of the mean
 
 
@@ -583,7 +630,7 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
         accepted = inspect.signature(ablation.model_class(variant.model)).parameters
         (expected_runnable if all(k in accepted for k in variant.overrides) else expected_skipped).append(variant)
     rows = _csv(out / "results.csv")
-    assert list(rows[0]) == list(job.ABLATION_COLUMNS)
+    assert list(rows[0]) == list(schema.ABLATION_COLUMNS)
     assert sorted(r["variant"] for r in rows) == sorted(v.name for v in expected_runnable)
     md = (out / "results.md").read_text()
     for variant in expected_skipped:
@@ -606,7 +653,7 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
         assert row["teacher"] == row["weights_tag"] == ablation.PROXY_TEACHER
         for metric in ("image_auroc", "pixel_auroc", "aupro"):
             assert 0.0 <= float(row[metric]) <= 1.0, (row["variant"], metric)
-        has_report = callable(getattr(ablation.model_class(variant.model), "mechanism_report", None))
+        has_report = mechanisms.has_mechanism_report(ablation.model_class(variant.model))
         assert row["mechanism_status"] == ("ok" if has_report else "absent"), (row["variant"], row["mechanism_status"])
         figures = json.loads(row["mechanism"])
         if has_report and variant.overrides.get("use_memory") is not False:
@@ -626,14 +673,14 @@ def test_ablation_runs_both_models_end_to_end(ablation_run, capsys) -> None:
 
 
 def test_ablation_arguments_are_checked(tmp_path: Path) -> None:
-    base = ["--output", str(tmp_path), "--devices", "cpu"]
+    base = ["quality", "--output", str(tmp_path), "--devices", "cpu"]
     with pytest.raises(SystemExit):
-        quality.parse_args(["--generated", "--ablation", "memkd", "--proxy-teacher", *base])  # proxy needs random init
+        cli.parse([*base, "--generated", "--ablation", "memkd", "--proxy-teacher"])  # proxy needs random init
     with pytest.raises(SystemExit):
-        quality.parse_args(["--dataset-root", str(tmp_path), "--ablation", "aand", *base])  # AAND needs textures
+        cli.parse([*base, "--dataset-root", str(tmp_path), "--ablation", "aand"])  # AAND needs textures
     with pytest.raises(SystemExit):
-        quality.parse_args(["--generated", "--defects", "no-such-defect", *base])
-    args = quality.parse_args(["--generated", "--ablation", "memkd", "--no-pre-trained", "--proxy-teacher", *base])
+        cli.parse([*base, "--generated", "--defects", "no-such-defect"])
+    args = cli.parse([*base, "--generated", "--ablation", "memkd", "--no-pre-trained", "--proxy-teacher"])
     assert args.seeds == [0, 1, 2] and tuple(args.defects) == ablation.default_ablation_defects()
-    assert quality.parse_args(["--generated", *base]).seeds == [0]  # the benchmark's own default is unchanged
-    assert quality.parse_args(["--generated", *base]).defects is None
+    assert cli.parse([*base, "--generated"]).seeds == [0]  # the benchmark's own default is unchanged
+    assert cli.parse([*base, "--generated"]).defects is None

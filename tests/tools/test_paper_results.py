@@ -1,4 +1,4 @@
-"""The papers' published numbers (anomalib_kd_tools.paper_results) and their place in the benchmark's report."""
+"""The papers' published numbers (paper_results and its packaged data/papers.csv) and their place in the report."""
 
 from __future__ import annotations
 
@@ -9,38 +9,67 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd_tools.benchmark import generator, job, quality, quality_report
+from anomalib_kd_tools.benchmark import cli, generator, quality, quality_report, schema
 from anomalib_kd_tools.benchmark import paper_results as pr
 
 ROUNDING = 0.05 + 1e-9  # the papers print one decimal: a printed mean is within 0.05 of the true mean
 
 
 # ------------------------------------------------------------------------------------------ transcription
+def _number(source: str, dataset: str, model: str, category: str, metric: str) -> float:
+    table = pr.papers()
+    match = table[(table.source == source) & (table.dataset == dataset) & (table.model == model)
+                  & (table.category == category) & (table.metric == metric) & (table.kind != "gain")]  # fmt: skip
+    assert len(match) == 1, (source, dataset, model, category, metric)
+    return float(match.percent.iloc[0])
+
+
+def test_the_transcription_is_packaged_data() -> None:
+    """data/papers.csv: one number per line with its source and kind, read through importlib.resources."""
+    from importlib.resources import files
+
+    text = (files("anomalib_kd_tools.benchmark") / "data" / "papers.csv").read_text(encoding="utf-8")
+    assert text.count("\n# AAND paper, TABLE II ") == 1 and "# MemKD paper, Table 1 " in text  # the notes are kept
+    table = pr.papers()
+    assert list(table.columns) == ["source", "dataset", "model", "category", "metric", "percent", "kind"]
+    assert set(table.kind) == {"value", "printed mean", "repeat", "gain"} and table.percent.between(0, 100).all()
+    assert set(table.dataset) == set(pr.DATASETS) and set(table.model) <= {"Aand", "MemKD", "ReverseDistillation"}
+    assert not table.duplicated(["source", "dataset", "model", "category", "metric"]).any()
+    assert len(table) == 86
+
+
 def test_per_category_rows_average_to_the_printed_mean_and_to_table_ii() -> None:
     """AAND Table III: each row's 12 categories average to its printed mean, which is Table II's VisA I-AUC."""
-    assert len(pr.AAND_TABLE_III_COLUMNS) == len(pr.VISA_CATEGORIES)
-    for model, (values, printed_mean) in pr.AAND_TABLE_III.items():
-        assert len(values) == len(pr.AAND_TABLE_III_COLUMNS), model
-        assert abs(statistics.fmean(values) - printed_mean) <= ROUNDING, (model, statistics.fmean(values))
-        assert printed_mean == pr.AAND_TABLE_II["visa"][model]["image_auroc"], model
+    table = pr.papers()
+    table_iii = table[table.source == "AAND Table III"]
+    for model, rows in table_iii.groupby("model"):
+        values = rows[rows.kind == "value"]
+        assert tuple(pr.anomalib_category(c) for c in values.category) == pr.VISA_CATEGORIES, model  # column order
+        printed_mean = _number("AAND Table III", "visa", model, "mean", "image_auroc")
+        assert abs(values.percent.mean() - printed_mean) <= ROUNDING, (model, values.percent.mean())
+        assert printed_mean == _number("AAND Table II", "visa", model, "mean", "image_auroc"), model
     # the text's per-category gains (a check the mean cannot make)
-    column = {pr.anomalib_category(c): i for i, c in enumerate(pr.AAND_TABLE_III_COLUMNS)}
-    for category, gain in pr.AAND_TEXT_GAINS_OVER_RD.items():
-        aand, rd = (pr.AAND_TABLE_III[m][0][column[category]] for m in ("Aand", "ReverseDistillation"))
+    gains = table[(table.kind == "gain") & (table.source == "AAND Sec. IV-C text")]
+    assert len(gains) == 2
+    for category, gain in zip(gains.category, gains.percent, strict=True):
+        aand, rd = (_number("AAND Table III", "visa", m, category, "image_auroc") for m in ("Aand", "ReverseDistillation"))
         assert aand - rd == pytest.approx(gain, abs=1e-9), category
 
 
 def test_numbers_repeated_in_other_tables_agree() -> None:
-    for table, datasets in pr.AAND_REPEATS.items():
-        for dataset, values in datasets.items():
-            for metric, value in values.items():
-                assert pr.AAND_TABLE_II[dataset]["Aand"][metric] == value, (table, dataset, metric)
-    for table, (model, values) in pr.MEMKD_REPEATS.items():
-        for metric, value in values.items():
-            assert pr.MEMKD_TABLE_1["mvtec"][model][metric] == value, (table, metric)
-    for (dataset, metric), gain in pr.MEMKD_TEXT_GAINS_OVER_RD.items():
-        table = pr.MEMKD_TABLE_1[dataset]
-        assert table["MemKD"][metric] - table["ReverseDistillation"][metric] == pytest.approx(gain, abs=1e-9)
+    table = pr.papers()
+    repeats = table[table.kind == "repeat"]
+    assert len(repeats) == 8 + 15
+    for entry in repeats.itertuples():
+        source = "AAND Table II" if entry.source.startswith("AAND") else "MemKD Table 1(a)"
+        assert entry.dataset == "mvtec" or source == "AAND Table II"
+        assert _number(source, entry.dataset, entry.model, "mean", entry.metric) == entry.percent, entry
+    gains = table[(table.kind == "gain") & (table.source == "MemKD Sec. 5.3 text")]
+    assert len(gains) == 3
+    for entry in gains.itertuples():
+        source = "MemKD Table 1(a)" if entry.dataset == "mvtec" else "MemKD Table 1(b)"
+        memkd, rd = (_number(source, entry.dataset, m, "mean", entry.metric) for m in ("MemKD", "ReverseDistillation"))
+        assert memkd - rd == pytest.approx(entry.percent, abs=1e-9), entry
 
 
 def test_category_names_are_anomalibs() -> None:
@@ -48,7 +77,6 @@ def test_category_names_are_anomalibs() -> None:
 
     assert pr.MVTEC_CATEGORIES == tuple(mvtecad.CATEGORIES)
     assert pr.VISA_CATEGORIES == tuple(visa.CATEGORIES)
-    assert tuple(pr.anomalib_category(c) for c in pr.AAND_TABLE_III_COLUMNS) == pr.VISA_CATEGORIES
     assert pr.anomalib_category("metal nut") == "metal_nut"
     assert pr.anomalib_category("Metal Nut") == "metal_nut"
     assert pr.anomalib_category("maca- roni1") == "macaroni1"
@@ -62,13 +90,14 @@ def test_percentages_become_fractions() -> None:
     assert pr.percent_to_fraction(99.5) == pytest.approx(0.995)
     with pytest.raises(ValueError, match="percentage"):
         pr.percent_to_fraction(995.0)
-    entries = pr.published("visa")
+    entries = list(pr.published("visa").itertuples())
     for entry in entries:
         assert entry.value == pytest.approx(entry.percent / 100) and 0.5 < entry.value <= 1.0
     pcb1 = [e for e in entries if e.model == "Aand" and e.category == "pcb1"]
     assert [(e.metric, e.value, e.source) for e in pcb1] == [("image_auroc", pytest.approx(0.984), "AAND Table III")]
+    assert not any(e.category == pr.MEAN and e.source == "AAND Table III" for e in entries)  # its printed mean: no
     # MVTec AD: dataset means only, AP columns left out, RD from both papers
-    mvtec = pr.published("mvtec")
+    mvtec = list(pr.published("mvtec").itertuples())
     assert {e.category for e in mvtec} == {pr.MEAN}
     assert {e.metric for e in mvtec} == set(pr.COMPARED_METRICS)
     rd = {(e.source, e.metric): e.percent for e in mvtec if e.model == "ReverseDistillation"}
@@ -78,7 +107,7 @@ def test_percentages_become_fractions() -> None:
 
 # ------------------------------------------------------------------------------------------ the report
 def _row(model: str, category: str, seed: int, image: float, pixel: float, aupro: float, kind: str = "folder"):
-    row = {key: math.nan for key in job.NUMERIC}
+    row = {key: math.nan for key in schema.NUMERIC}
     row.update(
         dataset_kind=kind,
         dataset="/data/MVTecAD" if kind == "folder" else "generated",
@@ -172,12 +201,12 @@ def test_markdown_and_csv_show_the_delta_for_mvtec_rows(tmp_path: Path) -> None:
 
 def test_visa_is_compared_per_category() -> None:
     rows = [_row("Aand", "pcb1", 0, 0.97, 0.99, 0.93), _row("ReverseDistillation", "pipe_fryum", 0, 0.99, 0.98, 0.9)]
-    records = pr.compare(rows, {**CONFIG, "dataset": "/data/visa_pytorch"})
+    records = pr.compare(rows, {**CONFIG, "dataset": "/data/visa_pytorch"}).to_dict("records")
     per_category = {(r["model"], r["category"], r["metric"]): r for r in records if r["category"] != pr.MEAN}
     assert set(per_category) == {("Aand", "pcb1", "image_auroc"), ("ReverseDistillation", "pipe_fryum", "image_auroc")}
     assert per_category[("Aand", "pcb1", "image_auroc")]["delta"] == pytest.approx(0.97 - 0.984)
     assert per_category[("ReverseDistillation", "pipe_fryum", "image_auroc")]["delta"] == pytest.approx(0.99 - 0.995)
-    assert all(r["delta"] is None for r in records if r["category"] == pr.MEAN)  # 1 of 12 categories
+    assert all(math.isnan(r["delta"]) for r in records if r["category"] == pr.MEAN)  # 1 of 12 categories
 
 
 def test_nothing_for_generated_or_unknown_data(tmp_path: Path) -> None:
@@ -189,7 +218,7 @@ def test_nothing_for_generated_or_unknown_data(tmp_path: Path) -> None:
     stale.write_text("old")
     assert not pr.write_csv(stale, generated, config) and not stale.exists()
     # generated data named like an MVTec category is still generated
-    assert pr.compare([{**generated[2], "category": "bottle"}], {**config, "dataset_name": "mvtec"}) == []
+    assert pr.compare([{**generated[2], "category": "bottle"}], {**config, "dataset_name": "mvtec"}).empty
     # a user folder whose categories are neither MVTec AD's nor VisA's, or --dataset-name none
     assert pr.markdown_lines([_row("Aand", "widget", 0, 0.9, 0.9, 0.9)], CONFIG) == []
     assert pr.markdown_lines([_row("Aand", "bottle", 0, 0.9, 0.9, 0.9)], {**CONFIG, "dataset_name": "none"}) == []
@@ -198,8 +227,8 @@ def test_nothing_for_generated_or_unknown_data(tmp_path: Path) -> None:
 
 
 def test_dataset_name_option() -> None:
-    assert quality.parse_args(["--dataset-root", "x"]).dataset_name == "auto"
-    assert quality.parse_args(["--dataset-root", "x", "--dataset-name", "visa"]).dataset_name == "visa"
+    assert cli.parse(["quality", "--dataset-root", "x"]).dataset_name == "auto"
+    assert cli.parse(["quality", "--dataset-root", "x", "--dataset-name", "visa"]).dataset_name == "visa"
     assert "dataset_name" not in quality.RUN_CONFIG_KEYS  # changing it only changes the report
 
 
@@ -215,9 +244,9 @@ def test_protocol_differences_name_what_differs_from_the_papers() -> None:
 def test_a_mean_needs_every_category_for_every_seed() -> None:
     rows = [_row("MemKD", c, 0, 0.99, 0.98, 0.95) for c in pr.MVTEC_CATEGORIES]
     rows.append(_row("MemKD", "bottle", 1, 0.99, 0.98, 0.95))  # seed 1 has one category only
-    records = pr.compare(rows, CONFIG)
-    assert records and all(r["delta"] is None and "not every seed" in r["note"] for r in records)
-    complete = pr.compare(rows[:-1], CONFIG)
+    records = pr.compare(rows, CONFIG).to_dict("records")
+    assert records and all(math.isnan(r["delta"]) and "not every seed" in r["note"] for r in records)
+    complete = pr.compare(rows[:-1], CONFIG).to_dict("records")
     assert {r["metric"]: round(r["delta"], 6) for r in complete} == {
         "image_auroc": round(0.99 - 0.996, 6),
         "pixel_auroc": round(0.98 - 0.982, 6),

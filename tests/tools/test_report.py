@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd_tools.benchmark import ablation, ablation_report, edge, job, quality_report, report, speed
+from anomalib_kd_tools.benchmark import ablation, ablation_report, cli, edge, quality_report, report, schema, speed
 
 HEADER = re.compile(
     r"# (?P<title>[^\n]+)\n"
@@ -23,7 +23,7 @@ HEADER = re.compile(
 
 
 def _quality_row(model: str, seed: int) -> dict:
-    row = {key: 0.5 for key in job.NUMERIC}
+    row = {key: 0.5 for key in schema.NUMERIC}
     row.update(dataset_kind="generated", dataset="generated", category="widget", model=model, seed=seed)
     row.update(threads=1.0, backbone="resnet18", weights_tag="random-init", schedule="1 epoch", device="cpu")
     row.update(device_name="cpu", n_train=8.0, n_val=3.0, n_test=7.0, memory_kind="cpu_peak_rss")
@@ -49,7 +49,7 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
     edge.add_ratios(edge_rows)
     (tmp_path / "edge").mkdir()
     edge_argv = ["--quick", "--output", str(tmp_path / "edge")]
-    texts["edge"] = edge.write_tables(tmp_path / "edge", edge_rows, edge.parse_args(edge_argv), edge_argv, 10)
+    texts["edge"] = edge.write_tables(tmp_path / "edge", edge_rows, cli.parse(["edge", *edge_argv]), edge_argv, 10)
 
     train = [{"config": c, "step_s": t, "peak_bytes": 2e8} for c, t in (("rd", 0.5), ("memkd", 0.6))]
     inference = [
@@ -57,7 +57,7 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
         for m, ms in (("ReverseDistillation", 20.0), ("MemKD", 21.0))
     ]
     speed_argv = ["--quick", "--device", "cpu", "--output", str(tmp_path / "speed")]
-    args = speed.parse_args(speed_argv)
+    args = cli.parse(["speed", *speed_argv])
     derived = {"memkd_epoch_vs_rd": 1.2}
     texts["speed"] = speed.write_tables(tmp_path / "speed", train, derived, inference, args, speed_argv)
     return texts
@@ -77,40 +77,52 @@ def test_every_subcommand_writes_the_same_header(tmp_path: Path) -> None:
     assert (tmp_path / "speed" / "speed.md").read_text() == texts["speed"]
     for png in (tmp_path / "edge" / "edge.png", tmp_path / "speed" / "speed.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    edge_csv = report.read_csv(tmp_path / "edge" / "edge.csv", ["p50_ms", "latency_vs_rd"])
-    aand = next(r for r in edge_csv if r["model"] == "Aand" and r["backend"] == "torch")
+    edge_csv = schema.read_csv(tmp_path / "edge" / "edge.csv", ["p50_ms", "latency_vs_rd"])
+    aand = edge_csv.set_index(["model", "backend"]).loc["Aand", "torch"]
     assert aand["latency_vs_rd"] == pytest.approx(1.2) and aand["p50_ms"] == 12.0
+    # every table is a pipe table (pandas' to_markdown), its cells as written
+    assert "| Aand | torch | 12.0 | 18.0 | 8.3 | 1.20 |" in texts["edge"]
+    assert "\n| model | category | seeds | image AUROC | pixel AUROC | AUPRO | image F1 | latency bs1 ms |" in texts["quality"]
 
 
 def test_csv_round_trips(tmp_path: Path) -> None:
     rows = [
         {"name": "a", "x": 1 / 3, "n": 7, "missing": math.nan, "none": None},
-        {"name": "b", "x": 1e-300, "n": -2, "missing": 2.5, "extra": "only here"},
+        {"name": "b", "x": 1e-300, "n": -2, "missing": 2.5, "extra": "only here", "json": {"k": [1]}},
     ]
-    report.write_csv(tmp_path / "t.csv", rows)
-    back = report.read_csv(tmp_path / "t.csv", ["x", "n", "missing"])
-    assert list(back[0]) == ["name", "x", "n", "missing", "none", "extra"]  # every key, in order of appearance
-    assert [r["x"] for r in back] == [1 / 3, 1e-300]  # floats exactly
-    assert [r["n"] for r in back] == [7.0, -2.0]
-    assert math.isnan(back[0]["missing"]) and back[1]["missing"] == 2.5
-    assert back[0]["none"] == "" and back[1]["extra"] == "only here" and back[0]["extra"] == ""
+    schema.write_csv(tmp_path / "t.csv", rows)
+    back = schema.read_csv(tmp_path / "t.csv", ["x", "n", "missing"])
+    assert list(back.columns) == ["name", "x", "n", "missing", "none", "extra", "json"]  # every key, in order
+    assert list(back.x) == [1 / 3, 1e-300]  # floats exactly
+    assert list(back.n) == [7.0, -2.0]
+    assert "\r\na,0.3333333333333333,7,,,,\r\n" in (tmp_path / "t.csv").read_bytes().decode()  # ints stay ints
+    assert math.isnan(back.missing[0]) and back.missing[1] == 2.5
+    assert back.none[0] == "" and back.extra[1] == "only here" and back.extra[0] == ""
+    assert back.json[1] == '{"k": [1]}'
     # the resumable CSV: rows appended one by one, 6 significant digits, header once
     path = tmp_path / "results.csv"
     for row in rows:
-        report.append_row(path, row, ["name", "x", "missing"])
-    appended = report.read_csv(path, ["x", "missing"])
+        schema.append_row(path, row, ["name", "x", "missing"])
+    appended = schema.read_csv(path, ["x", "missing"])
     assert path.read_text().count("name,x,missing") == 1
-    assert [r["x"] for r in appended] == [float(f"{1 / 3:.6g}"), 1e-300]
-    assert math.isnan(appended[0]["missing"])
-    assert report.read_csv(tmp_path / "absent.csv") == []
+    assert list(appended.x) == [float(f"{1 / 3:.6g}"), 1e-300]
+    assert math.isnan(appended.missing[0])
+    assert schema.read_csv(tmp_path / "absent.csv").empty and schema.read_results(tmp_path / "absent.csv").empty
 
 
 def test_mean_std_and_png(tmp_path: Path) -> None:
-    assert report.mean_std([1.0, math.nan, 3.0]) == (2.0, pytest.approx(math.sqrt(2)), 2)
-    assert report.format_mean_std(report.mean_std([0.5])) == "0.500"
-    assert report.format_mean_std(report.mean_std([])) == "–"
-    bars = report.Bars(["a", "b"], {"x": [(1.0, 0.1), (2.0, math.nan)], "y": [(3.0, 0.0), (math.nan, 0.0)]}, "v")
-    scatter = report.Scatter({"x": (1.0, 0.1, 0.5, math.nan), "gone": (math.nan, 0, 1, 0)}, "ms", "AUROC", xlog=True)
+    import pandas as pd
+
+    rows = pd.DataFrame({"model": ["a"] * 3 + ["b", "c"], "seed": [0, 1, 2, 0, 0], "x": [1.0, math.nan, 3.0, 0.5, math.nan]})
+    stats = schema.aggregate(rows, ["model"], ["x"])["x"]
+    assert tuple(stats.loc["a"]) == (2.0, pytest.approx(math.sqrt(2)), 2)
+    assert schema.format_mean_std(*stats.loc["b"]) == "0.500"
+    assert schema.format_mean_std(*stats.loc["c"]) == "–"
+    values = pd.DataFrame({"x": [1.0, 2.0], "y": [3.0, math.nan]}, index=["a", "b"])
+    errors = pd.DataFrame({"x": [0.1, math.nan], "y": [0.0, 0.0]}, index=["a", "b"])
+    bars = report.Bars(values, "v", errors=errors)
+    points = pd.DataFrame({"x": [1.0, math.nan], "x_error": [0.1, 0], "y": [0.5, 1], "y_error": [math.nan, 0]})
+    scatter = report.Scatter(points.set_axis(["x", "gone"]), "ms", "AUROC", xlog=True)
     report.write_png(tmp_path / "p.png", [bars, scatter], "title")
     png = (tmp_path / "p.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
@@ -148,7 +160,7 @@ def test_interrupted_quality_run_writes_the_tables_of_the_finished_cells(tmp_pat
     out = tmp_path / "q"
     code = cli.main(["quality", *TINY_QUALITY, "--models", "Patchcore", "Aand", "--output", str(out)])
     assert code == 130 and terminated == ["Aand"]
-    assert [r["model"] for r in runner.read_rows(out / "results.csv")] == ["Patchcore"]
+    assert list(schema.read_results(out / "results.csv").model) == ["Patchcore"]
     md = (out / "results.md").read_text()
     assert report.INTERRUPTED in md
     assert f"| Patchcore | {GENERATED_CATEGORY} | 0 |" in md and "| Aand |" not in md
@@ -173,11 +185,11 @@ def test_interrupted_speed_run_writes_the_tables_of_what_is_done(tmp_path: Path,
     monkeypatch.setattr(subprocess, "run", fake_run)
     out = tmp_path / "s"
     argv = ["--quick", "--device", "cpu", "--output", str(out)]
-    assert speed.run(speed.parse_args(argv), argv) == 130
+    assert speed.run(cli.parse(["speed", *argv]), argv) == 130
     assert calls == ["rd", "aand-s1"]
     md = (out / "speed.md").read_text()
     assert report.INTERRUPTED in md and "| rd | 0.500 | 0.10 |" in md
-    assert [r["config"] for r in report.read_csv(out / "speed_train.csv")] == ["rd"]
+    assert list(schema.read_csv(out / "speed_train.csv").config) == ["rd"]
     assert json.loads((out / "speed.json").read_text())["train"][0]["step_s"] == 0.5
     assert not (out / "speed_inference.csv").exists()  # interrupted before the inference part
 
@@ -207,7 +219,8 @@ def test_ablation_png_has_one_panel_per_ablation(tmp_path: Path, monkeypatch) ->
     assert ablation_report.write_plot(tmp_path / "r.png", rows, {"dataset_kind": "generated"}, variants, {})
     aand, memkd = drawn["panels"]
     assert (aand.title, memkd.title) == ("aand", "memkd")
-    assert list(aand.series) == ["AAND", "AAND no L_A"] and list(memkd.series) == ["MemKD"]
-    mean, std = aand.series["AAND"][0]  # image AUROC: mean ± std over the two seeds
+    assert list(aand.values.columns) == ["AAND", "AAND no L_A"] and list(memkd.values.columns) == ["MemKD"]
+    assert list(aand.values.index) == ["image AUROC", "pixel AUROC", "AUPRO"]
+    mean, std = aand.values["AAND"].iloc[0], aand.errors["AAND"].iloc[0]  # image AUROC: mean ± std over the seeds
     assert mean == pytest.approx(0.7) and std == pytest.approx(math.sqrt(0.02))
     assert not ablation_report.write_plot(tmp_path / "none.png", [], {}, variants, {})

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from anomalib_kd_tools.benchmark import report
+from anomalib_kd_tools.benchmark import schema
 
 pytestmark = pytest.mark.integration
 
@@ -52,7 +52,7 @@ def test_cli_speed_subcommand(tmp_path: Path) -> None:
     assert "AAND stage-1 (exact L_A) peak memory / RD" in table
     assert table in result.stdout  # printed as well as written
     # the CSV tables hold the same numbers as the JSON
-    step = {r["config"]: r["step_s"] for r in report.read_csv(tmp_path / "speed_train.csv", ["step_s"])}
+    step = schema.read_csv(tmp_path / "speed_train.csv", ["step_s"]).set_index("config").step_s.to_dict()
     assert step == {config: row["step_s"] for config, row in train.items()}
-    assert len(report.read_csv(tmp_path / "speed_inference.csv")) == len(inference)
+    assert len(schema.read_csv(tmp_path / "speed_inference.csv")) == len(inference)
     assert (tmp_path / "speed.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
