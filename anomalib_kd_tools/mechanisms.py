@@ -5,7 +5,9 @@
   level's share of the map) or :func:`memkd_mechanism_report` (the addressing figures of each memory);
   :func:`has_mechanism_report` says whether a model (class) has figures.
 * :func:`aand_residual_intensity` - the Fig. 8 quantity on synthetic anomalies and how far ``L_A`` pushes the
-  anomalous features from the normal ones (the integration test of AAND's stage 1).
+  anomalous features from the normal ones (the integration test of AAND's stage 1);
+  :func:`aand_amplification_modes` - exact vs subsampled ``L_A`` on the same features (``anomalib-kd-benchmark
+  speed``).
 
 Why here, in the tools layer, and not methods of ``Aand`` / ``MemKD``: these are measurements *about* a model,
 written for the benchmark, the tests and the docs. No training, inference or export path calls them and a user of
@@ -17,6 +19,7 @@ torch network's feature methods, ``pre_processor``, ``synthesizer``, ``level_lab
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -83,6 +86,32 @@ def aand_residual_intensity(model: Any, images: torch.Tensor) -> dict[str, torch
         else:
             drop.append(nan)
     return {"anomalous": torch.stack(anomalous), "normal": torch.stack(normal), "similarity_drop": torch.stack(drop)}
+
+
+@torch.no_grad()
+def aand_amplification_modes(model: Any, images: torch.Tensor, draws: int = 5) -> dict[str, float]:  # noqa: ANN401
+    """Exact vs subsampled ``L_A`` (``draws`` draws) on one synthetic batch of ``images`` (normalised) and its features."""
+    from anomalib_aand.loss import amplification_loss
+
+    mean, std = model._normalisation(images)  # noqa: SLF001
+    augmented, mask, _ = model.synthesizer((images * std + mean).clamp(0, 1))
+    vanilla = model.model.teacher_features((augmented - mean) / std)
+    anomalous = [model.level_labels(mask, tuple(f.shape[-2:])) for f in vanilla]
+    advanced = model.model.amplify(vanilla, [a.to(vanilla[0].dtype) for a in anomalous])[0]
+    margin = model.amplification_loss.margin
+
+    def total(mode: str) -> float:
+        levels = zip(advanced, vanilla, anomalous, strict=True)
+        return float(sum(amplification_loss(ad, va, an, ~an, margin, mode) for ad, va, an in levels))
+
+    exact = total("exact")
+    subsampled = [total("subsample") for _ in range(draws)]
+    return {
+        "l_a_exact": exact,
+        "l_a_subsample_mean": statistics.mean(subsampled),
+        "l_a_subsample_std": statistics.pstdev(subsampled),
+        "anomalous_patches": int(sum(int(a.sum()) for a in anomalous)),
+    }
 
 
 @torch.no_grad()
@@ -221,6 +250,7 @@ def memkd_mechanism_report(model: Any, dataloader: Iterable[Any]) -> dict[str, f
 
 
 __all__ = [
+    "aand_amplification_modes",
     "aand_mechanism_report",
     "aand_residual_intensity",
     "has_mechanism_report",

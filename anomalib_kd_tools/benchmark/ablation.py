@@ -1,38 +1,22 @@
 """Ablation mode of ``anomalib-kd-benchmark quality``: which mechanism of AAND / MemKD moves which number.
 
-``anomalib-kd-benchmark quality --ablation aand|memkd|all`` trains, on the same data and seeds, the variants below (a
-variant is a model name plus constructor keyword overrides) and reports image AUROC, pixel AUROC and AUPRO as
-mean ± std over ``--seeds`` (0 1 2 by default here), plus the model's mechanism figures on the test images
-(:func:`anomalib_kd_tools.mechanisms.mechanism_report`; AAND: the Fig. 8 residual energy ratio per level, the gate's
-false-positive rate, each level's share of the map; MemKD: the addressing figures of each memory). The figures are
-generic: whatever flat ``{name: float}`` the report returns is aggregated; a model without a report gives none.
+``--ablation aand|memkd|all`` trains the variants of :data:`ABLATIONS` (a model name plus constructor keyword
+overrides, the interface agreed with the model code) instead of ``--models``, on the same data and seeds (0 1 2 by
+default), and reports image AUROC, pixel AUROC and AUPRO as mean ± std over seeds with the model's mechanism figures
+on the test images (:func:`anomalib_kd_tools.mechanisms.mechanism_report`, any flat ``{name: float}``). Cells are
+(variant, category, seed); ``results.csv`` adds ``variant``, ``overrides`` and ``mechanism`` (a JSON object) and
+resumes like the benchmark's. A variant whose keyword the installed constructor lacks is skipped and listed, never
+run with the keyword dropped. ``--texture-dir`` / a generated DTD-like folder, ``--proxy-teacher``
+(:func:`anomalib_kd_tools.proxy.calibrate_proxy_teacher`), ``--aand-foreground`` and ``--defects``: see
+docs/benchmarks.md ("Ablations").
 
-* Cells are ``(variant, category, seed)``; ``results.csv`` has a ``variant`` column next to ``model`` (the model
-  class), the constructor ``overrides`` and the ``mechanism`` figures (a JSON object), and resumes like the
-  benchmark's. ``run_config.json`` records the ablation, the defect families, the texture folder and the teacher.
-* A variant whose keyword the installed model's constructor does not accept is skipped and listed as skipped in
-  ``results.md`` (never run with the keyword silently dropped).
-* AAND's "as configured" variant reads textures (``anomaly_source_path``): ``--texture-dir`` (DTD's ``images``
-  folder), or with ``--generated`` a DTD-like folder written by :func:`anomalib_kd_tools.synthetic.make_texture_folder`
-  into ``--output``/textures. The ``no textures`` variant passes ``anomaly_source_path=None``.
-* ``--proxy-teacher`` (random-init backbones only): before fitting, the teacher's BatchNorm running statistics are
-  re-estimated on the cell's training images (:func:`anomalib_kd_tools.proxy.calibrate_proxy_teacher`), pre-processed
-  like a training batch. Every output calls this a "proxy teacher (random init, BN calibrated on training images)".
-* ``--defects`` picks the generated test set's defect families. The ablation default is families unlike AAND's
-  Perlin-texture synthesis: ``foreign`` and ``tint`` when the generator has them, else ``scratch`` and ``hole``.
-
-The variant lists follow the interface agreed with the model code (``INTERFACES``: AAND Sec. IV ablations, MemKD
-Tab. 4a plus the temperature and the L_NM reduction).
-
-This module holds the options, the variants and what runs inside a cell (:func:`mechanism_figures`); the proxy
-teacher is built by :mod:`anomalib_kd_tools.proxy`, and ``results.md`` / ``results.png`` of an ablation run are
-written by :mod:`.ablation_report`.
+This module holds the options, the variants and what runs inside a cell (:func:`mechanism_figures`);
+``results.md`` / ``results.png`` of an ablation run are :mod:`.ablation_report`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import inspect
 import json
 import traceback
@@ -145,14 +129,10 @@ def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str
 
 
 def available_defects() -> tuple[str, ...]:
-    """Defect families of the installed generator: ``DEFECT_TYPES`` plus any other ``*DEFECT*`` name tuple."""
+    """Defect families of the generator (:data:`anomalib_kd_tools.synthetic.ALL_DEFECT_TYPES`)."""
     from anomalib_kd_tools import synthetic
 
-    found: list[str] = list(synthetic.DEFECT_TYPES)
-    for name, value in vars(synthetic).items():
-        if "DEFECT" in name.upper() and name != "DEFECT_TYPES" and isinstance(value, (tuple, list, frozenset, set)):
-            found += [v for v in value if isinstance(v, str) and v not in found]
-    return tuple(found)
+    return tuple(synthetic.ALL_DEFECT_TYPES)
 
 
 def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[str, ...]:
@@ -162,12 +142,6 @@ def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[st
         if chosen:
             return chosen
     return available
-
-
-def generator_fields() -> set[str]:
-    from anomalib_kd_tools.synthetic import SyntheticSpec
-
-    return {f.name for f in dataclasses.fields(SyntheticSpec)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -217,13 +191,10 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--defects: unknown {unknown}; the generator has {list(available_defects())}")
     elif args.generated and args.ablation:
         args.defects = list(default_ablation_defects())
-    if args.product and "product" not in generator_fields():
-        parser.error("--product: this anomalib_kd_tools.synthetic has no product option")
-    from anomalib_kd_tools import synthetic
+    from anomalib_kd_tools.synthetic import PRODUCTS
 
-    products = getattr(synthetic, "PRODUCTS", None)
-    if args.product and products is not None and args.product not in products:
-        parser.error(f"--product {args.product}: the generator has {list(products)}")
+    if args.product and args.product not in PRODUCTS:
+        parser.error(f"--product {args.product}: the generator has {list(PRODUCTS)}")
     if args.variants:
         if not args.ablation:
             parser.error("--variants selects variants of an --ablation")

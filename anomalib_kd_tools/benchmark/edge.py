@@ -1,23 +1,13 @@
 """``anomalib-kd-benchmark edge``: CPU latency / throughput and image AUROC per precision, four models side by side.
 
-For each of Aand, MemKD, ReverseDistillation and Patchcore (same backbone, same generated data, same seed) the
-script trains briefly, exports the *whole* AnomalibModule (pre-processing + model + post-processing) to ONNX and
-OpenVINO, and measures on this machine's CPU:
-
-* latency at batch size 1 (p50 / p95 over ``--runs`` timed calls after warm-up) and throughput at batch size
-  ``--throughput-batch`` (images/s), and
-* image AUROC on the generated test split (anomalib's ``AUROC``, as ``quality`` computes it: :func:`.job.image_auroc`),
-
-for these back-ends: ``torch`` (eager fp32, ``torch.inference_mode``), ``ov-fp32`` (OpenVINO FP32 IR run with
-``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF post-training
-quantization calibrated on the training images with the anomaly-map head kept in float,
-:func:`anomalib_kd_base.quantization.quantize_model`; the same recipe for all four models) and ``ov-default`` (the FP32 IR
-with OpenVINO's default precision hint: bf16 on CPUs that support it - what a user gets without asking).
-
-It prints a markdown table with the ratios the export issue targets: latency of Aand and MemKD relative to RD in
-the same back-end, and INT8 speed-up and AUROC drop relative to OpenVINO FP32. Results on generated data with random-init backbones measure speed and numerical
-agreement, not detection quality. The table is written through :mod:`.report` into ``--output``: ``edge.md`` (the
-report header, then the table), ``edge.csv``, ``edge.png`` (latency and image AUROC per back-end) and ``edge.json``.
+Aand, MemKD, ReverseDistillation and Patchcore (same backbone, generated data and seed) are trained briefly, the
+*whole* AnomalibModule is exported to ONNX / OpenVINO, and each back-end - ``torch`` (eager fp32), ``ov-fp32``
+(``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF PTQ with the map
+head in float, :func:`anomalib_kd_base.quantization.quantize_model`) and ``ov-default`` (OpenVINO's default hint:
+bf16 where the CPU has it) - gets latency at batch 1 (p50 / p95 over ``--runs`` calls), throughput at
+``--throughput-batch`` and image AUROC (:func:`.job.image_auroc`, as ``quality``), with the ratios to RD and to
+``ov-fp32``. Written through :mod:`.report` into ``--output``: ``edge.md``, ``edge.csv``, ``edge.png`` and
+``edge.json``. Generated data and random-init backbones measure speed and numerical agreement, not quality.
 
 Examples::
 

@@ -21,8 +21,8 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from anomalib_kd_tools.benchmark.report import cpu_name
@@ -112,8 +112,6 @@ def image_auroc(scores: Any, labels: Any) -> float:  # noqa: ANN401
     """Image AUROC of ``scores`` (higher = more anomalous) against the 0/1 ``labels`` with anomalib's ``AUROC``
     (fields ``pred_score`` / ``gt_label``), the metric the quality cells use: ``edge`` calls this, so every
     subcommand computes AUROC the same way. Arrays or tensors of any shape with one value per image."""
-    from types import SimpleNamespace
-
     import torch
     from anomalib.metrics import AUROC
 
@@ -150,7 +148,7 @@ def _raw_metrics_callback():  # noqa: ANN202
             anomaly_map = outputs.anomaly_map.detach().float().cpu()
             score = outputs.pred_score
             score = torch.amax(anomaly_map, dim=(-2, -1)) if score is None else score.detach().float().cpu()
-            raw = _Fields(
+            raw = SimpleNamespace(  # the batch fields the metrics read
                 pred_score=score.reshape(-1),
                 gt_label=outputs.gt_label.detach().cpu().reshape(-1).int(),
                 anomaly_map=anomaly_map.reshape(anomaly_map.shape[0], *anomaly_map.shape[-2:]),
@@ -167,14 +165,6 @@ def _raw_metrics_callback():  # noqa: ANN202
             }
 
     return RawTestMetrics()
-
-
-@dataclass
-class _Fields:
-    pred_score: Any
-    gt_label: Any
-    anomaly_map: Any
-    gt_mask: Any
 
 
 def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, ANN202

@@ -5,19 +5,11 @@
 publish for a metric the benchmark measures (image AUROC, pixel AUROC, AUPRO), the measured mean over seeds, and
 ``delta = measured - paper``.
 
-What the papers publish (transcribed in the packaged ``data/papers.csv``, one number per line, each block under a
-comment naming its table; :func:`papers` reads it):
-
-* AAND (Tang et al., "Advancing Pre-trained Teacher: Towards Robust Feature Discrepancy for Anomaly Detection"):
-  Table II - dataset means of I-AUC / P-AUC / PRO on MVTec AD and VisA for AAND ("Ours") and "RD [3] (baseline)";
-  Table III - VisA image AUROC per category for AAND and "RD [3]". There is no per-category MVTec AD table.
-* MemKD (Gu et al., "Remembering Normality: Memory-guided Knowledge Distillation for Unsupervised Anomaly
-  Detection"): Table 1(a) MVTec AD and 1(b) VisA - dataset means of I-AUC, I-AP, P-AUC, P-AP, P-PRO for MemKD
-  ("Ours") and "RD [8]". No per-category table for MVTec AD or VisA.
-
-So a per-category comparison exists only for VisA image AUROC (Aand, RD); everything else is compared on the
-dataset mean, which is shown with a delta only when the measured rows cover every category of the dataset (for
-every seed), because a mean over a subset of the categories is not the paper's mean.
+What the papers publish is transcribed in the packaged ``data/papers.csv`` (:func:`papers`), one number per line,
+each block under a comment naming its table, with the transcription notes (the papers, what is not used, the MemKD
+text's known inconsistencies). Per-category numbers are published only for VisA image AUROC (AAND Table III: Aand,
+RD); everything else is compared on the dataset mean (AAND Table II, MemKD Table 1), shown with a delta only when the
+measured rows cover every category of the dataset (for every seed): a mean over a subset is not the paper's mean.
 
 RD has two published sources (both are kept, labelled): AAND Table II / III and MemKD Table 1. They disagree,
 most on VisA (AAND: 96.2 / 98.6 / 93.4, MemKD: 96.0 / 90.1 / 70.9 for I-AUC / P-AUC / PRO).
@@ -31,16 +23,6 @@ Metrics: the papers' "PRO" (both cite Bergmann et al., "Uninformed Students", CV
 per-region-overlap curve up to a false-positive rate of 0.3, normalised - the benchmark's ``aupro`` (anomalib
 ``AUPRO(fpr_limit=0.3)``). The papers' AP columns (I-AP, P-AP) are transcribed but not compared: the benchmark does
 not measure them.
-
-Known inconsistencies in the MemKD text (the tables are transcribed as printed):
-Table 3 is captioned "on MPDD" but repeats Table 1(b)'s VisA numbers (PaDiM 89.1 / 30.9 / 85.9, PatchCore
-95.1 / 40.1 / 91.2, Baseline 96.0 / 27.7 / 70.9, Ours 97.6 / 44.1 / 94.9). Table 1(b) is taken as VisA, as its
-caption says: its PaDiM, PatchCore and DRAEM columns equal the VisA numbers of AAND Table II. The text's "1.1%"
-image-AP gain over RD on VisA does not match Table 1(b) (98.6 - 96.5 = 2.1), nor its "3.9%" P-PRO lead over the
-second best (94.9 - 91.2 = 3.7).
-Not used: AAND Table I (VisA I-AUC 96.2 for RD, 97.8 for AAND "for fair comparison, the training of the student
-model is set consistent" - another setting than Table II's 98.1), the ablation tables, and the MVTec3D-RGB / MPDD /
-Eyecandies tables (datasets the benchmark does not run).
 
 The measured side follows the benchmark's protocol, not necessarily the paper's: :func:`protocol_differences` lists
 what differs (teacher weights, image size, scaled schedules, the validation images held out of the test set).

@@ -1,62 +1,23 @@
 """``anomalib-kd-benchmark quality``: Patchcore, ReverseDistillation, Aand and MemKD on the same data and seeds.
 
-It runs a grid of cells - one cell is one (model, category, seed) (:mod:`.generator`) - each in its own child
-process (:mod:`.runner`, :mod:`.job`), and writes to ``--output`` (through :mod:`.report`):
+A grid of cells - one cell is one (model, category, seed) (:mod:`.generator`) - each in its own child process
+(:mod:`.runner`; the cell itself: :mod:`.job`), written to ``--output``:
 
-* ``results.csv`` - one row per finished cell, appended as soon as the cell ends. A re-run with the same
-  ``--output`` skips the cells already in it (resumable); ``run_config.json`` guards against mixing settings.
-* ``results.md`` - mean ± std over seeds per model and category (and over categories), then the raw rows, under
-  the report header (hardware, date, versions) and the dataset kind (``generated`` or a user folder).
-* ``results.png`` - bars per metric per model (mean ± std over seeds) and inference latency vs image AUROC.
-  (Both from :mod:`.quality_report`; an ``--ablation`` run's from :mod:`.ablation_report`, with bars per variant.)
-* ``paper_comparison.csv`` (MVTec AD / VisA only, ``--dataset-name``) - the AAND / MemKD papers' published numbers
-  for Aand, MemKD and RD beside the measured ones, with the delta; also a section of ``results.md``
-  (:mod:`.paper_results`).
+* ``results.csv`` - one row per finished cell (:data:`.schema.COLUMNS`), appended as soon as the cell ends; a re-run
+  into the same ``--output`` skips the cells already in it, and ``run_config.json`` (:data:`RUN_CONFIG_KEYS`)
+  refuses to extend results made with other settings;
+* ``results.md`` / ``results.png`` - mean ± std over seeds per model and category and over categories, and the raw
+  rows (:mod:`.quality_report`; with ``--ablation``, the variants of :mod:`.ablation` by :mod:`.ablation_report`);
+* ``paper_comparison.csv`` (MVTec AD / VisA) - the papers' numbers beside the measured ones (:mod:`.paper_results`);
 * ``logs/<model>_<category>_seed<k>.log`` - each cell's own output.
 
-Data: ``--dataset-root DIR`` (MVTec AD layout: ``DIR/<category>/train/good``, ``test/<defect>``,
-``ground_truth/<defect>``; ``--categories`` picks some) or ``--generated`` (a small MVTec-layout dataset written
-by :func:`anomalib_kd_tools.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
-
-Protocol (the same for the four models):
-
-* Each cell runs in a fresh child process, seeds itself from its own seed only (``seed_everything(seed,
-  workers=True)``) and runs with deterministic algorithms (``Trainer(deterministic="warn")``, cuDNN benchmark
-  off, ``CUBLAS_WORKSPACE_CONFIG``), so a cell gives the same numbers wherever it is placed.
-* Training: the models' own schedules (paper defaults: Patchcore one pass to fill its memory bank,
-  ReverseDistillation 200 epochs, MemKD 100, Aand 100 + 120), scaled with ``--epochs`` / ``--aand-stage-epochs``.
-  No validation during training and no checkpoint selection: the last epoch is the model.
-* Validation, only for the image / pixel thresholds and the normalisation statistics of anomalib's
-  post-processor: ``--val-split from_test`` (default) holds out a label-stratified ``--val-split-ratio`` share of
-  the test images with a fixed ``--split-seed`` (the same images for every model and seed) and the metrics are
-  computed on the remaining test images only; ``synthetic`` instead uses anomalib's Perlin-noise anomalies on a
-  held-out share of the training images and keeps the whole test set. anomalib's default (validation = test set)
-  is not offered: its thresholds would be chosen on the test labels.
-* Metrics on the test images: image AUROC, pixel AUROC and AUPRO (FPR limit 0.3) on the models' *raw* scores and
-  anomaly maps (before anomalib's min-max normalisation, whose clamp to [0, 1] depends on the validation
-  statistics and creates ties), image F1 of the thresholded labels (threshold from the validation split).
-* Speed: the whole ``AnomalibModule.forward`` (pre-processing + model + post-processing) in eval mode under
-  ``torch.inference_mode`` on a float32 ``[B, 3, S, S]`` batch of test images: latency at batch size 1 (median of
-  ``--timing-runs`` calls after ``--warmup`` calls) and throughput at batch size ``--throughput-batch`` (images/s,
-  median batch time). With OpenVINO installed (``--openvino``) the same module is exported with
-  ``to_openvino`` and timed on the CPU with ``INFERENCE_PRECISION_HINT=f32`` (without it the CPU plugin may run
-  bf16 silently).
-* Peak memory: on CUDA ``torch.cuda.max_memory_allocated`` of the cell; on CPU the peak resident set size of
-  the cell's process, which includes the Python / torch / anomalib runtime (~0.9 GB) and whatever the C allocator
-  keeps after a free (glibc sometimes keeps GBs after Patchcore's coreset loop: the same cell measured 1.2 GB in
-  one run and 5 GB in another; the other columns do not vary like this).
-* Parameter count of the torch model (frozen teacher included; Patchcore's memory bank is a buffer, counted in
-  ``state_mb``), training wall time (``Engine.fit``), seed, backbone and the resolved weights tag.
-
-Devices (``--devices``): ``auto`` uses every visible CUDA GPU (else the CPU), ``N`` the first N GPUs, ``0,2`` those
-GPUs, ``cpu`` the CPU. Cells run one per GPU at a time, each in its own process with ``CUDA_VISIBLE_DEVICES`` set
-to its GPU; on the CPU they run one after the other.
-
-Numbers on generated data with random-init backbones only show that the pipeline works and how fast it is;
-paper numbers need ImageNet weights (``--pre-trained``, the default) and MVTec AD / VisA.
-
-``--ablation aand|memkd|all`` runs the ablation variants instead of ``--models`` (cells are (variant, category,
-seed); ``--proxy-teacher``, ``--texture-dir``, ``--defects``: see :mod:`.ablation`).
+Data: ``--dataset-root DIR`` (MVTec AD layout, ``--categories`` picks some) or ``--generated``
+(:func:`anomalib_kd_tools.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
+The protocol - one seeded, deterministic process per cell, the models' schedules without validation or checkpoint
+selection, a validation split for the post-processor's thresholds only, AUROC / AUPRO on the raw scores, latency /
+throughput of the whole ``AnomalibModule.forward``, peak memory - and the columns are in docs/benchmarks.md
+("The package's runner"); ``--devices`` places one cell per GPU (each sees only its own) or runs them one after the
+other on the CPU.
 """
 
 from __future__ import annotations
@@ -76,29 +37,12 @@ DESCRIPTION = "Side-by-side benchmark of Patchcore, ReverseDistillation, Aand an
 EPILOG = "Paper numbers need ImageNet weights (--pre-trained) and MVTec AD / VisA (--dataset-root)."
 # Settings that change the numbers of a cell: a results.csv made with other values must not be extended.
 RUN_CONFIG_KEYS = (
-    "dataset_kind",
-    "dataset",
-    "image_size",
-    "backbone",
-    "pre_trained",
-    "epochs",
-    "aand_stage_epochs",
-    "batch_size",
-    "coreset_ratio",
-    "val_split",
-    "val_split_ratio",
-    "split_seed",
-    "openvino",
-    "throughput_batch",
-    "threads",
+    "dataset_kind", "dataset", "image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "batch_size",
+    "coreset_ratio", "val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads",
     "generated_spec",
     # ablation mode (.ablation); absent from older run configs, where they mean "off"
-    "ablation",
-    "proxy_teacher",
-    "texture_dir",
-    "texture_spec",
-    "aand_foreground",
-)
+    "ablation", "proxy_teacher", "texture_dir", "texture_spec", "aand_foreground",
+)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- options
@@ -221,24 +165,11 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     args.output.mkdir(parents=True, exist_ok=True)
     root, categories, data_config = _prepare_data(args)
     variants, skipped, ablation_config = ablation.plan(args, args.output)
-    config = {
-        **data_config,
-        "image_size": args.image_size,
-        "backbone": args.backbone,
-        "pre_trained": args.pre_trained,
-        "epochs": args.epochs,
-        "aand_stage_epochs": args.aand_stage_epochs,
-        "batch_size": args.batch_size,
-        "coreset_ratio": args.coreset_ratio,
-        "val_split": args.val_split,
-        "val_split_ratio": args.val_split_ratio,
-        "split_seed": args.split_seed,
-        "openvino": args.openvino,
-        "throughput_batch": args.throughput_batch,
-        "threads": args.threads,
-        "dataset_name": args.dataset_name,  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
-        **ablation_config,
-    }
+    options = ("image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "batch_size", "coreset_ratio")
+    options += ("val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads")
+    config = {**data_config, **{key: getattr(args, key) for key in options}}
+    config["dataset_name"] = args.dataset_name  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
+    config.update(ablation_config)
     config_path = args.output / "run_config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text(encoding="utf-8"))

@@ -1,41 +1,19 @@
 """``anomalib-kd-benchmark speed``: speed and memory of AAND and MemKD relative to anomalib's RD, in one run.
 
-Training (one process per configuration, so that each peak-memory figure is its own):
+Training, one child process per configuration (``--configs``; so that each peak-memory figure is its own): ``rd``,
+``aand-s1`` (exact ``L_A``), ``aand-s1-sub`` (``amplification_pairs="subsample"``), ``aand-s2`` and ``memkd``
+(exemplar teacher forward included). Per configuration the median step time over ``--steps`` steps after one warm-up
+step and the peak memory (CUDA ``max_memory_allocated``; on the CPU the peak RSS increase during the steps), the
+share of an AAND stage-1 step spent in synthesis and exact vs subsampled ``L_A`` on the same features; then the
+ratios to RD that the speed issue targets (:func:`derive`).
 
-* ``rd``            anomalib ReverseDistillation training step (KD loss, Adam on bottleneck + decoder)
-* ``aand-s1``       AAND stage 1, exact ``L_A`` over every (anomalous, normal) patch pair of the batch (streamed)
-* ``aand-s1-sub``   AAND stage 1, ``amplification_pairs="subsample"`` (1000 x 5000 patches, the reference's caps)
-* ``aand-s2``       AAND stage 2 (KD + hard KD)
-* ``memkd``         MemKD step including the teacher forward of the N exemplar images
+Inference of RD, AAND and MemKD (eval, the torch model between pre- and post-processing) at bs1 and ``--batch-size``:
+eager float32 in alternating rounds (:func:`interleaved_eager_times`: the ratios to RD hold on a loaded machine),
+with GFLOP per image and, on the CPU, minor page faults per call; the models' opt-in fast path (``fast_inference``,
+timed whenever a model has it, with its anomaly-map error); OpenVINO FP32 on the CPU.
 
-Per configuration: median step time over ``--steps`` steps after one warm-up step, and peak memory - on CUDA
-``torch.cuda.max_memory_allocated``; on CPU the process's peak resident set size (``ru_maxrss``) minus the resident
-size just before the first step, i.e. what the training step itself adds (weights and libraries excluded). The AAND
-stage-1 rows also give the share of the step spent in anomaly synthesis, and the exact vs subsampled ``L_A`` values on
-the same features.
-
-Derived, with the targets of the speed issue:
-
-* AAND stage-1 peak memory / RD (target <= 1.5)
-* whole AAND schedule (100 stage-1 + 120 stage-2 epochs) / RD's 200 epochs, from per-step times (target <= 1.3)
-* MemKD epoch / RD epoch (target <= 1.5)
-
-Inference (eval mode, the torch model = what runs between pre- and post-processing): latency at bs1 and bs16 for
-RD, AAND, MemKD in eager float32 (targets: AAND <= 1.10 x RD, MemKD <= its FLOP ratio to RD), timed in alternating
-rounds (one call per model per round, the order rotated) so that the ratios to RD hold on a loaded machine, with ``fast_inference=True``
-(autocast bf16 on CPU / fp16 on CUDA + channels-last; anomaly map compared with float32), and OpenVINO FP32
-(``INFERENCE_PRECISION_HINT=f32``) on CPU. The ``fast`` rows are the models' opt-in fast eval path
-(:mod:`anomalib_kd_base.fast`); there is no option for them, they are timed whenever a model has the path.
-
-The tables are written through :mod:`.report` into ``--output``: ``speed.md`` (the report header, then the
-tables), ``speed_train.csv`` / ``speed_inference.csv``, ``speed.png`` (step time, peak memory, bs1 latency) and
-``speed.json`` (all rows and the derived ratios).
-
-Examples::
-
-    anomalib-kd-benchmark speed                       # 256 px, bs 16, wide_resnet50_2 (random init)
-    anomalib-kd-benchmark speed --quick               # smoke run: resnet18, 64 px, bs 4
-    anomalib-kd-benchmark speed --only inference      # skip the training part
+Written through :mod:`.report` into ``--output``: ``speed.md``, ``speed_train.csv`` / ``speed_inference.csv``,
+``speed.png`` and ``speed.json``; the measured tables and their reading are in docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -106,10 +84,6 @@ def rss_bytes() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
 
 
 def pre_processor(cls, size: int):
@@ -192,34 +166,6 @@ def build_step(config: str, args: argparse.Namespace, device: torch.device):
     return step, {}
 
 
-def amplification_modes(module, images: torch.Tensor, draws: int = 5) -> dict[str, float]:
-    """Exact vs subsampled ``L_A`` on the same synthetic batch and features."""
-    from anomalib_aand.loss import amplification_loss
-
-    with torch.no_grad():
-        mean, std = module._normalisation(images)  # noqa: SLF001
-        augmented, mask, _ = module.synthesizer((images * std + mean).clamp(0, 1))
-        vanilla = module.model.teacher_features((augmented - mean) / std)
-        sizes = [tuple(f.shape[-2:]) for f in vanilla]
-        anomalous = [module.level_labels(mask, s) for s in sizes]
-        advanced = module.model.amplify(vanilla, [a.to(vanilla[0].dtype) for a in anomalous])[0]
-        normal = [~a for a in anomalous]
-        margin = module.amplification_loss.margin
-
-        def total(mode: str) -> float:
-            return float(sum(amplification_loss(ad, va, an, no, margin, mode) for ad, va, an, no in zip(
-                advanced, vanilla, anomalous, normal, strict=True)))  # fmt: skip
-
-        exact = total("exact")
-        subsampled = [total("subsample") for _ in range(draws)]
-    return {
-        "l_a_exact": exact,
-        "l_a_subsample_mean": statistics.mean(subsampled),
-        "l_a_subsample_std": statistics.pstdev(subsampled),
-        "anomalous_patches": int(sum(int(a.sum()) for a in anomalous)),
-    }
-
-
 def run_child(config: str, args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
@@ -239,11 +185,13 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
-        result["peak_bytes"] = max(0, peak_rss_bytes() - baseline)
+        result["peak_bytes"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)  # KiB -> B
     if extra.get("synthesis_s"):
         result["synthesis_s"] = statistics.median(extra["synthesis_s"][1:] or extra["synthesis_s"])
     if config == "aand-s1" and module is not None:
-        result.update(amplification_modes(module, images))
+        from anomalib_kd_tools.mechanisms import aand_amplification_modes
+
+        result.update(aand_amplification_modes(module, images))
     return result
 
 

@@ -11,12 +11,21 @@ then ``--runs`` / ``--timing-runs`` / ``--steps`` timed ones, each timed alone f
 
 from __future__ import annotations
 
+import logging
 import timeit
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.utils.benchmark import Timer
+
+# Importing torch.utils.benchmark looks for a CUDA toolkit (for C++ timers, unused here) and logs "No CUDA runtime is
+# found" on a machine that has one installed but no GPU: not this command's message, so it is kept out of its output.
+_cpp_extension_log = logging.getLogger("torch.utils.cpp_extension")
+_level = _cpp_extension_log.level
+_cpp_extension_log.setLevel(logging.ERROR)
+from torch.utils.benchmark import Timer  # noqa: E402
+
+_cpp_extension_log.setLevel(_level)
 
 
 class CallTimer(Timer):
