@@ -8,7 +8,7 @@ import hook the stock ``anomalib train --model MemKD`` and ``get_model("memkd")`
 
 from .components import MemoryResNetDecoder, NRMemory, RecallBlock, get_memory_decoder
 from .lightning_model import MemKD
-from .loss import NM_REDUCTIONS, MemKDLoss, MemKDLossOutput, normality_memorization_loss, orthogonality_loss
+from .loss import NM_REDUCTIONS, ORTH_FORMS, MemKDLoss, MemKDLossOutput, normality_memorization_loss, orthogonality_loss
 from .torch_model import MemKDModel, MemKDTrainOutput
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "MemKDModel",
     "MemKDTrainOutput",
     "NM_REDUCTIONS",
+    "ORTH_FORMS",
     "MemoryResNetDecoder",
     "NRMemory",
     "RecallBlock",

@@ -80,6 +80,11 @@ class MemKD(KDModelBase, AnomalibModule):
             Eq. 8. Defaults to ``0.1``; ``temperature=1.0`` is the paper's formula (see "Temperature" below).
         nm_reduction (str): ``L_NM`` reduction: ``"mean"`` (per element) or ``"sum"`` (Eq. 10 as written,
             summed over ``C*H*W``). Defaults to ``"mean"`` (see "L_NM scale" below and :mod:`anomalib_memkd.loss`).
+        orth_form (str): ``d`` of ``L_Orth`` (Eq. 7, ambiguous: Eq. 1 defines ``d`` as a cosine distance, Eq. 5 as a
+            similarity): ``"abs"`` (mean ``|cos(k_i, v_j)|``, 0 iff keys and values are pairwise orthogonal, the
+            paper's stated aim), ``"signed"`` (mean ``cos``, Eq. 5's similarity as written: minimised by
+            anti-aligning keys and values) or ``"distance"`` (mean ``1 - cos``, Eq. 1's distance: minimised by
+            aligning them). Defaults to ``"abs"`` (see :mod:`anomalib_memkd.loss`).
         use_memory (bool): ``False`` is the "memory off" ablation: anomalib's plain RD decoder of the same width,
             no memories, no ``L_NM`` / ``L_Orth`` (MemKD's recipe otherwise). Defaults to ``True``.
         lr (float): Adam learning rate. Defaults to ``0.005`` (paper).
@@ -173,6 +178,7 @@ class MemKD(KDModelBase, AnomalibModule):
         lambda_orth: float = 0.1,
         temperature: float = 0.1,
         nm_reduction: str = "mean",
+        orth_form: str = "abs",
         use_memory: bool = True,
         lr: float = 0.005,
         betas: tuple[float, float] = (0.5, 0.999),
@@ -204,7 +210,9 @@ class MemKD(KDModelBase, AnomalibModule):
             MemKDModel, backbone, layers, pre_trained, backbone_weights, fast_inference,
             memory_size=memory_size, temperature=temperature, use_memory=use_memory,
         )
-        self.loss = MemKDLoss(lambda_nm=lambda_nm, lambda_orth=lambda_orth, nm_reduction=nm_reduction)
+        self.loss = MemKDLoss(
+            lambda_nm=lambda_nm, lambda_orth=lambda_orth, nm_reduction=nm_reduction, orth_form=orth_form
+        )
         self._exemplar_iterator: Iterator[Any] | None = None
         self._exemplar_loader: DataLoader | None = None
         self._exemplars_per_step = num_exemplars

@@ -21,13 +21,18 @@
   of ``L_KD`` (itself a mean of cosine distances), so ``lambda_1 = 0.1`` is again
   the balancing weight Eq. 11 describes: "balancing hyper-parameters" only balance terms of comparable scale. Both
   figures are computed every step (:class:`MemKDLossOutput` ``nm_sum`` / ``nm_mean``); ``MemKD`` logs both.
-* ``L_Orth`` (Eq. 7), :func:`orthogonality_loss`: the paper writes the *signed* mean
-  ``(1/L^2) sum_i sum_j cos(k_i, v_j)`` while stating that every key should be "as
-  independent as possible" from every value. A signed mean is minimised (to -1) by
-  anti-aligning keys and values, not by making them orthogonal, so this implementation uses
-  the mean *absolute* cosine ``(1/L^2) sum_i sum_j |cos(k_i, v_j)|``: 0 iff every key is
-  orthogonal to every value, 1 for aligned or anti-aligned pairs. Summed over memories.
-  It reaches both keys and values.
+* ``L_Orth`` (Eq. 7), :func:`orthogonality_loss`: ``(1/L^2) sum_i sum_j d(k_i, v_j)``, summed over memories; it
+  reaches both keys and values. Eq. 7 does not say which ``d`` it means: Eq. 1 defines ``d`` as the cosine
+  *distance* ``1 - cos``, Eq. 5 and Eq. 8 (the same section as Eq. 7) as the cosine *similarity*. Read literally,
+  neither makes keys and values orthogonal, the aim the paper states ("each k_i should be as independent as possible
+  from each v_j", "a pairwise orthogonal loss"): the mean similarity is minimised (to -1) by *anti-aligning* every
+  key with every value, the mean distance (to 0) by *aligning* them. The form (``orth_form``):
+
+  - ``"abs"`` (default): ``d = |cos|``, Eq. 5's similarity with its sign dropped: 0 iff every key is orthogonal to
+    every value, 1 for aligned or anti-aligned pairs. The only one of the three whose minimum is the stated aim.
+  - ``"signed"``: ``d = cos`` (Eq. 5's similarity, Eq. 7 as written with it), in ``[-1, 1]``.
+  - ``"distance"``: ``d = 1 - cos`` (Eq. 1's distance), in ``[0, 2]``; the same gradient as ``"signed"`` with the
+    opposite sign (it pulls keys towards values).
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from .components.memory import NRMemory
 
 #: reductions of ``L_NM`` (Eq. 10): the paper's per-exemplar sum over C*H*W, or the per-element mean
 NM_REDUCTIONS = ("sum", "mean")
+#: readings of ``d`` in ``L_Orth`` (Eq. 7): |cos| (orthogonality, default), cos (Eq. 5's similarity), 1 - cos (Eq. 1)
+ORTH_FORMS = ("abs", "signed", "distance")
 
 
 class MemKDLossOutput(NamedTuple):
@@ -95,16 +102,23 @@ def normality_memorization_loss(
     return total
 
 
-def orthogonality_loss(keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Eq. 7 with absolute cosines, summed over memories: ``sum_m mean_{i,j} |cos(k_i, v_j)|``.
+def orthogonality_loss(
+    keys: Sequence[torch.Tensor],
+    values: Sequence[torch.Tensor],
+    form: str = "abs",
+) -> torch.Tensor:
+    """Eq. 7 summed over memories: ``sum_m (1/L^2) sum_{i,j} d(k_i, v_j)``, ``d`` by ``form`` (module docstring).
 
     Args:
         keys (Sequence[torch.Tensor]): Per memory, ``(L, C)`` keys.
         values (Sequence[torch.Tensor]): Per memory, ``(L, C)`` values.
+        form (str): ``"abs"`` (``|cos|``, 0 iff keys and values are pairwise orthogonal), ``"signed"`` (``cos``,
+            Eq. 5's similarity) or ``"distance"`` (``1 - cos``, Eq. 1's distance). Defaults to ``"abs"``.
 
     Returns:
-        torch.Tensor: Scalar loss in ``[0, number of memories]``.
+        torch.Tensor: Scalar loss, per memory in ``[0, 1]`` (abs), ``[-1, 1]`` (signed) or ``[0, 2]`` (distance).
     """
+    check_choice("orth_form", form, ORTH_FORMS, sentence=True)
     if len(keys) != len(values):
         msg = f"Got {len(keys)} key sets but {len(values)} value sets."
         raise ValueError(msg)
@@ -114,7 +128,12 @@ def orthogonality_loss(keys: Sequence[torch.Tensor], values: Sequence[torch.Tens
     total = keys[0].new_zeros(())
     for key, value in zip(keys, values, strict=True):
         cosine = torch.matmul(F.normalize(key, dim=-1), F.normalize(value, dim=-1).t())  # (L, L)
-        total = total + cosine.abs().mean()
+        if form == "abs":
+            total = total + cosine.abs().mean()
+        elif form == "signed":
+            total = total + cosine.mean()
+        else:
+            total = total + (1.0 - cosine).mean()
     return total
 
 
@@ -126,19 +145,29 @@ class MemKDLoss(nn.Module):
         lambda_orth (float): Weight ``lambda_2`` of ``L_Orth``. Defaults to ``0.1`` (paper).
         nm_reduction (str): ``"mean"`` (per element) or ``"sum"`` (the paper as written); see the module
             docstring. Defaults to ``"mean"``.
+        orth_form (str): ``d`` of ``L_Orth`` (Eq. 7): ``"abs"`` (``|cos|``), ``"signed"`` (``cos``) or
+            ``"distance"`` (``1 - cos``); see the module docstring. Defaults to ``"abs"``.
 
     Without memories (``memories`` empty: the "memory off" ablation) ``L_NM = L_Orth = 0``.
     """
 
-    def __init__(self, lambda_nm: float = 0.1, lambda_orth: float = 0.1, nm_reduction: str = "mean") -> None:
+    def __init__(
+        self,
+        lambda_nm: float = 0.1,
+        lambda_orth: float = 0.1,
+        nm_reduction: str = "mean",
+        orth_form: str = "abs",
+    ) -> None:
         super().__init__()
         if lambda_nm < 0 or lambda_orth < 0:
             msg = f"Loss weights must be non-negative, got lambda_nm={lambda_nm}, lambda_orth={lambda_orth}."
             raise ValueError(msg)
         check_choice("nm_reduction", nm_reduction, NM_REDUCTIONS, sentence=True)
+        check_choice("orth_form", orth_form, ORTH_FORMS, sentence=True)
         self.lambda_nm = lambda_nm
         self.lambda_orth = lambda_orth
         self.nm_reduction = nm_reduction
+        self.orth_form = orth_form
         self.kd_loss = ReverseDistillationLoss()
 
     def forward(
@@ -179,6 +208,8 @@ class MemKDLoss(nn.Module):
                 other = "sum" if self.nm_reduction == "mean" else "mean"
                 nm_other = normality_memorization_loss(list(exemplar_features), reconstructions, other)
             nm_sum, nm_mean = (nm.detach(), nm_other) if self.nm_reduction == "sum" else (nm_other, nm.detach())
-        orth = orthogonality_loss([memory.keys for memory in memories], [memory.values for memory in memories])
+        orth = orthogonality_loss(
+            [memory.keys for memory in memories], [memory.values for memory in memories], self.orth_form
+        )
         loss = kd + self.lambda_nm * nm + self.lambda_orth * orth
         return MemKDLossOutput(loss=loss, kd=kd, nm=nm, orth=orth, nm_sum=nm_sum, nm_mean=nm_mean)

@@ -301,6 +301,65 @@ def test_orthogonality_loss_is_mean_absolute_key_value_cosine() -> None:
     assert orthogonality_loss([two], [two]).item() == pytest.approx(0.5)
     # summed over memories
     assert orthogonality_loss([two, aligned], [two, -aligned]).item() == pytest.approx(1.5)
+    # the default form of the function and of MemKDLoss / MemKD is the absolute one
+    assert inspect.signature(orthogonality_loss).parameters["form"].default == "abs"
+    assert MemKDLoss().orth_form == "abs"
+
+
+@pytest.mark.parametrize(
+    ("form", "orthogonal", "aligned", "anti_aligned", "half"),
+    [
+        ("abs", 0.0, 1.0, 1.0, 0.5),  # |cos|: 0 iff pairwise orthogonal
+        ("signed", 0.0, 1.0, -1.0, 0.5),  # cos, Eq. 5's similarity
+        ("distance", 1.0, 0.0, 2.0, 0.5),  # 1 - cos, Eq. 1's distance
+    ],
+)
+def test_orthogonality_loss_forms_by_hand(form: str, orthogonal: float, aligned: float, anti_aligned: float,
+                                          half: float) -> None:  # fmt: skip
+    """The three readings of Eq. 7's ``d`` on orthogonal, aligned, anti-aligned and half-matching key/value sets."""
+    keys = torch.eye(6)[:3]
+    assert orthogonality_loss([keys], [torch.eye(6)[3:] * 4], form).item() == pytest.approx(orthogonal, abs=1e-6)
+    same = torch.tensor([[1.0, 2.0, 3.0]]).repeat(3, 1)
+    assert orthogonality_loss([same], [2 * same], form).item() == pytest.approx(aligned, abs=1e-6)
+    assert orthogonality_loss([same], [-same], form).item() == pytest.approx(anti_aligned, abs=1e-6)
+    two = torch.eye(2)  # cos matrix = identity: mean cos = mean |cos| = 1/2, mean (1 - cos) = 1/2
+    assert orthogonality_loss([two], [two], form).item() == pytest.approx(half, abs=1e-6)
+    # MemKDLoss and MemKD pass the form through
+    memories = [NRMemory(3, 6)]
+    with torch.no_grad():
+        memories[0].keys.copy_(same.repeat(1, 2))
+        memories[0].values.copy_(-same.repeat(1, 2))
+    teacher, student = [torch.randn(1, 6, 2, 2)], [torch.randn(1, 6, 2, 2)]
+    assert MemKDLoss(orth_form=form)(teacher, student, memories).orth.item() == pytest.approx(anti_aligned, abs=1e-6)
+    pre = MemKD.configure_pre_processor(image_size=(SIZE, SIZE))
+    assert MemKD(backbone="resnet18", pre_trained=False, pre_processor=pre, orth_form=form).loss.orth_form == form
+
+
+def test_orthogonality_gradient_step_follows_the_form() -> None:
+    """One gradient step from a 45-degree key/value pair: |cos| and cos shrink the cosine, 1 - cos grows it."""
+    torch.manual_seed(0)
+    start_key, start_value = torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1.0]])
+    moved = {}
+    for form in ("abs", "signed", "distance"):
+        key, value = start_key.clone().requires_grad_(), start_value.clone().requires_grad_()
+        orthogonality_loss([key], [value], form).backward()
+        with torch.no_grad():
+            moved[form] = float(torch.cosine_similarity(key - 0.1 * key.grad, value - 0.1 * value.grad))
+    start = float(torch.cosine_similarity(start_key, start_value))
+    assert moved["abs"] < start and moved["signed"] < start and moved["distance"] > start
+    # from an anti-aligned pair, only |cos| moves towards orthogonality (signed drives it further, to -1)
+    key, value = torch.tensor([[1.0, 0.2]], requires_grad=True), torch.tensor([[-1.0, 0.0]], requires_grad=True)
+    orthogonality_loss([key], [value], "abs").backward()
+    with torch.no_grad():
+        after = float(torch.cosine_similarity(key - 0.1 * key.grad, value - 0.1 * value.grad))
+    assert abs(after) < abs(float(torch.cosine_similarity(key, value)))
+
+
+def test_orthogonality_loss_rejects_unknown_forms() -> None:
+    with pytest.raises(ValueError, match="orth_form"):
+        orthogonality_loss([torch.eye(2)], [torch.eye(2)], "squared")
+    with pytest.raises(ValueError, match="orth_form"):
+        MemKDLoss(orth_form="cos")
 
 
 def test_total_loss_is_eq11(torch_model: MemKDModel) -> None:
