@@ -90,7 +90,7 @@ def aand_residual_intensity(model: Any, images: torch.Tensor) -> dict[str, torch
 
 @torch.no_grad()
 def aand_amplification_modes(model: Any, images: torch.Tensor, draws: int = 5) -> dict[str, float]:  # noqa: ANN401
-    """Exact vs subsampled ``L_A`` (``draws`` draws) on one synthetic batch of ``images`` (normalised) and its features."""
+    """Exact vs subsampled ``L_A`` (``draws`` draws) on one synthetic batch of ``images`` (normalised)."""
     from anomalib_aand.loss import amplification_loss
 
     mean, std = model._normalisation(images)  # noqa: SLF001

@@ -107,8 +107,11 @@ def write_markdown(
         table[metric_columns] = cells[list(ABLATION_METRICS)].to_numpy()
         table["schedule"] = members.groupby(by["by"]).schedule.first().loc[stats.index].to_numpy()
         table["train s"] = cells["train_time_s"].to_numpy()
-        no = [[v, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7] for v, missing in skipped_here.items()]
-        table = pd.concat([table.astype(object), pd.DataFrame(no, columns=table.columns, dtype=object)])
+        skipped_rows = [
+            [variant, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7]
+            for variant, missing in skipped_here.items()
+        ]
+        table = pd.concat([table.astype(object), pd.DataFrame(skipped_rows, columns=table.columns, dtype=object)])
         lines += [f"## {name}: metrics", "", *report.markdown(table)]
         lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
         if keys:
@@ -152,13 +155,15 @@ def write_plot(
         shown = [v for v in listed if v in set(rows.get("variant", ()))]
         if shown:
             members = rows[rows.variant.isin(shown)]
-            stats = schema.aggregate(members, ["variant"], ABLATION_METRICS, over_categories=True, order={"variant": shown})
-            mean, std = (stats.xs(s, axis=1, level=1)[list(ABLATION_METRICS)].T.rename(index=LABELS) for s in ("mean", "std"))
-            panels.append(report.Bars(mean, "score (mean ± std over seeds)", errors=std, title=name, ylim=(0, 1.05)))
+            by_variant = {"over_categories": True, "order": {"variant": shown}}
+            stats = schema.aggregate(members, ["variant"], ABLATION_METRICS, **by_variant)
+            ylabel = "score (mean ± std over seeds)"
+            panels.append(report.Bars.of(stats, ABLATION_METRICS, ylabel, title=name, ylim=(0, 1.05)))
     if not panels:
         return False
     kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
-    title = f"Ablation: {kind}, {teacher_label(config)}, {config.get('image_size')} px - {quality_report.hardware_line(rows)}"
+    title = f"Ablation: {kind}, {teacher_label(config)}, {config.get('image_size')} px"
+    title += f" - {quality_report.hardware_line(rows)}"
     report.write_png(path, panels, title)
     return True
 

@@ -241,7 +241,8 @@ COLUMNS = [
 
 def markdown(rows: pd.DataFrame, args: argparse.Namespace, header: Sequence[str]) -> list[str]:
     """The lines of ``edge.md``: ``header``, then the table."""
-    table = pd.DataFrame({title.format(tb=args.throughput_batch): rows[key].map(fmt.format) for key, title, fmt in COLUMNS})
+    table = pd.DataFrame({title.format(tb=args.throughput_batch): rows[key].map(fmt.format) for key, title, fmt in
+                          COLUMNS})  # fmt: skip
     return [*header, *report.markdown(table)]
 
 

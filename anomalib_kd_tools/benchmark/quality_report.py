@@ -102,11 +102,12 @@ def write_markdown(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], co
     lines += ["", "## Raw rows (results.csv)", ""]
     raw = rows.sort_values(["category", "model", "seed"], key=lambda c: c.map(schema.rank) if c.name == "model" else c)
     raw_table = raw[["model", "category", "seed"]].copy()
-    for column, digits in (*((m, 3) for m in METRICS), ("latency_bs1_ms", 1), ("peak_memory_mb", 0), ("train_time_s", 1)):
-        raw_table[LABELS[column]] = [schema.fmt(value, digits) for value in raw[column]]
+    for column in (*METRICS, "latency_bs1_ms", "peak_memory_mb", "train_time_s"):
+        raw_table[LABELS[column]] = [schema.fmt(value, schema.DIGITS[column]) for value in raw[column]]
     raw_table[["schedule", "device"]] = raw[["schedule", "device"]]
     n = schema.fmt_int
-    raw_table["n train/val/test"] = [f"{n(a)}/{n(b)}/{n(c)}" for a, b, c in raw[["n_train", "n_val", "n_test"]].to_numpy()]
+    splits = raw[["n_train", "n_val", "n_test"]].to_numpy()
+    raw_table["n train/val/test"] = [f"{n(train)}/{n(val)}/{n(test)}" for train, val, test in splits]
     lines += report.markdown(raw_table)
     if config.get("dataset_kind") == "generated":
         lines += [
@@ -121,8 +122,7 @@ def write_plot(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config
     """``results.png``: bars per metric per model (mean ± std over seeds) and latency vs image AUROC."""
     rows = pd.DataFrame(rows)
     stats = schema.aggregate(rows, ["model"], [*METRICS, "latency_bs1_ms"], over_categories=True)
-    mean, std = (stats.xs(stat, axis=1, level=1)[list(METRICS)].T.rename(index=LABELS) for stat in ("mean", "std"))
-    bars = report.Bars(mean, "score (mean ± std over seeds)", errors=std, ylim=(0, 1.05))
+    bars = report.Bars.of(stats, METRICS, "score (mean ± std over seeds)", ylim=(0, 1.05))
     points = pd.DataFrame({"x": stats["latency_bs1_ms", "mean"], "x_error": stats["latency_bs1_ms", "std"]})
     points[["y", "y_error"]] = stats["image_auroc"][["mean", "std"]].to_numpy()
     scatter = report.Scatter(points, "latency, batch 1, torch (ms, log scale)", "image AUROC", xlog=True)

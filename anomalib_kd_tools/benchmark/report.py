@@ -121,6 +121,13 @@ class Bars:
     ylim: tuple[float, float] | None = None
     log: bool = False
 
+    @classmethod
+    def of(cls, stats: pd.DataFrame, columns: Sequence[str], ylabel: str, **options: Any) -> Bars:  # noqa: ANN401
+        """Bars of :func:`.schema.aggregate`'s ``stats``: a group per column (under its :data:`.schema.LABELS` name),
+        a bar per row of ``stats`` (its mean, with the std as the error bar)."""
+        mean, std = (stats.xs(stat, axis=1, level=1)[list(columns)].T for stat in ("mean", "std"))
+        return cls(mean.rename(index=schema.LABELS), ylabel, errors=std.rename(index=schema.LABELS), **options)
+
 
 @dataclass
 class Scatter:
@@ -183,4 +190,7 @@ def write_png(
     plt.close(fig)
 
 
-__all__ = ["INTERRUPTED", "Bars", "Scatter", "hardware", "header", "markdown", "table", "today", "write_json", "write_png", "write_text"]
+__all__ = [
+    "INTERRUPTED", "Bars", "Scatter", "hardware", "header", "markdown", "table", "today", "write_json", "write_png",
+    "write_text",
+]  # fmt: skip

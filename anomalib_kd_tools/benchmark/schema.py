@@ -75,7 +75,12 @@ def _cells(rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns: Sequence[s
     return frame.map(lambda value: csv_value(value, digits))
 
 
-def write_csv(path: Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns=None, digits=None) -> None:  # noqa: ANN001
+def write_csv(
+    path: Path,
+    rows: pd.DataFrame | Iterable[Mapping[str, Any]],
+    columns: Sequence[str] | None = None,
+    digits: int | None = None,
+) -> None:
     """The whole table (``columns``: every key, in order of appearance, by default)."""
     _cells(rows, columns, digits).to_csv(path, index=False, lineterminator="\r\n")
 
@@ -111,7 +116,9 @@ def read_results(path: Path) -> pd.DataFrame:
 
 def cell_keys(rows: pd.DataFrame) -> list[tuple[str, str, int]]:
     """The cell of each row: (variant or model, category, seed)."""
-    names = rows["model"] if "variant" not in rows else rows["variant"].where(rows["variant"].astype(bool), rows["model"])
+    names = rows["model"]
+    if "variant" in rows:  # an ablation's cell is its variant
+        names = rows["variant"].where(rows["variant"].astype(bool), names)
     return list(zip(names, rows["category"], rows["seed"].astype(int), strict=True))
 
 
@@ -167,13 +174,9 @@ def formatted(stats: pd.DataFrame, digits: Mapping[str, int] | None = None) -> p
     """``mean ± std`` strings of every statistic of :func:`aggregate` (decimals: ``digits``, else :data:`DIGITS`)."""
     digits = {**DIGITS, **(digits or {})}
     names = [c for c in dict.fromkeys(stats.columns.get_level_values(0)) if c != "seeds"]
-    return pd.DataFrame(
-        {
-            c: [format_mean_std(m, s, n, digits.get(c, 3)) for m, s, n in stats[c][["mean", "std", "n"]].itertuples(False)]
-            for c in names
-        },
-        index=stats.index,
-    )
+    cells = {c: [format_mean_std(*stat, digits.get(c, 3)) for stat in stats[c][["mean", "std", "n"]].to_numpy()]
+             for c in names}  # fmt: skip
+    return pd.DataFrame(cells, index=stats.index)
 
 
 def mean_std_table(
