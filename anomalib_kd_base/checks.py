@@ -1,6 +1,6 @@
 """Data checks at fit start: bad data is named before any training time is spent.
 
-:class:`anomalib_kd_base.resume.RunGuardMixin` (a base of both models) runs them; they are on by default and cost a
+The models run them (``prepare_data`` and :class:`anomalib_kd_base.resume.RunGuards`); they are on by default and cost a
 few seconds (every image is decoded once, in threads). Switch them off with the environment variable
 ``ANOMALIB_KD_DATA_CHECK=0`` (or set ``model.data_check = False`` before ``fit``).
 

@@ -1,44 +1,27 @@
-"""Distributed data-parallel (DDP) training support shared by AAND and MemKD.
+"""Random streams and distributed (DDP) behaviour of AAND and MemKD, as Lightning callbacks (see docs/ddp.md).
 
-Both models train with Lightning's own strategies (``Engine(strategy="ddp", devices=N)`` or
-``anomalib train ... --trainer.strategy ddp --trainer.devices N``); nothing here launches processes.
-:class:`DistributedTrainingMixin` makes the models behave correctly under them:
+:class:`~anomalib_kd_base.model.KDModelBase` adds the callbacks (``configure_callbacks``); nothing here launches
+processes, both models train with Lightning's own strategies.
 
-* **Unused parameters** - DDP registers the parameters that require grad when it wraps the module and waits
-  for all of their gradients in every step. ``setup("fit")`` - which Lightning calls before it wraps the module
-  in ``DistributedDataParallel``, so ``strategy="ddp"`` given as a string works too - freezes what never trains
-  (the teacher, the two layers of anomalib's RD bottleneck that are never called): MemKD then uses every
-  registered parameter in every step. AAND trains the RAA modules in stage 1 and the student in stage 2 of
-  one fit, so each step leaves one of them without gradients: models that set
-  ``ddp_find_unused_parameters = True`` switch DDP's ``find_unused_parameters`` on there.
-* **Per-rank random streams** - after ``seed_everything`` every rank holds the same global RNG state, so
-  on-the-fly randomness (AAND's Perlin synthesis and ``L_A`` pair subsampling, MemKD's exemplar draws) would
-  be identical on all ranks. At fit start every rank draws the same ``base`` seed from the global torch RNG
-  and derives its own seed :func:`rank_seed` ``(base, global_rank)``: distinct per rank, reproducible for a
-  seeded run. The streams live only for the fit and never touch the global RNG (:class:`RNGStream`).
-* **Model buffers** (BatchNorm running statistics of the RD bottleneck / decoder) - no ``SyncBatchNorm`` by
-  default (as anomalib's Reverse Distillation): batch statistics are per rank; DDP broadcasts rank 0's buffers
-  before every *training* forward (``broadcast_buffers=True``), after which each rank updates its copy with its
-  own batch. DDP does not sync them in no-grad (validation) forwards, so without more each rank would validate
-  with slightly different running statistics. The buffers of ``self.model`` are therefore broadcast from rank
-  0 at the start of every validation epoch and at the end of training: every rank evaluates, and ends the fit
-  with, exactly the state rank 0 checkpoints. ``--trainer.sync_batchnorm true`` converts the layers to
-  ``SyncBatchNorm`` (GPU) instead.
-* **Exact evaluation** - Lightning's ``DistributedSampler`` pads the validation / test set with repeated
-  samples so that every rank gets the same number of batches; metrics would count those samples twice.
-  The mixin drops the repeated samples from the batch in ``on_validation_batch_start`` /
-  ``on_test_batch_start`` (before the model, the evaluator and the post-processor see it), so validation
-  thresholds and test metrics are computed on each sample exactly once, as in a single process. When the
-  only sample of a batch is a repeat, the other copy is dropped instead; only with ``eval_batch_size=1``
-  (or fewer samples than ranks) can a repeat survive, and a warning says so.
-* **Writes** - Lightning's checkpointing writes on rank 0 only. Exports (``to_torch`` / ``to_onnx`` /
-  ``to_openvino``, i.e. ``engine.export`` in a DDP script) run on rank 0 while the other ranks wait and get its
-  path. anomalib's ``Engine.fit`` creates one versioned results folder per process; the mixin makes every rank
-  use rank 0's and points ``latest`` back at it (:meth:`DistributedTrainingMixin.align_workspace`).
+* :class:`RankRandomness` - **per-rank random streams.** At fit start every rank draws the same base seed from the
+  global torch RNG (reproducible after ``seed_everything``) and runs its on-the-fly randomness (AAND's synthesis
+  and ``L_A`` pair draws, MemKD's exemplar loader) on its own stream :func:`rank_seed` ``(base, rank)``, which
+  never touches the global RNG (:class:`RNGStream`). The global RNG (the training loader's shuffling) is re-seeded
+  from ``(base, epoch)`` at every epoch start, because Lightning restores no global RNG. The base seed, every
+  rank's stream and the models' :class:`~anomalib_kd_base.resume.ResumableCycle` positions are the callback's
+  ``state_dict``, which Lightning stores in every checkpoint however it is written (``ModelCheckpoint``,
+  ``trainer.save_checkpoint`` during or after ``fit``): a resumed fit continues bit-identically.
+* :class:`DistributedTraining` - in ``setup``: every rank uses rank 0's results folder (anomalib's ``Engine.fit``
+  makes one per process); in ``setup("fit")``, before DDP wraps the module, what never trains stops requiring
+  grad; at fit start, a model that leaves parameters unused in a step (AAND) refuses a DDP wrapper without
+  ``find_unused_parameters`` (the Engine names the strategy for it: :func:`anomalib_kd_base.upstream.install_engine_hook`).
+* :class:`DistributedEvaluation` - **exact evaluation**: Lightning's ``DistributedSampler`` pads the evaluation set
+  with repeats; they are dropped from each batch before the pre-processor, post-processor and evaluator see it
+  (:func:`padded_positions_to_drop`). BatchNorm buffers (no ``SyncBatchNorm`` by default, as anomalib's RD) are
+  broadcast from rank 0 before every validation and at the end of training.
 
-Gradients: each rank computes its losses (``L_A`` pairs, HKD top-K, ``L_NM`` exemplars) on its local batch
-and DDP averages the gradients, i.e. the update is the gradient of the mean of the per-rank losses. It is not
-the single-process loss of the concatenated batch (pairs and top-K never cross ranks).
+Exports under DDP write on rank 0 only (:func:`run_on_rank_zero`). Gradients: each rank computes its losses on its
+own batch and DDP averages the gradients (the mean of the per-rank losses, not the loss of the concatenated batch).
 """
 
 from __future__ import annotations
@@ -46,7 +29,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import fields, is_dataclass
 from pathlib import Path
@@ -56,16 +39,16 @@ import numpy as np
 import torch
 from lightning.pytorch import Callback
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .resume import ResumableCycle, RunGuardMixin
+from .resume import ResumableCycle
+from .upstream import checkpoint_position, set_default_root_dir
 
 logger = logging.getLogger(__name__)
 
-#: checkpoint entry with the run's random state (base seed, per-rank streams, the model's own generators)
+#: where checkpoints of earlier versions kept the run's random state (read on resume)
 RNG_CHECKPOINT_KEY = "anomalib_kd_rng"
 
 _SEED_MODULUS = 2**63
@@ -77,27 +60,28 @@ def draw_base_seed() -> int:
     return int(torch.randint(0, 2**62, (1,)).item())
 
 
+def _hash_seed(*entropy: int) -> int:
+    state = np.random.SeedSequence([int(value) for value in entropy]).generate_state(2, dtype=np.uint32)
+    return (int(state[0]) << 32 | int(state[1])) % _SEED_MODULUS
+
+
 def epoch_seed(base_seed: int, epoch: int) -> int:
     """Seed of the global torch RNG at the start of training epoch ``epoch`` (same on every rank)."""
-    state = np.random.SeedSequence([int(base_seed) % _SEED_MODULUS, 0x45504F43, int(epoch)]).generate_state(
-        2, dtype=np.uint32
-    )
-    return (int(state[0]) << 32 | int(state[1])) % _SEED_MODULUS
+    return _hash_seed(int(base_seed) % _SEED_MODULUS, 0x45504F43, epoch)
 
 
 def rank_seed(base_seed: int, rank: int) -> int:
     """Seed of ``rank``'s private stream: a hash of ``(base_seed, rank)``, distinct per rank."""
-    state = np.random.SeedSequence([int(base_seed) % _SEED_MODULUS, int(rank)]).generate_state(2, dtype=np.uint32)
-    return (int(state[0]) << 32 | int(state[1])) % _SEED_MODULUS
+    return _hash_seed(int(base_seed) % _SEED_MODULUS, rank)
 
 
 class RNGStream:
     """A private random stream for code that draws from torch's *global* generators.
 
     anomalib's Perlin generator and torchvision's random transforms take no ``generator`` argument. Inside
-    ``with stream.activate(device):`` the global CPU generator (and the default generator of ``device`` when
-    it is an accelerator) continue this stream; on exit the stream's state is stored and the global
-    generators get their previous state back, so code outside the block is unaffected.
+    ``with stream.activate(device):`` the global CPU generator (and ``device``'s default generator when it is an
+    accelerator) continue this stream; on exit the stream's state is stored and the global generators get their
+    previous state back, so code outside the block is unaffected.
     """
 
     def __init__(self, seed: int) -> None:
@@ -121,9 +105,7 @@ class RNGStream:
         self._device_states = {key: value.clone().to(torch.uint8) for key, value in (state.get("devices") or {}).items()}
 
     def _initial_state(self, device: torch.device) -> torch.Tensor:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(self.seed)
-        return generator.get_state()
+        return torch.Generator(device=device).manual_seed(self.seed).get_state()
 
     @contextmanager
     def activate(self, device: torch.device | str | None = None) -> Iterator[None]:
@@ -132,8 +114,7 @@ class RNGStream:
         accelerator = None
         if device.type not in {"cpu", "meta"}:
             accelerator = torch.get_device_module(device.type)
-            index = device.index if device.index is not None else accelerator.current_device()
-            device = torch.device(device.type, index)
+            device = torch.device(device.type, device.index if device.index is not None else accelerator.current_device())
         saved_cpu = torch.get_rng_state()
         saved_device = accelerator.get_rng_state(device.index) if accelerator is not None else None
         try:
@@ -155,7 +136,198 @@ class RNGStream:
                 accelerator.set_rng_state(saved_device, device.index)
 
 
-# ---------------------------------------------------------------------------------------------- evaluation padding
+class RankRandomness(Callback):
+    """This rank's random stream during ``fit`` and its exact resume (see the module docstring).
+
+    ``state_dict``: ``{"base_seed", "world_size", "ranks": [{"stream": RNGStream state, "cycles": {name:
+    ResumableCycle state}}, ...]}`` (every rank's, gathered), the live state during a fit and the state at its end
+    after it; empty before the first fit.
+    """
+
+    def __init__(self) -> None:
+        self.base_seed: int | None = None
+        self.stream: RNGStream | None = None
+        self.cycles: dict[str, ResumableCycle] = {}
+        self.pending_cycles: dict[str, Any] = {}  # restored positions, taken by the next cycle() of that name
+        self._rank, self._world = 0, 1
+        self._final: dict[str, Any] = {}  # the state at the end of the last fit
+        self._resume: dict[str, Any] | None = None  # loaded from the checkpoint of the fit that starts
+        self._reseeded_epoch: int | None = None
+
+    @property
+    def seed(self) -> int | None:
+        """This rank's stream seed during ``fit``, else ``None``."""
+        return None if self.stream is None else self.stream.seed
+
+    def start(self, seed: int) -> None:
+        """Run :meth:`activate` blocks on a fresh stream seeded with ``seed``."""
+        self.stream, self.cycles = RNGStream(seed), {}
+
+    def stop(self) -> None:
+        """Back to the global RNG (outside ``fit``)."""
+        self.stream, self.cycles = None, {}
+
+    def activate(self, device: torch.device | str | None = None) -> Any:  # noqa: ANN401
+        """Context manager: this rank's stream during ``fit``, the global RNG otherwise."""
+        return self.stream.activate(device) if self.stream is not None else nullcontext()
+
+    def cycle(self, loader: DataLoader, generator: torch.Generator | None, name: str = "default") -> ResumableCycle:
+        """A :class:`ResumableCycle` whose position is saved in checkpoints (restored if one was loaded)."""
+        cycle = ResumableCycle(loader, generator)
+        pending = self.pending_cycles.pop(name, None)
+        if pending is not None:
+            cycle.load_state_dict(pending)
+        self.cycles[name] = cycle
+        return cycle
+
+    # ------------------------------------------------------------------ state
+    def _state(self) -> dict[str, Any]:
+        cycles = {**self.pending_cycles, **{name: cycle.state_dict() for name, cycle in self.cycles.items()}}
+        own = {"stream": self.stream.state_dict(), "cycles": cycles}
+        ranks: list[Any] = [own]
+        if self._world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            ranks = [None] * self._world
+            torch.distributed.all_gather_object(ranks, own)  # every rank dumps the checkpoint; rank 0 writes it
+        return {"base_seed": int(self.base_seed), "world_size": self._world, "ranks": ranks}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._state() if self.stream is not None and self.base_seed is not None else dict(self._final)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._resume is not None:  # a fit resumes from this checkpoint (see on_load_checkpoint)
+            self._resume["state"] = state_dict
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:  # noqa: ANN401
+        self._resume = None
+        if trainer.state.fn == "fit":
+            epoch, _ = checkpoint_position(checkpoint)
+            self._resume = {"state": checkpoint.get(RNG_CHECKPOINT_KEY), "epoch": epoch}
+
+    # ------------------------------------------------------------------ the fit
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self._rank, self._world = trainer.global_rank, trainer.world_size
+        self.base_seed = draw_base_seed()
+        self.start(rank_seed(self.base_seed, self._rank))
+        self.pending_cycles, self._final, self._reseeded_epoch = {}, {}, None
+        resume, self._resume = self._resume, None
+        if resume is not None:
+            self._restore(resume["state"], resume["epoch"], type(pl_module).__name__)
+
+    def _restore(self, state: dict[str, Any] | None, epoch: int, name: str) -> None:
+        if not state:
+            logger.warning(
+                "%s: the checkpoint holds no random-stream state (written by an older version); the resumed run "
+                "continues with fresh streams and will not be identical to an uninterrupted one.", name,
+            )  # fmt: skip
+            return
+        self.base_seed = int(state["base_seed"])
+        self.start(rank_seed(self.base_seed, self._rank))
+        ranks = state.get("ranks") or []
+        if int(state.get("world_size", 1)) != self._world or self._rank >= len(ranks):
+            logger.warning(
+                "%s: the checkpoint was written by %s process(es), this fit runs %d; the per-rank random streams "
+                "restart from their seeds, so the resumed run is not identical to an uninterrupted one.",
+                name, state.get("world_size"), self._world,
+            )  # fmt: skip
+        else:
+            own = ranks[self._rank] or {}
+            if own.get("stream") is not None:
+                self.stream.load_state_dict(own["stream"])
+            self.pending_cycles = dict(own.get("cycles") or {})
+        # a resumed fit creates its first epoch's data iterator before on_train_epoch_start (FitLoop.setup_data)
+        torch.manual_seed(epoch_seed(self.base_seed, epoch))
+        self._reseeded_epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        """Global torch RNG := f(base seed, epoch) (the train loader's shuffling); once skipped after a resume."""
+        epoch, reseeded, self._reseeded_epoch = trainer.current_epoch, self._reseeded_epoch, None
+        if self.base_seed is not None and self.stream is not None and reseeded != epoch:
+            torch.manual_seed(epoch_seed(self.base_seed, epoch))
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self._final = self._state()  # what trainer.save_checkpoint(...) after the fit writes
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- DDP set-up
+def _distributed(trainer: Any) -> bool:  # noqa: ANN401
+    return trainer is not None and trainer.world_size > 1 and torch.distributed.is_initialized()
+
+
+def align_workspace(trainer: Any) -> None:  # noqa: ANN401
+    """Give every rank rank 0's ``default_root_dir`` (anomalib's versioned results folder).
+
+    Under DDP every process runs ``Engine.fit``, whose ``create_versioned_dir`` makes one new ``v<k>`` folder per
+    process and points ``latest`` at whichever came last. In ``setup`` (all processes joined, nothing written yet)
+    the other ranks adopt rank 0's folder, delete their own while it is an empty ``v<k>`` and point ``latest`` back.
+    """
+    if not _distributed(trainer):
+        return
+    own = Path(trainer.default_root_dir)
+    chosen = Path(trainer.strategy.broadcast(str(own), src=0))
+    if own == chosen or not set_default_root_dir(trainer, chosen):
+        return
+    latest = own.parent / "latest"
+    if re.fullmatch(r"v\d+", own.name) is None or not latest.is_symlink():
+        return
+    with suppress(OSError):
+        if latest.resolve() == own.resolve() and chosen.exists():
+            latest.unlink()
+            latest.symlink_to(chosen.resolve(), target_is_directory=True)
+        own.rmdir()  # only succeeds while the folder is empty
+
+
+def run_on_rank_zero(trainer: Any, export: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+    """Run ``export`` on rank 0 only; every rank waits for it and returns rank 0's result."""
+    if not _distributed(trainer):
+        return export(*args, **kwargs)
+    result = export(*args, **kwargs) if trainer.is_global_zero else None
+    trainer.strategy.barrier("anomalib_kd_export")
+    return trainer.strategy.broadcast(result, src=0)
+
+
+class DistributedTraining(Callback):
+    """Rank 0's results folder, trainable parameters before DDP wraps the module, the unused-parameter check."""
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: ANN401
+        align_workspace(trainer)
+        if stage == "fit":
+            pl_module.configure_trainable_parameters()
+
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        wrapped = getattr(trainer.strategy, "model", None)
+        if (
+            pl_module.ddp_find_unused_parameters
+            and isinstance(wrapped, DistributedDataParallel)
+            and not wrapped.find_unused_parameters
+        ):
+            msg = (
+                f"{type(pl_module).__name__} trains only a part of the model in each step, so DDP must find the unused "
+                "parameters: pass --trainer.strategy ddp_find_unused_parameters_true (Python: "
+                "strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True))."
+            )
+            raise ValueError(msg)
+
+
+def configure_trainable_parameters(model: nn.Module) -> None:
+    """The frozen teacher (``encoder``) and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad.
+
+    Called in ``setup("fit")``, before DDP registers the parameters that require grad: DDP would wait for (and
+    all-reduce) gradients they never get.
+    """
+    encoder = getattr(model, "encoder", None)
+    if isinstance(encoder, nn.Module):
+        encoder.requires_grad_(False)
+    bottleneck = getattr(model, "bottleneck", None)
+    for name in ("conv4", "bn4"):
+        unused = getattr(bottleneck, name, None)
+        if isinstance(unused, nn.Module):
+            unused.requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------- exact evaluation
 def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: int | None) -> frozenset[int]:
     """Positions of the padded index list of ``DistributedSampler(drop_last=False)`` to leave out.
 
@@ -193,12 +365,7 @@ def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: in
     return frozenset(dropped)
 
 
-def _batch_size_of(batch: Any) -> int | None:
-    image = getattr(batch, "image", None)
-    return int(image.shape[0]) if isinstance(image, torch.Tensor) and image.dim() > 0 else None
-
-
-def select_batch_(batch: Any, keep: torch.Tensor) -> Any:
+def select_batch_(batch: Any, keep: torch.Tensor) -> Any:  # noqa: ANN401
     """Keep the samples where ``keep`` (bool, ``(B,)``) is true in an anomalib ``Batch``, in place."""
     size = int(keep.numel())
     indices = torch.nonzero(keep, as_tuple=False).flatten().tolist()
@@ -214,350 +381,88 @@ def select_batch_(batch: Any, keep: torch.Tensor) -> Any:
     return batch.update(**changes)
 
 
-# ---------------------------------------------------------------------------------------------- the mixin
-class _EpochRNGCallback(Callback):
-    """Calls ``pl_module._reseed_global_rng(epoch)`` at every training epoch start (see the mixin)."""
-
-    def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
-        reseed = getattr(pl_module, "_reseed_global_rng", None)
-        if callable(reseed):
-            reseed(trainer.current_epoch)
-
-
-class DistributedTrainingMixin(RunGuardMixin):
-    """DDP behaviour of the anomalib-kd models (see the module docstring). Put it before ``AnomalibModule``.
-
-    Also the exact-resume protocol (see "Exact resume" in the module docstring) and, through
-    :class:`anomalib_kd_base.resume.RunGuardMixin`, the data / checkpoint guards.
-    """
-
-    #: set by models whose steps leave registered parameters without gradients (AAND's two stages)
-    ddp_find_unused_parameters: bool = False
-
-    # ------------------------------------------------------------------ strategy
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        trainer = self._trainer
-        self.align_workspace()
-        if stage != "fit":
-            return
-        self.configure_trainable_parameters()
-        strategy = getattr(trainer, "strategy", None) if trainer is not None else None
-        if not self.ddp_find_unused_parameters or not isinstance(strategy, DDPStrategy):
-            return
-        ddp_kwargs = getattr(strategy, "_ddp_kwargs", None)
-        if isinstance(ddp_kwargs, dict) and not ddp_kwargs.get("find_unused_parameters"):
-            ddp_kwargs["find_unused_parameters"] = True
-            rank_zero_info(
-                f"{type(self).__name__}: DDP find_unused_parameters=True (each step trains only a part of the model).",
-            )
-
-    def configure_trainable_parameters(self) -> None:
-        """Called in ``setup("fit")``, before DDP wraps the module and registers the parameters that require grad.
-
-        The frozen teacher (``model.encoder``) and the two layers anomalib's RD bottleneck keeps from the original
-        code but never calls (``conv4``, ``bn4``) never get gradients: they must not require grad, or DDP would
-        wait for (and all-reduce) their gradients. Models whose trained parts change during the fit first make
-        all of them require grad (see ``Aand``).
-        """
-        model = self.model
-        encoder = getattr(model, "encoder", None)
-        if isinstance(encoder, nn.Module):
-            encoder.requires_grad_(False)
-        bottleneck = getattr(model, "bottleneck", None)
-        for name in ("conv4", "bn4"):
-            unused = getattr(bottleneck, name, None)
-            if isinstance(unused, nn.Module):
-                unused.requires_grad_(False)
-
-    def align_workspace(self) -> None:
-        """Give every rank rank 0's ``default_root_dir`` (anomalib's versioned results folder).
-
-        Under DDP every process runs ``Engine.fit``, whose ``create_versioned_dir`` makes one new ``v<k>`` folder
-        per process and leaves ``latest`` pointing at whichever came last; rank 0's is the run's folder. This
-        runs in ``setup``, after all processes joined the process group (so every folder exists), before
-        anything is written: other ranks adopt rank 0's folder (images written in ``test`` land there), delete
-        their own if it is still an empty ``v<k>`` folder and move ``latest`` back to rank 0's folder.
-        """
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        own = Path(trainer.default_root_dir)
-        chosen = Path(trainer.strategy.broadcast(str(own), src=0))
-        if own == chosen or not hasattr(trainer, "_default_root_dir"):
-            return
-        trainer._default_root_dir = str(chosen)  # noqa: SLF001 - Lightning has no setter
-        latest = own.parent / "latest"
-        if re.fullmatch(r"v\d+", own.name) is None or not latest.is_symlink():
-            return
-        with suppress(OSError):
-            if latest.resolve() == own.resolve() and chosen.exists():
-                latest.unlink()
-                latest.symlink_to(chosen.resolve(), target_is_directory=True)
-            own.rmdir()  # only succeeds while the folder is empty
-
-    # ------------------------------------------------------------------ random streams
-    def configure_rank_streams(self, base_seed: int, rank: int) -> None:
-        """Seed this rank's private random streams from ``rank_seed(base_seed, rank)``."""
-        self.rank_stream_seed = rank_seed(base_seed, rank)
-        self._rank_stream = RNGStream(self.rank_stream_seed)
-
-    def clear_rank_streams(self) -> None:
-        """Back to the global RNG (outside ``fit``)."""
-        self.rank_stream_seed = None
-        self._rank_stream = None
-
-    def rank_random(self, device: torch.device | str | None = None) -> Any:
-        """Context manager: this rank's private stream during ``fit``, the global RNG otherwise."""
-        stream = getattr(self, "_rank_stream", None)
-        return stream.activate(device) if stream is not None else nullcontext()
-
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self.run_base_seed = draw_base_seed()
-        self.configure_rank_streams(self.run_base_seed, self.trainer.global_rank)
-        self._kd_reseeded_epoch: int | None = None
-        self._kd_cycles: dict[str, ResumableCycle] = {}
-        self._kd_pending_cycles: dict[str, Any] = {}
-        pending = getattr(self, "_kd_pending_rng", None)
-        self._kd_pending_rng = None
-        if pending is not None:
-            self._restore_run_rng(pending)
-
-    def on_fit_end(self) -> None:
-        super().on_fit_end()
-        self.clear_rank_streams()
-        self._kd_cycles = {}
-
-    def configure_callbacks(self) -> Any:
-        """anomalib's component callbacks plus the per-epoch reseed (a callback: it runs before the model's hooks)."""
-        callbacks = super().configure_callbacks()
-        callbacks = list(callbacks) if isinstance(callbacks, list | tuple) else [callbacks]
-        return [*callbacks, _EpochRNGCallback()]
-
-    # ------------------------------------------------------------------ exact resume
-    def _reseed_global_rng(self, epoch: int) -> None:
-        """Global torch RNG := f(base seed, epoch) at each training epoch start (the train loader's shuffling).
-
-        Lightning restores no global RNG on resume, and a resumed fit creates the first epoch's data iterator
-        earlier than an uninterrupted one (in ``FitLoop.setup_data``, before ``on_train_epoch_start``). Tying
-        the global state to the epoch makes both draw the same order; a resumed fit sets the state of its first
-        epoch in ``on_fit_start`` already (before that iterator) and skips the reseed here once.
-        """
-        base = getattr(self, "run_base_seed", None)
-        if base is None or getattr(self, "_kd_reseeded_epoch", None) == epoch:
-            self._kd_reseeded_epoch = None
-            return
-        self._kd_reseeded_epoch = None
-        seed = epoch_seed(base, epoch)
-        torch.manual_seed(seed)
-
-    def resumable_cycle(self, loader: DataLoader, generator: torch.Generator | None, name: str = "default") -> Any:
-        """An endless iterator over ``loader`` whose position is saved in checkpoints and restored on resume.
-
-        For loaders a model draws from during training (MemKD's exemplars): ``generator`` must be the one that
-        shuffles ``loader`` (its ``sampler``'s, not also the ``DataLoader``'s: see :class:`ResumableCycle`). Creating
-        it again after a resume (for example in ``on_train_epoch_start``) continues exactly where the checkpoint was
-        written.
-        """
-        cycle = ResumableCycle(loader, generator)
-        pending = (getattr(self, "_kd_pending_cycles", None) or {}).pop(name, None)
-        if pending is not None:
-            cycle.load_state_dict(pending)
-        cycles = getattr(self, "_kd_cycles", None)
-        if cycles is None:
-            cycles = self._kd_cycles = {}
-        cycles[name] = cycle
-        return cycle
-
-    def rank_rng_state(self) -> dict[str, Any]:
-        """This rank's random state: its stream, its resumable cycles and the model's own ``rng_state_dict()``."""
-        stream = getattr(self, "_rank_stream", None)
-        model_state = self.rng_state_dict() if callable(getattr(self, "rng_state_dict", None)) else None
-        cycles = {name: cycle.state_dict() for name, cycle in (getattr(self, "_kd_cycles", None) or {}).items()}
-        return {"stream": stream.state_dict() if stream is not None else None, "model": model_state, "cycles": cycles}
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        base = getattr(self, "run_base_seed", None)
-        if base is None or getattr(self, "_rank_stream", None) is None:
-            return  # not inside a fit: nothing to resume
-        own = self.rank_rng_state()
-        trainer = self._trainer
-        world = trainer.world_size if trainer is not None else 1
-        if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * world
-            torch.distributed.all_gather_object(gathered, own)  # every rank runs dump_checkpoint; rank 0 writes
-        else:
-            gathered = [own]
-        checkpoint[RNG_CHECKPOINT_KEY] = {"base_seed": int(base), "world_size": world, "ranks": gathered}
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit":
-            return
-        state = checkpoint.get(RNG_CHECKPOINT_KEY)
-        if state is None:
-            logger.warning(
-                "%s: the checkpoint holds no random-stream state (written by an older version); the resumed run "
-                "continues with fresh streams and will not be identical to an uninterrupted one.",
-                type(self).__name__,
-            )
-        progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}
-        processed = (progress.get("current") or {}).get("processed")
-        # Lightning resumes at epoch_progress.current.processed (FitLoop.on_run_start)
-        epoch = int(processed) if processed is not None else int(checkpoint.get("epoch", 0)) + 1
-        self._kd_pending_rng = {"state": state, "epoch": epoch}
-
-    def _restore_run_rng(self, pending: dict[str, Any]) -> None:
-        state = pending["state"]
-        if state is None:
-            return
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        self.run_base_seed = int(state["base_seed"])
-        self.configure_rank_streams(self.run_base_seed, rank)
-        ranks = state.get("ranks") or []
-        if int(state.get("world_size", 1)) != world or rank >= len(ranks):
-            logger.warning(
-                "%s: the checkpoint was written by %s process(es), this fit runs %d; the per-rank random streams "
-                "restart from their seeds, so the resumed run is not identical to an uninterrupted one.",
-                type(self).__name__,
-                state.get("world_size"),
-                world,
-            )
-        else:
-            own = ranks[rank] or {}
-            if own.get("stream") is not None:
-                self._rank_stream.load_state_dict(own["stream"])
-            if own.get("model") is not None and callable(getattr(self, "load_rng_state_dict", None)):
-                self.load_rng_state_dict(own["model"])
-            self._kd_pending_cycles = dict(own.get("cycles") or {})
-        # the first resumed epoch's data iterator is created before on_train_epoch_start (FitLoop.setup_data)
-        epoch = int(pending["epoch"])
-        torch.manual_seed(epoch_seed(self.run_base_seed, epoch))
-        self._kd_reseeded_epoch = epoch
-
-    # ------------------------------------------------------------------ buffers
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        self.broadcast_model_buffers()
-
-    def broadcast_model_buffers(self) -> None:
-        """Copy rank 0's buffers of ``self.model`` (BatchNorm statistics) to every rank (no-op in one process)."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return
-        for buffer in self.model.buffers():
+def broadcast_buffers(trainer: Any, module: nn.Module) -> None:  # noqa: ANN401
+    """Copy rank 0's buffers of ``module`` (BatchNorm statistics) to every rank (no-op in one process)."""
+    if _distributed(trainer):
+        for buffer in module.buffers():
             torch.distributed.broadcast(buffer.data, src=0)
 
-    # ------------------------------------------------------------------ exports
-    def _export_on_rank_zero(self, export: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run ``export`` on rank 0 only; every rank waits for it and returns rank 0's path."""
-        trainer = self._trainer
-        if trainer is None or trainer.world_size <= 1 or not torch.distributed.is_initialized():
-            return export(*args, **kwargs)
-        result = export(*args, **kwargs) if trainer.is_global_zero else None
-        trainer.strategy.barrier("anomalib_kd_export")
-        return trainer.strategy.broadcast(result, src=0)
 
-    def to_torch(self, *args: Any, **kwargs: Any) -> Any:
-        """anomalib's export (``engine.export``); under DDP only rank 0 writes the file."""
-        return self._export_on_rank_zero(super().to_torch, *args, **kwargs)
+class DistributedEvaluation(Callback):
+    """Each evaluation sample scored once under DDP, with rank 0's BatchNorm statistics (see the module docstring)."""
 
-    def to_onnx(self, *args: Any, **kwargs: Any) -> Any:
-        """anomalib's export (``engine.export``); under DDP only rank 0 writes the file."""
-        return self._export_on_rank_zero(super().to_onnx, *args, **kwargs)
+    def __init__(self) -> None:
+        self._seen: dict[int, int] = {}
+        self._drop: tuple[Any, frozenset[int]] = (None, frozenset())
 
-    def to_openvino(self, *args: Any, **kwargs: Any) -> Any:
-        """anomalib's export (``engine.export``); under DDP only rank 0 writes the files."""
-        return self._export_on_rank_zero(super().to_openvino, *args, **kwargs)
+    def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        broadcast_buffers(trainer, pl_module.model)  # DDP does not sync buffers in no-grad forwards
+        self._seen = {}
 
-    # ------------------------------------------------------------------ exact evaluation
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self.broadcast_model_buffers()  # DDP does not sync buffers in no-grad forwards
-        self._eval_seen: dict[int, int] = {}
+    def on_test_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self._seen = {}
 
-    def on_test_epoch_start(self) -> None:
-        super().on_test_epoch_start()
-        self._eval_seen = {}
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        broadcast_buffers(trainer, pl_module.model)
 
-    def on_validation_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().on_validation_batch_start(batch, batch_idx, dataloader_idx)
-        self.drop_padded_samples(batch, dataloader_idx)
+    def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,  # noqa: ANN401
+                                  dataloader_idx: int = 0) -> None:  # fmt: skip
+        self.drop_padded_samples(trainer, batch, dataloader_idx)
 
-    def on_test_batch_start(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        super().on_test_batch_start(batch, batch_idx, dataloader_idx)
-        self.drop_padded_samples(batch, dataloader_idx)
+    on_test_batch_start = on_validation_batch_start
 
-    def _eval_dataloader(self, dataloader_idx: int) -> DataLoader | None:
-        trainer = self._trainer
-        if trainer.testing:
-            loaders = trainer.test_dataloaders
-        else:
-            # `trainer.val_dataloaders` prefers the fit loop's loaders, even inside a later `trainer.validate()`
-            combined = getattr(trainer.validate_loop, "_combined_loader", None) if trainer.validating else None
-            loaders = combined.iterables if combined is not None and trainer.state.fn == "validate" else None
-            loaders = loaders if loaders is not None else trainer.val_dataloaders
-        if isinstance(loaders, dict):
-            loaders = list(loaders.values())
-        if isinstance(loaders, list | tuple):
-            return loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
-        return loaders
-
-    def drop_padded_samples(self, batch: Any, dataloader_idx: int = 0) -> None:
+    def drop_padded_samples(self, trainer: Any, batch: Any, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         """Remove, in place, the samples ``DistributedSampler`` repeated to even out the ranks."""
-        trainer = self._trainer
-        size = _batch_size_of(batch)
-        if trainer is None or trainer.world_size <= 1 or size is None or not is_dataclass(batch):
+        image = getattr(batch, "image", None)
+        if trainer.world_size <= 1 or not isinstance(image, torch.Tensor) or image.dim() == 0 or not is_dataclass(batch):
             return
-        seen = getattr(self, "_eval_seen", None)
-        if seen is None:
-            seen = self._eval_seen = {}
-        start = seen.get(dataloader_idx, 0)
-        seen[dataloader_idx] = start + size
-
-        loader = self._eval_dataloader(dataloader_idx)
-        sampler = getattr(loader, "sampler", None)
+        size = int(image.shape[0])
+        start = self._seen.get(dataloader_idx, 0)
+        self._seen[dataloader_idx] = start + size
+        loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders  # the running loop's
+        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+        if isinstance(loaders, list | tuple):
+            loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
+        sampler = getattr(loaders, "sampler", None)
         if (
             not isinstance(sampler, DistributedSampler)
             or isinstance(sampler, UnrepeatedDistributedSampler)
             or sampler.drop_last
         ):
             return
-        num_samples, replicas = len(sampler.dataset), sampler.num_replicas
-        batch_sampler = getattr(loader, "batch_sampler", None)
-        batch_size = getattr(batch_sampler, "batch_size", None)
-        cache_key = (num_samples, replicas, batch_size)
-        if getattr(self, "_padding_cache_key", None) != cache_key:
-            self._padding_cache_key = cache_key
-            self._padding_drop = padded_positions_to_drop(num_samples, replicas, batch_size)
-        if not self._padding_drop:
+        replicas = sampler.num_replicas
+        key = (len(sampler.dataset), replicas, getattr(getattr(loaders, "batch_sampler", None), "batch_size", None))
+        if self._drop[0] != key:
+            self._drop = (key, padded_positions_to_drop(*key))
+        drop = self._drop[1]
+        if not drop:
             return
-        positions = [sampler.rank + (start + i) * replicas for i in range(size)]
-        keep = torch.tensor([position not in self._padding_drop for position in positions], dtype=torch.bool)
+        keep = torch.tensor([sampler.rank + (start + i) * replicas not in drop for i in range(size)], dtype=torch.bool)
         if bool(keep.all()):
             return
         if not bool(keep.any()):
             logger.warning(
                 "Rank %d: a distributed evaluation batch holds only samples that DistributedSampler repeated to even "
                 "out the %d ranks; they are kept, so the metrics count them twice. Use an eval batch size > 1 (or "
-                "evaluate with devices=1) for exact metrics.",
-                sampler.rank,
-                replicas,
-            )
+                "evaluate with devices=1) for exact metrics.", sampler.rank, replicas,
+            )  # fmt: skip
             return
         select_batch_(batch, keep)
 
 
 __all__ = [
     "RNG_CHECKPOINT_KEY",
-    "DistributedTrainingMixin",
+    "DistributedEvaluation",
+    "DistributedTraining",
     "RNGStream",
+    "RankRandomness",
+    "align_workspace",
+    "broadcast_buffers",
+    "configure_trainable_parameters",
     "draw_base_seed",
     "epoch_seed",
     "padded_positions_to_drop",
     "rank_seed",
+    "run_on_rank_zero",
     "select_batch_",
 ]

@@ -1,11 +1,12 @@
 """Teacher provenance in checkpoints and exported models (shared by ``Aand`` and ``MemKD``).
 
-:class:`ProvenanceExportMixin` goes *before* ``AnomalibModule`` in the bases
-(``class Aand(ProvenanceExportMixin, AnomalibModule)``; ``AnomalibModule`` stays a direct base, anomalib's model
-lookup walks ``AnomalibModule.__subclasses__()``). It expects the torch model at ``self.model`` with the teacher at
-``self.model.encoder`` and its record at ``self.model.teacher_provenance`` (see :mod:`anomalib_kd_base.weights`), and:
+:class:`ProvenanceExportMixin` (a base of :class:`~anomalib_kd_base.model.KDModelBase`; it overrides no Lightning
+hook) expects the torch model at ``self.model`` with the teacher at ``self.model.encoder`` and its record at
+``self.model.teacher_provenance`` (see :mod:`anomalib_kd_base.weights`), and:
 
-* stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them;
+* stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them
+  (model state: the model's checkpoint hooks call :meth:`~ProvenanceExportMixin.save_teacher_record` /
+  :meth:`~ProvenanceExportMixin.restore_teacher_record`, so ``load_from_checkpoint`` restores it too);
 * makes ``load_from_checkpoint`` build the teacher without downloading or reading ``backbone_weights`` (the
   checkpoint holds the teacher's tensors), so a checkpoint reloads and exports on an offline machine;
 * exports ONNX / OpenVINO graphs with a dynamic input height and width (anomalib makes them static when
@@ -64,13 +65,13 @@ class ProvenanceExportMixin:
         record = {"model": type(self).__name__, **self.teacher_provenance}
         return {f"{METADATA_NAMESPACE}.{key}": value for key, value in record.items()}
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
+    # ------------------------------------------------------------------ checkpoints (called by the model's hooks)
+    def save_teacher_record(self, checkpoint: dict[str, Any]) -> None:
+        """Store the teacher's record in a Lightning checkpoint."""
         checkpoint[CHECKPOINT_KEY] = self.teacher_provenance
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
+    def restore_teacher_record(self, checkpoint: dict[str, Any]) -> None:
+        """Set ``model.teacher_provenance`` from a checkpoint (rebuilt from its hyper-parameters when it has none)."""
         state = checkpoint.get("state_dict") or {}
         size = len(TEACHER_STATE_PREFIX)
         teacher = {key[size:]: value for key, value in state.items() if key.startswith(TEACHER_STATE_PREFIX)}

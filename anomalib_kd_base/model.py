@@ -1,13 +1,21 @@
-"""What the Lightning models ``Aand`` and ``MemKD`` share: argument checks, the teacher, the checkpoint re-sync.
+"""What the Lightning models ``Aand`` and ``MemKD`` share: argument checks, the teacher, callbacks, checkpoints.
 
 :class:`KDModelBase` is the first base of both models, ``AnomalibModule`` the last (it stays a direct base: anomalib's
 model lookup walks ``AnomalibModule.__subclasses__()``)::
 
     class Aand(KDModelBase, AnomalibModule): ...
 
-It bundles the mixins both models use, in this order: :class:`~anomalib_kd_base.distributed.DistributedTrainingMixin`
-(with its run guards), :class:`~anomalib_kd_base.export.ProvenanceExportMixin` and
-:class:`~anomalib_kd_base.quantization.AnomalyMapPTQMixin`; and it adds:
+Its bases :class:`~anomalib_kd_base.export.ProvenanceExportMixin` and
+:class:`~anomalib_kd_base.quantization.AnomalyMapPTQMixin` override no Lightning hook. The run-time behaviours are
+Lightning callbacks that :meth:`KDModelBase.configure_callbacks` adds to anomalib's components, the same instances
+for every ``fit`` / ``validate`` / ``test`` / ``predict`` of the model (so checkpointed state reaches them):
+:class:`~anomalib_kd_base.distributed.RankRandomness` (``kd_random``),
+:class:`~anomalib_kd_base.distributed.DistributedTraining`, :class:`~anomalib_kd_base.distributed.DistributedEvaluation`
+and :class:`~anomalib_kd_base.resume.RunGuards` (``kd_guards``). Its own Lightning hooks are model behaviour:
+``configure_callbacks``; ``prepare_data`` (the data layout check, which must run before the datamodule's ``setup``,
+earlier than any callback hook); ``on_save_checkpoint`` / ``on_load_checkpoint`` (model state, also for
+``load_from_checkpoint``, where no callback runs: the model and teacher records, the other model's checkpoint
+refused, the image size). It adds:
 
 * :meth:`KDModelBase.require_input_size`: the fixed image size the pre-processor produces, or the model's own error;
 * :meth:`KDModelBase.build_network`: the torch model with its frozen teacher (``backbone`` / ``layers`` /
@@ -15,6 +23,8 @@ It bundles the mixins both models use, in this order: :class:`~anomalib_kd_base.
   the provenance record ``model.teacher_provenance`` that ``ProvenanceExportMixin`` keeps in checkpoints and
   exports) at the pre-processor's size, with the opt-in fast eval path set;
 * ``on_load_checkpoint``: once anomalib has restored the saved pre-processor, the anomaly map is re-sized to it;
+* the random streams of a fit for the models' code: :meth:`~KDModelBase.rank_random`, ``rank_stream_seed``,
+  :meth:`~KDModelBase.resumable_cycle`; exports under DDP on rank 0 only;
 * ``learning_type`` (one-class), ``validation_step`` and ``trainer_arguments`` (no gradient clipping, no sanity
   validation, ``max_epochs`` = the model's :attr:`~KDModelBase.training_epochs`).
 
@@ -41,12 +51,25 @@ from anomalib.metrics import AUPR, AUPRO, AUROC, Evaluator, F1Score
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
+from torch.utils.data import DataLoader
 
-from .distributed import DistributedTrainingMixin
+from . import distributed
+from .checks import check_datamodule_layout
 from .export import ProvenanceExportMixin
 from .quantization import AnomalyMapPTQMixin
+from .resume import (
+    MODEL_KEY,
+    RunGuards,
+    attached_trainer,
+    data_checks_on,
+    model_record,
+    refuse_other_model,
+    size_of,
+)
+from .upstream import install_engine_hook
 from .weights import restoring
 
 logger = logging.getLogger(__name__)
@@ -128,13 +151,17 @@ def batch_size_warning(model: str, datamodule: Any, lr: float, world_size: int =
 
 
 # ------------------------------------------------------------------ the Lightning base
-class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin):
+class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
     """Lightning boilerplate shared by ``Aand`` and ``MemKD`` (see the module docstring); a base before AnomalibModule.
 
     A model sets ``self.model`` (its torch model, from :meth:`build_network`) and defines :attr:`training_epochs`.
     """
 
     model: nn.Module
+    #: set by models whose steps leave registered parameters without gradients (AAND's two stages)
+    ddp_find_unused_parameters: bool = False
+    #: run the data checks at fit start (also ``ANOMALIB_KD_DATA_CHECK=0``)
+    data_check: bool = True
 
     def __init__(
         self,
@@ -164,12 +191,19 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
                 raise TypeError(msg)
             logger.debug("%s: checkpoint hyper-parameters it does not take, dropped: %s", type(self).__name__,
                          sorted(unexpected))  # fmt: skip
+        install_engine_hook()  # here, not at import: anomalib.engine may still be importing then
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
             evaluator=evaluator,
             visualizer=visualizer,
         )
+        # a pre-processor object (not True / False) is the user's explicit choice of the image size
+        self._kd_requested_size = None if isinstance(pre_processor, bool | None) else size_of(pre_processor)
+        self.kd_random = distributed.RankRandomness()
+        self.kd_guards = RunGuards()
+        self._kd_callbacks = (self.kd_random, distributed.DistributedTraining(), distributed.DistributedEvaluation(),
+                              self.kd_guards)  # fmt: skip
 
     def require_input_size(self, message: str) -> tuple[int, int]:
         """The pre-processor's output ``(H, W)``; ``ValueError(message)`` when it does not resize to a fixed size."""
@@ -205,15 +239,93 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
         model.set_fast_inference(fast_inference)
         return model
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ callbacks and data
+    def configure_callbacks(self) -> list[Callback]:
+        """The base's callbacks (see the module docstring), then anomalib's component callbacks."""
+        components = super().configure_callbacks()
+        components = [components] if isinstance(components, Callback) else list(components)
+        return [*self._kd_callbacks, *components]
+
+    def prepare_data(self) -> None:
+        """The dataset layout check before the datamodule builds its sample table (see :mod:`.checks`)."""
+        super().prepare_data()
+        trainer = attached_trainer(self)
+        datamodule = getattr(trainer, "datamodule", None)
+        if trainer is not None and trainer.state.fn == "fit" and datamodule is not None and data_checks_on(self):
+            check_datamodule_layout(datamodule)
+
+    # ------------------------------------------------------------------ random streams of a fit
+    @property
+    def rank_stream_seed(self) -> int | None:
+        """This rank's stream seed during ``fit`` (``rank_seed(base, global_rank)``), else ``None``."""
+        return self.kd_random.seed
+
+    def rank_random(self, device: Any = None) -> Any:  # noqa: ANN401
+        """Context manager: this rank's private stream during ``fit``, the global RNG otherwise."""
+        return self.kd_random.activate(device)
+
+    def resumable_cycle(self, loader: DataLoader, generator: Any, name: str = "default") -> Any:  # noqa: ANN401
+        """An endless iterator over ``loader`` whose position is saved in checkpoints and restored on resume.
+
+        For loaders a model draws from during training (MemKD's exemplars): ``generator`` must be the one that
+        shuffles ``loader`` (its ``sampler``'s, not also the ``DataLoader``'s: see ``ResumableCycle``).
+        Creating it again after a resume continues exactly where the checkpoint was written.
+        """
+        return self.kd_random.cycle(loader, generator, name)
+
+    def configure_rank_streams(self, base_seed: int, rank: int) -> None:
+        """Seed this rank's private stream from ``rank_seed(base_seed, rank)`` (what fit start does)."""
+        self.kd_random.start(distributed.rank_seed(base_seed, rank))
+
+    def clear_rank_streams(self) -> None:
+        """Back to the global RNG (what fit end does)."""
+        self.kd_random.stop()
+
+    def configure_trainable_parameters(self) -> None:
+        """In ``setup("fit")``, before DDP wraps the module: what never trains stops requiring grad."""
+        distributed.configure_trainable_parameters(self.model)
+
+    # ------------------------------------------------------------------ exports: rank 0 only under DDP
+    def to_torch(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """anomalib's export (``engine.export``); under DDP only rank 0 writes the file."""
+        return distributed.run_on_rank_zero(attached_trainer(self), super().to_torch, *args, **kwargs)
+
+    def to_onnx(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """anomalib's export (``engine.export``); under DDP only rank 0 writes the file."""
+        return distributed.run_on_rank_zero(attached_trainer(self), super().to_onnx, *args, **kwargs)
+
+    def to_openvino(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
+        """anomalib's export (``engine.export``); under DDP only rank 0 writes the files."""
+        return distributed.run_on_rank_zero(attached_trainer(self), super().to_openvino, *args, **kwargs)
+
+    # ------------------------------------------------------------------ checkpoints (model state)
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """anomalib's components, the teacher's record and which model wrote the checkpoint."""
+        super().on_save_checkpoint(checkpoint)
+        self.save_teacher_record(checkpoint)
+        checkpoint[MODEL_KEY] = model_record(self)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the mixins' records and anomalib's components, then size the anomaly map like the pre-processor.
+        """Refuse the other model's checkpoint; restore anomalib's components and the teacher's record; re-size.
 
         ``load_from_checkpoint`` builds the module with the default pre-processor (256 px) before anomalib restores
-        the saved one; without this the anomaly map of a model trained at another size would come out at 256 px.
+        the saved one; without the re-size the anomaly map of a model trained at another size would be 256 px. A
+        pre-processor the user passed that disagrees with the checkpoint's gets a warning (the checkpoint's wins).
         """
+        refuse_other_model(self, checkpoint)
+        if self.kd_guards.keep_trained_model(self, checkpoint):
+            return
+        requested, self._kd_requested_size = self._kd_requested_size, None
         super().on_load_checkpoint(checkpoint)
+        self.restore_teacher_record(checkpoint)
         size = self.input_size
+        if requested is not None and size is not None and tuple(requested) != tuple(size):
+            logger.warning(
+                "%s: the checkpoint was trained at %dx%d but the pre-processor you passed resizes to %dx%d; the "
+                "checkpoint's %dx%d wins (anomalib restores the checkpoint's pre-processor: the weights and anomaly "
+                "map were trained at that size). Exports accept any input size and resize to it inside the graph.",
+                type(self).__name__, *size, *requested, *size,
+            )  # fmt: skip
         if size is not None and tuple(size) != tuple(self.model.input_size):
             self.set_network_input_size(tuple(size))
 
@@ -232,7 +344,7 @@ class KDModelBase(DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQ
         """No gradient clipping, no sanity validation, :attr:`training_epochs` epochs.
 
         anomalib's ``Engine`` gives a model's trainer arguments precedence over the user's, so the schedule is set by
-        the model's own arguments (see :func:`anomalib_kd_base.resume.install_schedule_warning`).
+        the model's own arguments (see :func:`anomalib_kd_base.upstream.install_engine_hook`).
         """
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": self.training_epochs}
 

@@ -1,31 +1,21 @@
-"""Run guards shared by AAND and MemKD: resume, checkpoints, data checks, undefined metrics, schedule warnings.
+"""Run guards of AAND and MemKD: the :class:`RunGuards` callback, checkpoint records and resumable iteration.
 
-:class:`RunGuardMixin` is a base of :class:`anomalib_kd_base.distributed.DistributedTrainingMixin`, so both models get
-it without a change to their bases. What it does:
+:class:`RunGuards` (added by :meth:`KDModelBase.configure_callbacks <anomalib_kd_base.model.KDModelBase>`):
 
 * **Testing after a resumed fit.** anomalib's ``Engine.train`` (``anomalib train ... --ckpt_path last.ckpt``)
   passes the same ``ckpt_path`` to ``trainer.test``, which would reload the *interrupted* checkpoint and print its
-  metrics instead of those of the model the fit just finished. When a fit in this process resumed from
-  ``ckpt_path`` and ran to its end, the next ``test`` / ``validate`` / ``predict`` with that same path uses the
-  model in memory (a warning says so, with the command to test a checkpoint on its own). Once per fit.
-* **Mid-epoch checkpoints.** Checkpoints are exact at epoch boundaries (the random streams are in them, see
-  :mod:`anomalib_kd_base.distributed`). Lightning resumes a checkpoint written inside an epoch (``max_steps``, a
-  step-interval ``ModelCheckpoint``) at the next epoch's start, skipping the rest of that epoch: a warning says
-  how many batches are skipped.
-* **Checkpoint of the other model.** Loading a MemKD checkpoint into ``Aand`` (or the reverse) raises a
-  ``ValueError`` that names the model the checkpoint holds, instead of the raw missing / unexpected keys.
-* **Image size.** A checkpoint trained at another size than the pre-processor the user passed
-  (``load_from_checkpoint(..., pre_processor=...)``, ``--model.pre_processor`` with ``--ckpt_path``): a warning
-  says the checkpoint's size wins (anomalib restores the checkpoint's pre-processor; the weights and the anomaly map
-  were trained at it).
-* **Bad data** (:mod:`anomalib_kd_base.checks`): layout check in ``prepare_data`` (before the datamodule builds its
-  sample table), decode check of every image in ``setup("fit")``. ``ANOMALIB_KD_DATA_CHECK=0`` or
-  ``model.data_check = False`` switches both off.
-* **No anomalous test images.** AUROC, AUPR, AUPRO and F1 are undefined; they are reported as NaN (torchmetrics
-  would return 0.0 with a warning) and a warning says why.
-* **Schedules.** anomalib's ``Engine`` replaces the trainer's ``max_epochs`` with the model's
-  ``trainer_arguments`` (AAND: ``stage1_epochs + stage2_epochs``, MemKD: ``epochs``) with only an INFO line; for
-  these models a WARNING names the model's own flags (:func:`install_schedule_warning`).
+  metrics. When a fit resumed from ``ckpt_path`` ran to its end, the next ``test`` / ``validate`` / ``predict``
+  with that path keeps the model in memory and the callbacks' states (a warning says so). Once per fit.
+* **Mid-epoch checkpoints.** Lightning resumes a checkpoint written inside an epoch (``max_steps``, a step-interval
+  ``ModelCheckpoint``) at the next epoch's start: a warning says how many batches are skipped.
+* **Bad data** (:mod:`anomalib_kd_base.checks`): every image decodes, in ``setup("fit")``; the layout check runs
+  earlier, in the model's ``prepare_data`` (before the datamodule builds its sample table).
+  ``ANOMALIB_KD_DATA_CHECK=0`` or ``model.data_check = False`` switches both off.
+* **No anomalous test images.** AUROC, AUPR, AUPRO and F1 are undefined: reported as NaN (torchmetrics would
+  return 0.0 with a warning), with a warning.
+
+The model's own checkpoint hooks (:class:`~anomalib_kd_base.model.KDModelBase`) record which model wrote a
+checkpoint (:data:`MODEL_KEY`) and refuse the other model's (:func:`refuse_other_model`).
 """
 
 from __future__ import annotations
@@ -37,14 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch import Callback
 
-from .checks import (
-    anomalous_count,
-    check_datamodule_layout,
-    check_datasets,
-    data_check_enabled,
-    warn_if_no_anomalous,
-)
+from .checks import anomalous_count, check_datasets, data_check_enabled, warn_if_no_anomalous
+from .upstream import checkpoint_position
 
 logger = logging.getLogger(__name__)
 
@@ -53,25 +39,21 @@ MODEL_KEY = "anomalib_kd_model"
 _TWO_CLASS_METRICS = ("AUROC", "AUPR", "AUPRO", "F1Score", "F1Max")
 
 
-def _known_models() -> dict[str, str]:
-    """``{state-dict prefix: "Class (package.Class)"}`` of the loaded model classes that declare ``state_signature``.
-
-    A model class (a subclass of :class:`RunGuardMixin`) names the parameter prefix by which its state dict is
-    recognised in checkpoints written without :data:`MODEL_KEY`, e.g. ``state_signature = "model.raa."``. The base
-    layer never names the models itself.
-    """
-    found: dict[str, str] = {}
-    stack = list(RunGuardMixin.__subclasses__())
-    while stack:
-        cls = stack.pop()
-        stack.extend(cls.__subclasses__())
-        prefix = cls.__dict__.get("state_signature")
-        if prefix:
-            found[prefix] = f"{cls.__name__} ({cls.__module__.split('.')[0]}.{cls.__name__})"
-    return found
+def data_checks_on(model: Any) -> bool:  # noqa: ANN401
+    """Whether the fit-start data checks run (``model.data_check`` and ``ANOMALIB_KD_DATA_CHECK``)."""
+    return bool(getattr(model, "data_check", True)) and data_check_enabled()
 
 
-def _size_of(pre_processor: Any) -> tuple[int, int] | None:  # noqa: ANN401
+def attached_trainer(module: Any) -> Any:  # noqa: ANN401
+    """The Trainer ``module`` (a LightningModule) is attached to, or ``None``."""
+    try:
+        return module.trainer
+    except RuntimeError:
+        return None
+
+
+def size_of(pre_processor: Any) -> tuple[int, int] | None:  # noqa: ANN401
+    """The ``(H, W)`` a pre-processor's transform resizes to (``None`` without a transform)."""
     transform = getattr(pre_processor, "transform", None)
     if transform is None:
         return None
@@ -98,6 +80,31 @@ def _resolved(path: Any) -> Path | None:  # noqa: ANN401
         return None
 
 
+# ---------------------------------------------------------------------------------------------- checkpoint records
+def _known_models() -> dict[str, str]:
+    """``{state-dict prefix: "Class (package.Class)"}`` of the loaded model classes that declare ``state_signature``.
+
+    A model class (a subclass of ``KDModelBase``) names the parameter prefix by which its state dict is recognised
+    in checkpoints written without :data:`MODEL_KEY`, e.g. ``state_signature = "model.raa."``.
+    """
+    from .model import KDModelBase
+
+    found: dict[str, str] = {}
+    stack = list(KDModelBase.__subclasses__())
+    while stack:
+        cls = stack.pop()
+        stack.extend(cls.__subclasses__())
+        prefix = cls.__dict__.get("state_signature")
+        if prefix:
+            found[prefix] = f"{cls.__name__} ({cls.__module__.split('.')[0]}.{cls.__name__})"
+    return found
+
+
+def model_record(model: Any) -> str:  # noqa: ANN401
+    """``"package.Class"`` of ``model``, the :data:`MODEL_KEY` record of its checkpoints."""
+    return f"{type(model).__module__.split('.')[0]}.{type(model).__name__}"
+
+
 def checkpoint_holds(checkpoint: dict[str, Any]) -> str | None:
     """Which model class wrote ``checkpoint`` (``"module.Class"``), from its record or its state-dict keys."""
     recorded = checkpoint.get(MODEL_KEY)
@@ -110,6 +117,19 @@ def checkpoint_holds(checkpoint: dict[str, Any]) -> str | None:
     return None
 
 
+def refuse_other_model(model: Any, checkpoint: dict[str, Any]) -> None:  # noqa: ANN401
+    """``ValueError`` naming the model a checkpoint holds when it is the other KD model (not the raw missing keys)."""
+    holds = checkpoint_holds(checkpoint)
+    if holds is None:
+        return
+    mine, held = type(model).__name__, holds.split(" ")[0].split(".")[-1]
+    if held == mine or held not in {name.split(" ")[0] for name in _known_models().values()}:
+        return
+    msg = f"This checkpoint holds a {holds} model, not {mine}: load it with {held}.load_from_checkpoint(...) (CLI: --model {held})."
+    raise ValueError(msg)
+
+
+# ---------------------------------------------------------------------------------------------- resumable iteration
 class ResumableCycle:
     """Endless iteration over a ``DataLoader`` shuffled by ``generator``, with an exact ``state_dict``.
 
@@ -118,7 +138,7 @@ class ResumableCycle:
     ``generator`` must be consumed by the loader's sampler only: give the ``DataLoader`` itself another generator
     (or none), because every new loader iterator draws its workers' base seed from the loader's generator, and a
     resumed run starts a new iterator where an uninterrupted one with persistent workers does not.
-    Create it with :meth:`DistributedTrainingMixin.resumable_cycle` and the model's checkpoints resume it exactly.
+    Create it with ``KDModelBase.resumable_cycle`` and the checkpoints resume it exactly.
     """
 
     def __init__(self, loader: Any, generator: torch.Generator | None) -> None:  # noqa: ANN401
@@ -171,108 +191,52 @@ class ResumableCycle:
         self._drawn = drawn
 
 
-class RunGuardMixin:
-    """Resume / checkpoint / data guards (see the module docstring). A base of ``DistributedTrainingMixin``."""
+# ---------------------------------------------------------------------------------------------- the callback
+class RunGuards(Callback):
+    """Resume / data / metric guards (see the module docstring); no state to checkpoint."""
 
-    #: run the data checks at fit start (also ``ANOMALIB_KD_DATA_CHECK=0``)
-    data_check: bool = True
+    def __init__(self) -> None:
+        self._fit_ckpt: Path | None = None
+        self._finished_resume: Path | None = None
+        self._guarded: list[Any] = []
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pre_processor = kwargs.get("pre_processor")
-        install_schedule_warning()  # here, not at import: anomalib.engine may still be importing then
-        super().__init__(*args, **kwargs)
-        # a pre-processor object (not True / False) is the user's explicit choice of the image size
-        self._kd_requested_size = _size_of(pre_processor) if not isinstance(pre_processor, bool | None) else None
-        self._kd_fit_ckpt: Path | None = None
-        self._kd_finished_resume: Path | None = None
-        self._kd_guarded_metrics: list[Any] = []
-
-    # ------------------------------------------------------------------ data
-    def _data_checks_on(self) -> bool:
-        return bool(getattr(self, "data_check", True)) and data_check_enabled()
-
-    def prepare_data(self) -> None:
-        super().prepare_data()
-        trainer = self._trainer
-        if trainer is None or trainer.state.fn != "fit" or not self._data_checks_on():
-            return
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:  # noqa: ANN401
         datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None:
-            check_datamodule_layout(datamodule)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if stage != "fit" or not self._data_checks_on():
-            return
-        datamodule = getattr(self._trainer, "datamodule", None)
-        if datamodule is not None:
+        if stage == "fit" and datamodule is not None and data_checks_on(pl_module):
             check_datasets(datamodule)
             warn_if_no_anomalous(datamodule)
 
-    # ------------------------------------------------------------------ fit bookkeeping
-    def on_fit_start(self) -> None:
-        super().on_fit_start()
-        self._kd_fit_ckpt = _resolved(getattr(self.trainer, "ckpt_path", None))
-        self._kd_finished_resume = None
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self._fit_ckpt, self._finished_resume = _resolved(trainer.ckpt_path), None
 
-    def on_train_end(self) -> None:
-        super().on_train_end()
-        self._kd_finished_resume = self._kd_fit_ckpt
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        self._finished_resume = self._fit_ckpt
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint[MODEL_KEY] = f"{type(self).__module__.split('.')[0]}.{type(self).__name__}"
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._refuse_other_model(checkpoint)
-        if self._use_model_in_memory(checkpoint):
-            return
-        requested = getattr(self, "_kd_requested_size", None)
-        super().on_load_checkpoint(checkpoint)
-        restored = tuple(self.input_size) if getattr(self, "input_size", None) is not None else None
-        if requested is not None and restored is not None and tuple(requested) != restored:
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:  # noqa: ANN401
+        _, unfinished = checkpoint_position(checkpoint)
+        if trainer.state.fn == "fit" and unfinished is not None:
             logger.warning(
-                "%s: the checkpoint was trained at %dx%d but the pre-processor you passed resizes to %dx%d; the "
-                "checkpoint's %dx%d wins (anomalib restores the checkpoint's pre-processor: the weights and anomaly "
-                "map were trained at that size). Exports accept any input size and resize to it inside the graph.",
-                type(self).__name__,
-                *restored,
-                *requested,
-                *restored,
-            )
-        self._kd_requested_size = None
-        self._warn_mid_epoch(checkpoint)
+                "This checkpoint was written inside epoch %d, after %d batches of it (max_steps or a step-interval "
+                "checkpoint). Checkpoints of these models are exact at epoch boundaries only: Lightning resumes it "
+                "at the start of the next epoch, so the rest of epoch %d is skipped and the run is not identical to "
+                "an uninterrupted one. Resume from an end-of-epoch checkpoint for an exact continuation.",
+                unfinished[0], unfinished[1], unfinished[0],
+            )  # fmt: skip
 
-    def _refuse_other_model(self, checkpoint: dict[str, Any]) -> None:
-        holds = checkpoint_holds(checkpoint)
-        if holds is None:
-            return
-        mine = type(self).__name__
-        held_class = holds.split(" ")[0].split(".")[-1]
-        known = {name.split(" ")[0] for name in _known_models().values()}
-        if held_class == mine or held_class not in known:
-            return
-        flag = held_class
-        msg = (
-            f"This checkpoint holds a {holds} model, not {mine}: load it with "
-            f"{held_class}.load_from_checkpoint(...) (CLI: --model {flag})."
-        )
-        raise ValueError(msg)
+    def keep_trained_model(self, model: Any, checkpoint: dict[str, Any]) -> bool:  # noqa: ANN401
+        """After a resumed fit ran to its end: make ``checkpoint`` (of the resume path) the state in memory.
 
-    def _use_model_in_memory(self, checkpoint: dict[str, Any]) -> bool:
-        """After a resumed fit ran to its end: ``test(ckpt_path=<the resume path>)`` keeps the trained model."""
-        trainer = self._trainer
-        finished = getattr(self, "_kd_finished_resume", None)
+        Called by the model's ``on_load_checkpoint``, the one hook that runs before Lightning loads the weights.
+        Lightning restores callback states in test too, and anomalib's post-processor is a callback whose state is
+        its thresholds and normalisation bounds: they are kept as well.
+        """
+        trainer, finished = attached_trainer(model), self._finished_resume
         if trainer is None or finished is None or trainer.training:
             return False
-        self._kd_finished_resume = None  # once per fit
-        if _resolved(getattr(trainer, "ckpt_path", None)) != finished:
+        self._finished_resume = None  # once per fit
+        if _resolved(trainer.ckpt_path) != finished:
             return False
-        checkpoint["state_dict"] = dict(self.state_dict())  # loading it again is a no-op
-        # Lightning restores callback states in test too, and anomalib's post-processor is a callback whose state is
-        # its thresholds and normalisation bounds: without this the final weights were scored with the interrupted
-        # checkpoint's bounds (clamped scores, other ties: a different image AUROC and F1).
+        checkpoint["state_dict"] = dict(model.state_dict())  # loading it again is a no-op
         states = checkpoint.get("callbacks")
         if isinstance(states, dict):
             for callback in trainer.callbacks:
@@ -283,124 +247,59 @@ class RunGuardMixin:
             "passes it to test as well, which would report the metrics of that interrupted checkpoint. The model this "
             "fit just trained (epoch %d) is evaluated instead. To evaluate a checkpoint by itself, run "
             "`anomalib test --model %s ... --ckpt_path <file>` in a new process.",
-            type(self).__name__,
-            trainer.state.fn,
-            finished,
-            checkpoint.get("epoch"),
-            self.current_epoch,
-            type(self).__name__,
-        )
+            type(model).__name__, trainer.state.fn, finished, checkpoint.get("epoch"), model.current_epoch,
+            type(model).__name__,
+        )  # fmt: skip
         return True
 
-    @staticmethod
-    def _warn_mid_epoch(checkpoint: dict[str, Any]) -> None:
-        loops = checkpoint.get("loops") or {}
-        fit_loop = loops.get("fit_loop") or {}
-        batch_progress = fit_loop.get("epoch_loop.batch_progress") or {}
-        done = int((batch_progress.get("current") or {}).get("completed", 0) or 0)
-        if done > 0 and not batch_progress.get("is_last_batch", True):
-            started = ((fit_loop.get("epoch_progress") or {}).get("current") or {}).get("started")
-            epoch = int(started) - 1 if started else int(checkpoint.get("epoch", 0))  # the epoch of those batches
-            logger.warning(
-                "This checkpoint was written inside epoch %d, after %d batches of it (max_steps or a step-interval "
-                "checkpoint). Checkpoints of these models are exact at epoch boundaries only: Lightning resumes it "
-                "at the start of the next epoch, so the rest of epoch %d is skipped and the run is not identical to "
-                "an uninterrupted one. Resume from an end-of-epoch checkpoint for an exact continuation.",
-                epoch,
-                done,
-                epoch,
-            )
-
     # ------------------------------------------------------------------ undefined metrics
-    def on_test_start(self) -> None:
-        super().on_test_start()
-        self._guard_undefined_metrics()
-
-    def on_test_end(self) -> None:
-        super().on_test_end()
-        self._release_metric_guards()
-
-    def _test_dataset(self) -> Any:  # noqa: ANN401
-        trainer = self._trainer
-        loaders = getattr(trainer, "test_dataloaders", None)
-        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-        loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-        dataset = getattr(loader, "dataset", None)
-        return dataset if dataset is not None else getattr(getattr(trainer, "datamodule", None), "test_data", None)
-
-    def _guard_undefined_metrics(self) -> None:
+    def on_test_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
         from anomalib import metrics as anomalib_metrics
 
-        evaluator = getattr(self, "evaluator", None)
-        if evaluator is None or anomalous_count(self._test_dataset()) != 0:
+        evaluator = getattr(pl_module, "evaluator", None)
+        if evaluator is None or anomalous_count(_test_dataset(trainer)) != 0:
             return
         classes = tuple(getattr(anomalib_metrics, name) for name in _TWO_CLASS_METRICS)
-        guarded = []
-        for metric in getattr(evaluator, "test_metrics", []) or []:
-            if isinstance(metric, classes) and "_kd_compute" not in vars(metric):
-
-                def undefined(*_args: Any, **_kwargs: Any) -> torch.Tensor:  # noqa: ANN401
-                    return torch.tensor(math.nan)
-
-                # torchmetrics keeps its wrapped ``compute`` on the instance; Lightning's epoch-end logging calls it
-                object.__setattr__(metric, "_kd_compute", vars(metric).get("compute"))
-                object.__setattr__(metric, "compute", undefined)
-                guarded.append(metric)
+        guarded = [m for m in getattr(evaluator, "test_metrics", []) or [] if isinstance(m, classes)]
+        guarded = [metric for metric in guarded if "_kd_compute" not in vars(metric)]
+        for metric in guarded:
+            # torchmetrics keeps its wrapped ``compute`` on the instance; Lightning's epoch-end logging calls it
+            object.__setattr__(metric, "_kd_compute", vars(metric).get("compute"))
+            object.__setattr__(metric, "compute", lambda *_args, **_kwargs: torch.tensor(math.nan))
         if guarded:
-            self._kd_guarded_metrics = guarded
+            self._guarded = guarded
             logger.warning(
                 "The test set has no anomalous images: %s are undefined and are reported as NaN (not measured).",
                 ", ".join(metric.name for metric in guarded),
             )
 
-    def _release_metric_guards(self) -> None:
-        for metric in getattr(self, "_kd_guarded_metrics", []):
+    def on_test_end(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
+        for metric in self._guarded:
             original = vars(metric).pop("_kd_compute", None)
             if original is not None:
                 object.__setattr__(metric, "compute", original)
             else:
                 vars(metric).pop("compute", None)
-        self._kd_guarded_metrics = []
+        self._guarded = []
 
 
-# ---------------------------------------------------------------------------------------------- schedule warning
-def install_schedule_warning() -> None:
-    """Warn when anomalib's ``Engine`` replaces the user's ``max_epochs`` with a RunGuardMixin model's schedule.
-
-    anomalib 2.7 gives a model's ``trainer_arguments`` precedence over the trainer's (``_TrainerArgumentsCache.update``)
-    and logs that at INFO only. This wraps that method (idempotent) to log a WARNING naming the model's own flags.
-    """
-    import sys
-
-    engine_module = sys.modules.get("anomalib.engine.engine")
-    if engine_module is None:
-        try:
-            from anomalib.engine import engine as engine_module
-        except ImportError:  # pragma: no cover - anomalib.engine is still importing: the next model retries
-            return
-    cache = getattr(engine_module, "_TrainerArgumentsCache", None)
-    if cache is None or getattr(cache.update, "_anomalib_kd", False):
-        return
-    original = cache.update
-
-    def update(self: Any, model: Any) -> None:  # noqa: ANN401
-        if isinstance(model, RunGuardMixin):
-            requested = self._cached_args.get("max_epochs")  # noqa: SLF001
-            schedule = model.trainer_arguments.get("max_epochs")
-            if requested not in {None, -1} and schedule is not None and requested != schedule:
-                flags = " / ".join(schedule_flags(type(model))) or "the model's schedule arguments"
-                logger.warning(
-                    "%s sets its own schedule: --trainer.max_epochs=%s is replaced by max_epochs=%s. Set the length "
-                    "with %s.",
-                    type(model).__name__,
-                    requested,
-                    schedule,
-                    flags,
-                )
-        original(self, model)
-
-    update._anomalib_kd = True  # type: ignore[attr-defined]  # noqa: SLF001
-    cache.update = update
+def _test_dataset(trainer: Any) -> Any:  # noqa: ANN401
+    loaders = getattr(trainer, "test_dataloaders", None)
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
+    dataset = getattr(loader, "dataset", None)
+    return dataset if dataset is not None else getattr(getattr(trainer, "datamodule", None), "test_data", None)
 
 
-__all__ = ["MODEL_KEY", "ResumableCycle", "RunGuardMixin", "checkpoint_holds", "install_schedule_warning", "schedule_flags"]
+__all__ = [
+    "MODEL_KEY",
+    "ResumableCycle",
+    "attached_trainer",
+    "RunGuards",
+    "checkpoint_holds",
+    "data_checks_on",
+    "model_record",
+    "refuse_other_model",
+    "schedule_flags",
+    "size_of",
+]

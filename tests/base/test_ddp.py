@@ -24,7 +24,7 @@ import pytest
 import torch
 from anomalib.data import ImageBatch
 from anomalib.engine import Engine
-from lightning.pytorch.strategies import DDPStrategy
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import BatchSampler, DistributedSampler
 
 from anomalib_kd_base.distributed import RNGStream, padded_positions_to_drop, rank_seed, select_batch_
@@ -310,16 +310,33 @@ def test_select_batch_keeps_rows_in_place() -> None:
 
 @pytest.mark.parametrize(("name", "find_unused"), [("aand", True), ("memkd", False)])
 def test_setup_prepares_ddp_wrapping(name: str, find_unused: bool) -> None:
+    """``setup("fit")`` (before DDP wraps the module) freezes what never trains; fit start checks the DDP wrapper.
+
+    anomalib's Engine names the strategy ``ddp_find_unused_parameters_true`` for AAND (tests/base/test_upstream.py;
+    the 2-process runs above go through it); a wrapper without ``find_unused_parameters`` is refused, with the fix.
+    """
+    from anomalib_kd_base.distributed import DistributedTraining
+
     model = build_model(name)
     if name == "aand":
         model._set_trainable(2)  # noqa: SLF001 - as after a first fit: RAA frozen
-    strategy = DDPStrategy()
-    model._trainer = SimpleNamespace(strategy=strategy, world_size=1)  # noqa: SLF001
-    model.setup("fit")
-    assert strategy._ddp_kwargs.get("find_unused_parameters", False) is find_unused  # noqa: SLF001
+    assert model.ddp_find_unused_parameters is find_unused
+    callback = next(c for c in model.configure_callbacks() if isinstance(c, DistributedTraining))
+    callback.setup(SimpleNamespace(world_size=1), model, "fit")
     assert not any(param.requires_grad for param in model.model.encoder.parameters())
     for unused in (model.model.bottleneck.conv4, model.model.bottleneck.bn4):
         assert not any(param.requires_grad for param in unused.parameters())
     trained = [model.model.bottleneck.conv1, model.model.decoder]
     trained.append(model.model.raa if name == "aand" else model.model.memories)
     assert all(param.requires_grad for module in trained for param in module.parameters())
+
+    wrapped = DistributedDataParallel.__new__(DistributedDataParallel)  # what strategy.setup leaves at fit start
+    wrapped.__dict__["find_unused_parameters"] = False
+    trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
+    if find_unused:
+        with pytest.raises(ValueError, match=r"trains only a part .* --trainer\.strategy ddp_find_unused_parameters_true"):
+            callback.on_fit_start(trainer, model)
+    else:
+        callback.on_fit_start(trainer, model)
+    wrapped.__dict__["find_unused_parameters"] = True
+    callback.on_fit_start(trainer, model)

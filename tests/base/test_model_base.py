@@ -16,7 +16,6 @@ from anomalib.models.components import AnomalibModule
 from anomalib_aand import Aand
 from anomalib_aand.components.raa import MatchingGuidedResidualGate
 from anomalib_aand.loss import AandAmplificationLoss, amplification_loss
-from anomalib_kd_base.distributed import DistributedTrainingMixin
 from anomalib_kd_base.export import ProvenanceExportMixin
 from anomalib_kd_base.model import KDModelBase, check_at_least, check_choice, check_positive
 from anomalib_kd_base.quantization import AnomalyMapPTQMixin
@@ -129,7 +128,7 @@ def test_both_models_stand_on_the_base(cls: type) -> None:
     # AnomalibModule a direct base (anomalib's model lookup), the shared mixins in their order before it
     assert cls.__bases__ == (KDModelBase, AnomalibModule)
     mro = cls.__mro__
-    order = [KDModelBase, DistributedTrainingMixin, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule]
+    order = [KDModelBase, ProvenanceExportMixin, AnomalyMapPTQMixin, AnomalibModule]
     assert [mro.index(base) for base in order] == sorted(mro.index(base) for base in order)
     # anomalib's four components are declared once, in the base; the model passes them on as **components
     base = inspect.signature(KDModelBase.__init__).parameters
@@ -144,6 +143,43 @@ def test_both_models_stand_on_the_base(cls: type) -> None:
     assert model.input_size == (SIZE, SIZE)
     with pytest.raises(TypeError, match=rf"{cls.__name__}.__init__\(\) got an unexpected keyword argument 'pre_procesor'"):
         _small(cls, pre_procesor=True)
+
+
+def _lightning_hooks() -> set[str]:
+    from lightning.pytorch import Callback
+    from lightning.pytorch.core.hooks import CheckpointHooks, DataHooks, ModelHooks
+
+    names = {name for cls in (ModelHooks, DataHooks, CheckpointHooks, Callback) for name in vars(cls)
+             if not name.startswith("_") and callable(getattr(cls, name))}  # fmt: skip
+    return names | {"configure_callbacks"}  # a LightningModule hook of its own
+
+
+def test_no_mixin_overrides_a_lightning_hook() -> None:
+    """The run-time behaviours are callbacks; the base keeps only the hooks that are model behaviour."""
+    hooks = _lightning_hooks()
+    assert {"setup", "on_fit_start", "on_train_end", "on_save_checkpoint", "on_load_checkpoint"} <= hooks
+    for mixin in (ProvenanceExportMixin, AnomalyMapPTQMixin):
+        assert not hooks & set(vars(mixin)), mixin
+    # configure_callbacks; prepare_data (before the datamodule's setup, earlier than any callback hook); the
+    # checkpoint hooks for model state, which load_from_checkpoint (no trainer, no callbacks) needs too
+    assert hooks & set(vars(KDModelBase)) == {"configure_callbacks", "prepare_data", "on_save_checkpoint",
+                                             "on_load_checkpoint"}  # fmt: skip
+
+
+@pytest.mark.parametrize("cls", [Aand, MemKD])
+def test_configure_callbacks_adds_the_base_callbacks_to_anomalibs(cls: type) -> None:
+    from anomalib_kd_base.distributed import DistributedEvaluation, DistributedTraining, RankRandomness
+    from anomalib_kd_base.resume import RunGuards
+
+    model = _small(cls)
+    callbacks = model.configure_callbacks()
+    kinds = [type(callback) for callback in callbacks]
+    assert kinds[:4] == [RankRandomness, DistributedTraining, DistributedEvaluation, RunGuards]
+    components = [model.pre_processor, model.post_processor, model.evaluator, model.visualizer]
+    assert callbacks[4:] == components  # anomalib's own, none replaced
+    # the same instances in every fit / validate / test / predict: Lightning restores their state by state_key
+    assert all(a is b for a, b in zip(callbacks, model.configure_callbacks(), strict=True))
+    assert len({callback.state_key for callback in callbacks}) == len(callbacks)
 
 
 @pytest.mark.parametrize("cls", [Aand, MemKD])

@@ -2,7 +2,10 @@
 
 Resume acceptance: one uninterrupted fit writes a checkpoint at every epoch end; fits resumed from those checkpoints
 (AAND in stage 1, at the stage boundary and in stage 2; MemKD after epoch 1 of 2) must end with bit-identical parameters,
-buffers and test metrics. Tiny settings: resnet18 random init, 64 px, memory_size 4, 8 training images.
+buffers and test metrics. Three ways to write and resume, each tested at those points: the Engine's checkpoints
+(``ModelCheckpoint``), Lightning's documented ``trainer.save_checkpoint`` after a fit stopped with
+``trainer.should_stop``, and the stock CLI's ``--ckpt_path`` (in process; one run also as the installed command).
+Tiny settings: resnet18 random init, 64 px, memory_size 4, 8 training images.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from anomalib.engine import Engine
-from lightning.pytorch import seed_everything
+from lightning.pytorch import Callback, seed_everything
 from anomalib.callbacks.checkpoint import ModelCheckpoint
 
 from conftest import CATEGORY, mvtec_datamodule
@@ -147,10 +150,10 @@ def test_resume_at_every_epoch_boundary_is_bit_identical(uninterrupted, tmp_path
 
 
 def test_checkpoint_holds_the_run_random_state(uninterrupted) -> None:
-    from anomalib_kd_base.distributed import RNG_CHECKPOINT_KEY
+    from anomalib_kd_base.distributed import RankRandomness
 
     checkpoint = torch.load(uninterrupted["checkpoints"][0], map_location="cpu", weights_only=True)
-    state = checkpoint[RNG_CHECKPOINT_KEY]
+    state = checkpoint["callbacks"][RankRandomness().state_key]  # the callback's state_dict, stored by Lightning
     assert state["world_size"] == 1 and len(state["ranks"]) == 1
     own = state["ranks"][0]
     assert isinstance(state["base_seed"], int) and isinstance(own["stream"]["seed"], int)
@@ -160,6 +163,108 @@ def test_checkpoint_holds_the_run_random_state(uninterrupted) -> None:
         assert own["cycles"]["exemplars"]["drawn"] >= 1
     expected = {"aand": "anomalib_aand.Aand", "memkd": "anomalib_memkd.MemKD"}[uninterrupted["name"]]
     assert checkpoint["anomalib_kd_model"] == expected
+
+
+# ---------------------------------------------------------------------------------------------- manual save
+def _differences(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> str:
+    """'' when ``state`` equals ``reference`` bit for bit, else how many tensors differ and by how much at most."""
+    assert state.keys() == reference.keys()
+    different = [key for key in reference if not torch.equal(state[key], reference[key])]
+    if not different:
+        return ""
+    delta = max(float((state[key].double() - reference[key].double()).abs().max()) for key in different)
+    return f"{len(different)} tensors differ (max |delta| {delta:.3g}), e.g. {different[:3]}"
+
+
+class _StopAfter(Callback):
+    """A user's callback that ends the fit after epoch ``epoch`` with ``trainer.should_stop``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+#: fits stopped after these epochs (AAND 2 + 2 epochs: in stage 1, at the stage boundary, in stage 2; MemKD 2 epochs)
+STOPS = {"aand": (0, 1, 2), "memkd": (0,)}
+
+
+@pytest.fixture(scope="module")
+def stopped_runs(runs, tmp_path_factory: pytest.TempPathFactory):
+    """``stopped_runs(name)``: the uninterrupted run as a chain of fits, each stopped after an epoch of STOPS, saved
+    with ``trainer.save_checkpoint`` once ``fit`` returned, and resumed from that file by the next fit."""
+    cache: dict[str, dict] = {}
+
+    def chain(name: str) -> dict:
+        if name not in cache:
+            run, workdir = runs(name), tmp_path_factory.mktemp(f"stopped_{name}")
+            stopped, checkpoints, checkpoint = {}, {}, None
+            for epoch in STOPS[name]:
+                seed_everything(0 if checkpoint is None else 123)  # the first fit starts like the uninterrupted one
+                model = BUILDERS[name]()
+                engine = _engine(workdir / f"fit{epoch}", callbacks=[_StopAfter(epoch)])
+                engine.fit(model, datamodule=mvtec_datamodule(run["root"]), ckpt_path=checkpoint)
+                stopped[epoch] = _state(model)
+                checkpoint = checkpoints[epoch] = workdir / f"manual{epoch}.ckpt"
+                engine.trainer.save_checkpoint(checkpoint)  # Lightning's documented way, after the fit returned
+            seed_everything(123)
+            model = BUILDERS[name]()
+            _engine(workdir / "last").fit(model, datamodule=mvtec_datamodule(run["root"]), ckpt_path=checkpoint)
+            cache[name] = {"run": run, "stopped": stopped, "checkpoints": checkpoints, "final": _state(model)}
+        return cache[name]
+
+    return chain
+
+
+@pytest.mark.parametrize("name", ["aand", "memkd"])
+def test_manual_save_after_a_stopped_fit_resumes_bit_identically(stopped_runs, name: str) -> None:
+    """``trainer.save_checkpoint("manual.ckpt")`` after ``trainer.should_stop``, then ``fit(ckpt_path=...)``: exact.
+
+    Before, that checkpoint held no random state (the streams ended with the fit, before the save): a resumed AAND
+    ended max |delta param| 2.2 away from the uninterrupted run, while the Engine's checkpoint of the same epoch
+    resumed exactly. Each resumed fit is compared where it stops, and the last one at the end of the schedule.
+    """
+    chain = stopped_runs(name)
+    for epoch, state in chain["stopped"].items():
+        checkpoint = torch.load(chain["run"]["checkpoints"][epoch], map_location="cpu", weights_only=True)
+        assert not _differences(state, checkpoint["state_dict"]), f"after epoch {epoch}: {_differences(state, checkpoint['state_dict'])}"
+    assert not _differences(chain["final"], chain["run"]["state"]), _differences(chain["final"], chain["run"]["state"])
+
+
+CLI_MODEL_ARGS = {
+    "aand": ["--model", "Aand", "--model.memory_size", "4", "--model.stage1_epochs", "2", "--model.stage2_epochs", "2",
+             "--model.anomaly_source_path", "null"],
+    "memkd": ["--model", "MemKD", "--model.memory_size", "4", "--model.num_exemplars", "4", "--model.epochs", "2"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("name", "epoch"),
+    [("aand", 0), ("aand", 1), ("aand", 2), ("memkd", 0)],
+    ids=["aand-in stage 1", "aand-at the stage boundary", "aand-in stage 2", "memkd"],
+)
+def test_stock_cli_ckpt_path_resumes_bit_identically(stopped_runs, name: str, epoch: int, tmp_path: Path) -> None:
+    """``anomalib train ... --ckpt_path <file>`` (anomalib's CLI class, in this process) continues exactly.
+
+    The checkpoints are the manual saves above: the model is built by jsonargparse from the flags, and the state
+    of the run reaches the callbacks through the checkpoint alone. The installed command is run once below.
+    """
+    from anomalib.cli.cli import AnomalibCLI
+
+    chain = stopped_runs(name)
+    seed_everything(123)
+    cli = AnomalibCLI([
+        "train", *CLI_MODEL_ARGS[name],
+        "--model.backbone", "resnet18", "--model.pre_trained", "false",
+        "--model.pre_processor", str(_size_snippet(tmp_path, SIZE)),
+        "--data", "anomalib.data.MVTecAD", "--data.root", str(chain["run"]["root"]), "--data.category", CATEGORY,
+        "--data.num_workers", "0", "--data.train_batch_size", "4", "--data.eval_batch_size", "4", "--data.seed", "0",
+        "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--logging.log_graph", "false",
+        "--default_root_dir", str(tmp_path / "results"), "--ckpt_path", str(chain["checkpoints"][epoch]),
+    ])  # fmt: skip
+    assert not _differences(_state(cli.model), chain["run"]["state"]), _differences(_state(cli.model), chain["run"]["state"])
 
 
 # ---------------------------------------------------------------------------------------------- stock CLI
@@ -322,13 +427,15 @@ def test_missing_ground_truth_folder_is_named(make_dataset, tmp_path: Path) -> N
 
 
 def test_data_check_switch(monkeypatch) -> None:
+    from anomalib_kd_base.resume import data_checks_on
+
     model = _aand()
-    assert model._data_checks_on()
+    assert data_checks_on(model)
     monkeypatch.setenv("ANOMALIB_KD_DATA_CHECK", "0")
-    assert not model._data_checks_on()
+    assert not data_checks_on(model)
     monkeypatch.delenv("ANOMALIB_KD_DATA_CHECK")
     model.data_check = False
-    assert not model._data_checks_on()
+    assert not data_checks_on(model)
 
 
 def test_test_set_without_anomalous_images_reports_nan(runs, make_dataset, tmp_path: Path, caplog) -> None:

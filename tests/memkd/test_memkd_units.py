@@ -781,7 +781,7 @@ def test_exemplar_stream_resumes_exactly_with_loader_workers() -> None:
     # 8 images, batch 2: each draw holds N + B = 4 images, 2 draws per pass over the training set
     datamodule = SimpleNamespace(train_data=_Indices(8), train_batch_size=2, num_workers=1, external_collate_fn=None)
     model._trainer = SimpleNamespace(datamodule=datamodule)  # noqa: SLF001
-    model.rank_stream_seed = 1234  # what fit start sets (DistributedTrainingMixin)
+    model.kd_random.start(1234)  # what fit start does (anomalib_kd_base.distributed.RankRandomness)
     draws = 6  # three passes
     for stop in (1, 2, 3):  # inside pass 1, at the end of pass 1, inside pass 2
         cycle = model._build_exemplar_iterator()  # noqa: SLF001
@@ -790,7 +790,7 @@ def test_exemplar_stream_resumes_exactly_with_loader_workers() -> None:
         state = cycle.state_dict()  # what a checkpoint written here holds
         reference += [next(cycle) for _ in range(draws - stop)]
         del cycle
-        model._kd_pending_cycles = {"exemplars": state}  # noqa: SLF001  # what on_load_checkpoint leaves
+        model.kd_random.pending_cycles = {"exemplars": state}  # what a resumed fit's start leaves
         resumed = model._build_exemplar_iterator()  # noqa: SLF001
         continued = [next(resumed) for _ in range(draws - stop)]
         del resumed
