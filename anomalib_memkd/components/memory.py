@@ -20,9 +20,11 @@ An NR memory is a set of ``L`` learnable key-value pairs
 **Temperature.** The paper has no temperature, i.e. ``tau = 1``. Cosines lie in ``[-1, 1]``, so at ``tau = 1`` the
 logits span at most 2 nats: with ``L = 50`` a key matching the query exactly (cos 1) against 49 orthogonal keys gets
 ``e / (e + 49) = 0.053`` of the weight, and the read is ~95 % the *mean* of the values whatever the query (no
-selective recall; Eq. 8-9 likewise cannot reconstruct anything but a near-mean of the values). The default of the
-models is therefore ``tau = 0.1`` (see :class:`anomalib_memkd.MemKD` for the evidence); ``tau = 1`` is one flag away
-(``temperature=1.0``). The same ``tau`` is used in Eq. 5 and Eq. 8.
+selective recall; Eq. 8-9 likewise cannot reconstruct anything but a near-mean of the values). A lower ``tau``
+sharpens the softmax, but random keys in ``C`` dimensions have cosines of order ``1 / sqrt(C)``, so much of what it
+gives at random init is that of random keys, and measured at WideResNet50-2 channels training did not add to it
+(docs/memkd.md, "Addressing evidence"). :class:`anomalib_memkd.MemKD` defaults to ``tau = 0.1`` for the image AUROC
+measured there, ``tau = 1`` is one flag away (``temperature=1.0``). The same ``tau`` is used in Eq. 5 and Eq. 8.
 
 Layout (measured on the CPU at the shapes of the three WideResNet50-2 memories, 256 px): both operations are
 batched matrix products over all ``H*W`` positions at once, reading the ``(B, C, H*W)`` flat view of the feature map

@@ -7,6 +7,7 @@ Engine's); the tests bound the short fits with ``max_steps``.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -301,3 +302,17 @@ def test_config_file_parses(tmp_path: Path) -> None:
     assert "MemKD" in result.stdout
     assert "epochs: 100" in result.stdout
     assert "category: bottle" in result.stdout
+    # the config is the paper's recipe: Eq. 5/8 without temperature, Eq. 10's sum, batch 16 (the constructor's
+    # defaults differ in temperature / nm_reduction only, see docs/memkd.md)
+    import yaml
+
+    printed = yaml.safe_load(result.stdout)
+    init = printed["model"]["init_args"]
+    assert init["temperature"] == 1.0 and init["nm_reduction"] == "sum" and init["orth_form"] == "abs"
+    assert init["memory_size"] == 50 and init["num_exemplars"] == 16 and init["lr"] == 0.005
+    assert init["lambda_nm"] == init["lambda_orth"] == 0.1 and init["backbone"] == "wide_resnet50_2.tv_in1k"
+    assert printed["data"]["init_args"]["train_batch_size"] == 16
+    defaults = {name: parameter.default for name, parameter in inspect.signature(MemKD).parameters.items()}
+    as_python = {name: tuple(value) if isinstance(value, list) else value for name, value in init.items()}
+    differs = {name for name, value in as_python.items() if name in defaults and defaults[name] != value}
+    assert differs == {"temperature", "nm_reduction"}, differs
