@@ -1,19 +1,11 @@
-"""Data checks at fit start: bad data is named before any training time is spent.
+"""Data checks at fit start: bad data is named before any training time is spent (docs/training.md).
 
-The models run them (``prepare_data`` and :class:`anomalib_kd_base.resume.RunGuards`); they are on by default and cost a
-few seconds (every image is decoded once, in threads). Switch them off with the environment variable
-``ANOMALIB_KD_DATA_CHECK=0`` (or set ``model.data_check = False`` before ``fit``).
-
-* :func:`check_mvtec_layout` - *before* anomalib's ``MVTecAD`` datamodule builds its sample table (Lightning calls
-  the model's ``prepare_data`` before the datamodule's ``setup``): every anomalous test image needs a mask under
-  ``ground_truth/<defect>/``; anomalib would otherwise stop with pandas' ``ValueError: Must have equal len keys and
-  value``. The error names the missing folder or files.
-* :func:`check_datasets` - after the datamodule's ``setup``: every image of the training, validation and test
-  sets (and every named mask) exists and decodes; the first bad files are named. A truncated PNG otherwise
-  raises ``OSError: image file is truncated`` without a file name, and a bad test image crashes ``fit`` at the
-  first validation, after training.
-* :func:`anomalous_count` - a test / validation set without anomalous images makes AUROC, AUPR and F1 undefined;
-  the guard warns, and reports those metrics as NaN instead of torchmetrics' 0.0.
+On by default, a few seconds (every image decoded once, in threads); off with ``ANOMALIB_KD_DATA_CHECK=0`` or
+``model.data_check = False``. :func:`check_mvtec_layout` runs in the model's ``prepare_data``, before anomalib's
+``MVTecAD`` builds its sample table (which would fail with pandas' ``Must have equal len keys and value`` on a
+missing mask); :func:`check_datasets` in ``setup("fit")`` (:class:`anomalib_kd_base.resume.RunGuards`): every image
+and mask decodes (a truncated PNG otherwise raises ``OSError`` without a file name, a bad test image only after
+training); :func:`anomalous_count` finds a test set without anomalous images (AUROC, AUPR, F1 undefined: NaN).
 """
 
 from __future__ import annotations

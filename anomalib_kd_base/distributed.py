@@ -1,27 +1,15 @@
-"""Random streams and distributed (DDP) behaviour of AAND and MemKD, as Lightning callbacks (see docs/ddp.md).
+"""Random streams and distributed (DDP) behaviour of AAND and MemKD as Lightning callbacks (docs/ddp.md, training.md).
 
-:class:`~anomalib_kd_base.model.KDModelBase` adds the callbacks (``configure_callbacks``); nothing here launches
-processes, both models train with Lightning's own strategies.
-
-* :class:`RankRandomness` - **per-rank random streams.** At fit start every rank draws the same base seed from the
-  global torch RNG (reproducible after ``seed_everything``) and runs its on-the-fly randomness (AAND's synthesis
-  and ``L_A`` pair draws, MemKD's exemplar loader) on its own stream :func:`rank_seed` ``(base, rank)``, which
-  never touches the global RNG (:class:`RNGStream`). The global RNG (the training loader's shuffling) is re-seeded
-  from ``(base, epoch)`` at every epoch start, because Lightning restores no global RNG. The base seed, every
-  rank's stream and the models' :class:`~anomalib_kd_base.resume.ResumableCycle` positions are the callback's
-  ``state_dict``, which Lightning stores in every checkpoint however it is written (``ModelCheckpoint``,
-  ``trainer.save_checkpoint`` during or after ``fit``): a resumed fit continues bit-identically.
-* :class:`DistributedTraining` - in ``setup``: every rank uses rank 0's results folder (anomalib's ``Engine.fit``
-  makes one per process); in ``setup("fit")``, before DDP wraps the module, what never trains stops requiring
-  grad; at fit start, a model that leaves parameters unused in a step (AAND) refuses a DDP wrapper without
-  ``find_unused_parameters`` (the Engine names the strategy for it: :func:`anomalib_kd_base.upstream.install_engine_hook`).
-* :class:`DistributedEvaluation` - **exact evaluation**: Lightning's ``DistributedSampler`` pads the evaluation set
-  with repeats; they are dropped from each batch before the pre-processor, post-processor and evaluator see it
-  (:func:`padded_positions_to_drop`). BatchNorm buffers (no ``SyncBatchNorm`` by default, as anomalib's RD) are
-  broadcast from rank 0 before every validation and at the end of training.
-
-Exports under DDP write on rank 0 only (:func:`run_on_rank_zero`). Gradients: each rank computes its losses on its
-own batch and DDP averages the gradients (the mean of the per-rank losses, not the loss of the concatenated batch).
+* :class:`RankRandomness` - each rank's on-the-fly randomness (AAND's synthesis and pair draws, MemKD's exemplars)
+  runs on its own stream :func:`rank_seed` ``(base, rank)`` (:class:`RNGStream`, never the global RNG); the global
+  RNG (the train loader's shuffling) is re-seeded from ``(base, epoch)`` at every epoch start, because Lightning
+  restores none. Base seed, streams and :class:`~anomalib_kd_base.resume.ResumableCycle` positions are its
+  ``state_dict``, which Lightning stores in every checkpoint however it is written: resumes are bit-identical.
+* :class:`DistributedTraining` - rank 0's results folder for every rank; what never trains frozen before DDP wraps
+  the module; a DDP wrapper without ``find_unused_parameters`` refused for AAND (each step trains a part).
+* :class:`DistributedEvaluation` - the repeats ``DistributedSampler`` pads the evaluation set with are dropped
+  before the pre-/post-processor and evaluator see a batch; rank 0's BatchNorm buffers are broadcast before every
+  validation and at the end of training (no ``SyncBatchNorm`` by default, as anomalib's RD).
 """
 
 from __future__ import annotations
@@ -76,12 +64,10 @@ def rank_seed(base_seed: int, rank: int) -> int:
 
 
 class RNGStream:
-    """A private random stream for code that draws from torch's *global* generators.
+    """A private random stream for code that draws from torch's *global* generators (anomalib's Perlin generator).
 
-    anomalib's Perlin generator and torchvision's random transforms take no ``generator`` argument. Inside
-    ``with stream.activate(device):`` the global CPU generator (and ``device``'s default generator when it is an
-    accelerator) continue this stream; on exit the stream's state is stored and the global generators get their
-    previous state back, so code outside the block is unaffected.
+    Inside ``with stream.activate(device):`` the global CPU generator (and ``device``'s, for an accelerator) continue
+    this stream; on exit the stream's state is kept and the global generators get their previous state back.
     """
 
     def __init__(self, seed: int) -> None:
@@ -114,7 +100,8 @@ class RNGStream:
         accelerator = None
         if device.type not in {"cpu", "meta"}:
             accelerator = torch.get_device_module(device.type)
-            device = torch.device(device.type, device.index if device.index is not None else accelerator.current_device())
+            index = device.index if device.index is not None else accelerator.current_device()
+            device = torch.device(device.type, index)
         saved_cpu = torch.get_rng_state()
         saved_device = accelerator.get_rng_state(device.index) if accelerator is not None else None
         try:
@@ -139,9 +126,9 @@ class RNGStream:
 class RankRandomness(Callback):
     """This rank's random stream during ``fit`` and its exact resume (see the module docstring).
 
-    ``state_dict``: ``{"base_seed", "world_size", "ranks": [{"stream": RNGStream state, "cycles": {name:
-    ResumableCycle state}}, ...]}`` (every rank's, gathered), the live state during a fit and the state at its end
-    after it; empty before the first fit.
+    ``state_dict``: ``{"base_seed", "world_size", "ranks": [{"stream", "cycles": {name: position}}, ...]}`` (all
+    ranks', gathered): live during a fit, as it ended after it (``trainer.save_checkpoint`` after ``fit``), empty
+    before the first fit.
     """
 
     def __init__(self) -> None:
@@ -257,11 +244,10 @@ def _distributed(trainer: Any) -> bool:  # noqa: ANN401
 
 
 def align_workspace(trainer: Any) -> None:  # noqa: ANN401
-    """Give every rank rank 0's ``default_root_dir`` (anomalib's versioned results folder).
+    """Give every rank rank 0's ``default_root_dir``: every process's ``Engine.fit`` made its own ``v<k>`` folder.
 
-    Under DDP every process runs ``Engine.fit``, whose ``create_versioned_dir`` makes one new ``v<k>`` folder per
-    process and points ``latest`` at whichever came last. In ``setup`` (all processes joined, nothing written yet)
-    the other ranks adopt rank 0's folder, delete their own while it is an empty ``v<k>`` and point ``latest`` back.
+    In ``setup`` (all processes joined, nothing written yet) the other ranks adopt rank 0's folder, delete their own
+    while it is empty and point ``latest`` back at rank 0's.
     """
     if not _distributed(trainer):
         return
@@ -312,10 +298,9 @@ class DistributedTraining(Callback):
 
 
 def configure_trainable_parameters(model: nn.Module) -> None:
-    """The frozen teacher (``encoder``) and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad.
+    """The frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad.
 
-    Called in ``setup("fit")``, before DDP registers the parameters that require grad: DDP would wait for (and
-    all-reduce) gradients they never get.
+    In ``setup("fit")``, before DDP registers the parameters that require grad (it would wait for their gradients).
     """
     encoder = getattr(model, "encoder", None)
     if isinstance(encoder, nn.Module):
@@ -414,7 +399,7 @@ class DistributedEvaluation(Callback):
     def drop_padded_samples(self, trainer: Any, batch: Any, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         """Remove, in place, the samples ``DistributedSampler`` repeated to even out the ranks."""
         image = getattr(batch, "image", None)
-        if trainer.world_size <= 1 or not isinstance(image, torch.Tensor) or image.dim() == 0 or not is_dataclass(batch):
+        if trainer.world_size <= 1 or not is_dataclass(batch) or not isinstance(image, torch.Tensor) or not image.dim():
             return
         size = int(image.shape[0])
         start = self._seen.get(dataloader_idx, 0)

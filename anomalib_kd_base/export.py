@@ -12,17 +12,10 @@ hook) expects the torch model at ``self.model`` with the teacher at ``self.model
 * exports ONNX / OpenVINO graphs with a dynamic input height and width (anomalib makes them static when
   ``input_size`` is given): the pre-processor's resize is the graph's first op, so an export serves camera frames
   of any size (``to_onnx(..., dynamic_spatial=False)`` keeps anomalib's static input);
-* writes the record into exported models, every key prefixed ``anomalib_kd.`` in ONNX/torch and under the
-  ``anomalib_kd`` section in OpenVINO:
-
-  - ONNX: ``metadata_props`` (``{p.key: p.value for p in onnx.load(path).metadata_props}``);
-  - OpenVINO: ``rt_info`` (``ov.Core().read_model(xml).get_rt_info(["anomalib_kd", "weights_tag"]).astype(str)``);
-    the IR is re-serialised once with ``compress_to_fp16=False``, which keeps the precision of every constant as
-    anomalib saved it (FP16 stays FP16, INT8 stays INT8);
-  - torch: a ``"metadata"`` dict next to ``"model"`` in the saved ``.pt`` (``TorchInferencer`` reads ``["model"]``).
-
-Keys: ``model`` (class name) plus those of :data:`anomalib_kd_base.weights.PROVENANCE_KEYS`; ``teacher_sha256`` is
-recomputed from the teacher being exported.
+* writes the record (``model`` plus :data:`~anomalib_kd_base.weights.PROVENANCE_KEYS`, ``teacher_sha256``
+  recomputed) into exports: ONNX ``metadata_props`` and torch ``"metadata"`` (keys ``anomalib_kd.<key>``), the
+  OpenVINO ``rt_info`` section ``anomalib_kd`` (the IR re-serialised with ``compress_to_fp16=False``: every
+  constant keeps its precision). See docs/offline_weights.md for reading them back.
 """
 
 from __future__ import annotations
@@ -123,13 +116,9 @@ class ProvenanceExportMixin:
     ) -> Path:
         """anomalib's ONNX export with a dynamic input height and width, then the provenance in ``metadata_props``.
 
-        The exported graph starts with the pre-processor's resize to the model's size, so it accepts an image of
-        any ``H x W`` (and any batch size): ``input_size`` only documents the size the deployment expects. anomalib
-        makes ``H`` / ``W`` static whenever ``input_size`` is given, so that an export at 256 px refused a 100x100
-        camera frame with an input-shape error in OpenVINO; here the spatial axes stay dynamic unless
-        ``dynamic_spatial=False`` (anomalib's static behaviour), the caller passes its own ``dynamic_axes`` /
-        ``dynamic_shapes``, or the pre-processor has no resize (then the model needs ``input_size`` exactly).
-        Everything after the resize has static shapes, so the graph has no data-dependent control flow.
+        The graph starts with the pre-processor's resize, so it takes any ``B x H x W`` (anomalib makes ``H`` / ``W``
+        static whenever ``input_size`` is given: a 256 px export refused a 100x100 frame in OpenVINO). Static with
+        ``dynamic_spatial=False``, the caller's own ``dynamic_axes`` / ``dynamic_shapes``, or no resize.
         """
         if dynamic_spatial and "dynamic_axes" not in kwargs and "dynamic_shapes" not in kwargs:
             if export_resizes_input(self):

@@ -1,42 +1,20 @@
 """What the Lightning models ``Aand`` and ``MemKD`` share: argument checks, the teacher, callbacks, checkpoints.
 
-:class:`KDModelBase` is the first base of both models, ``AnomalibModule`` the last (it stays a direct base: anomalib's
-model lookup walks ``AnomalibModule.__subclasses__()``)::
+``class Aand(KDModelBase, AnomalibModule)``: ``AnomalibModule`` stays a direct base (anomalib's model lookup walks
+its ``__subclasses__()``). The bases of :class:`KDModelBase` (``ProvenanceExportMixin``, ``AnomalyMapPTQMixin``)
+override no Lightning hook: the run-time behaviours are callbacks that ``configure_callbacks`` adds to anomalib's
+components, the same instances in every ``fit`` / ``validate`` / ``test`` / ``predict`` (Lightning restores their
+checkpointed state by ``state_key``): ``RankRandomness`` (``model.kd_random``), ``DistributedTraining``,
+``DistributedEvaluation`` (:mod:`.distributed`) and ``RunGuards`` (``model.kd_guards``, :mod:`.resume`). The base's
+own hooks are model behaviour: ``configure_callbacks``; ``prepare_data`` (the layout check must run before the
+datamodule's ``setup``, earlier than any callback hook); ``on_save_checkpoint`` / ``on_load_checkpoint`` (model
+state, which ``load_from_checkpoint`` restores without a trainer: the model and teacher records, the other model's
+checkpoint refused, the anomaly map re-sized to the restored pre-processor).
 
-    class Aand(KDModelBase, AnomalibModule): ...
-
-Its bases :class:`~anomalib_kd_base.export.ProvenanceExportMixin` and
-:class:`~anomalib_kd_base.quantization.AnomalyMapPTQMixin` override no Lightning hook. The run-time behaviours are
-Lightning callbacks that :meth:`KDModelBase.configure_callbacks` adds to anomalib's components, the same instances
-for every ``fit`` / ``validate`` / ``test`` / ``predict`` of the model (so checkpointed state reaches them):
-:class:`~anomalib_kd_base.distributed.RankRandomness` (``kd_random``),
-:class:`~anomalib_kd_base.distributed.DistributedTraining`, :class:`~anomalib_kd_base.distributed.DistributedEvaluation`
-and :class:`~anomalib_kd_base.resume.RunGuards` (``kd_guards``). Its own Lightning hooks are model behaviour:
-``configure_callbacks``; ``prepare_data`` (the data layout check, which must run before the datamodule's ``setup``,
-earlier than any callback hook); ``on_save_checkpoint`` / ``on_load_checkpoint`` (model state, also for
-``load_from_checkpoint``, where no callback runs: the model and teacher records, the other model's checkpoint
-refused, the image size). It adds:
-
-* :meth:`KDModelBase.require_input_size`: the fixed image size the pre-processor produces, or the model's own error;
-* :meth:`KDModelBase.build_network`: the torch model with its frozen teacher (``backbone`` / ``layers`` /
-  ``pre_trained`` / ``backbone_weights``, built by :func:`anomalib_kd_base.weights.build_teacher`, which also writes
-  the provenance record ``model.teacher_provenance`` that ``ProvenanceExportMixin`` keeps in checkpoints and
-  exports) at the pre-processor's size, with the opt-in fast eval path set;
-* ``on_load_checkpoint``: once anomalib has restored the saved pre-processor, the anomaly map is re-sized to it;
-* the random streams of a fit for the models' code: :meth:`~KDModelBase.rank_random`, ``rank_stream_seed``,
-  :meth:`~KDModelBase.resumable_cycle`; exports under DDP on rank 0 only;
-* ``learning_type`` (one-class), ``validation_step`` and ``trainer_arguments`` (no gradient clipping, no sanity
-  validation, ``max_epochs`` = the model's :attr:`~KDModelBase.training_epochs`).
-
-Its ``__init__`` declares anomalib's four components (``pre_processor``, ``post_processor``, ``evaluator``,
-``visualizer``) once for both models: each model's constructor takes its own arguments and passes the components on
-as ``**components``. jsonargparse (the anomalib CLI) follows that ``super().__init__(**components)`` call, so
-``--model.pre_processor`` etc. keep their types and help text; Lightning's ``save_hyperparameters`` records the
-model's own arguments (anomalib leaves the components out of the hyperparameters, as before).
-
-The argument checks of the constructors (:func:`check_at_least`, :func:`check_positive`, :func:`check_choice`) keep
-each model's wording, which users and tests match: AAND's ``"lr must be > 0, got 0.0"``, and with ``sentence=True``
-MemKD's ``"lr must be positive, got 0.0."``.
+``__init__`` declares anomalib's four components once for both models, which pass them on as ``**components``;
+jsonargparse (the anomalib CLI) follows that call, so ``--model.pre_processor`` etc. keep their types and help. The
+argument checks keep each model's wording: AAND's ``"lr must be > 0, got 0.0"``, with ``sentence=True`` MemKD's
+``"lr must be positive, got 0.0."``.
 """
 
 from __future__ import annotations
@@ -265,21 +243,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         return self.kd_random.activate(device)
 
     def resumable_cycle(self, loader: DataLoader, generator: Any, name: str = "default") -> Any:  # noqa: ANN401
-        """An endless iterator over ``loader`` whose position is saved in checkpoints and restored on resume.
-
-        For loaders a model draws from during training (MemKD's exemplars): ``generator`` must be the one that
-        shuffles ``loader`` (its ``sampler``'s, not also the ``DataLoader``'s: see ``ResumableCycle``).
-        Creating it again after a resume continues exactly where the checkpoint was written.
-        """
+        """An endless iterator over ``loader`` (shuffled by ``generator``: see ``ResumableCycle``), resumed exactly."""
         return self.kd_random.cycle(loader, generator, name)
-
-    def configure_rank_streams(self, base_seed: int, rank: int) -> None:
-        """Seed this rank's private stream from ``rank_seed(base_seed, rank)`` (what fit start does)."""
-        self.kd_random.start(distributed.rank_seed(base_seed, rank))
-
-    def clear_rank_streams(self) -> None:
-        """Back to the global RNG (what fit end does)."""
-        self.kd_random.stop()
 
     def configure_trainable_parameters(self) -> None:
         """In ``setup("fit")``, before DDP wraps the module: what never trains stops requiring grad."""
@@ -308,9 +273,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse the other model's checkpoint; restore anomalib's components and the teacher's record; re-size.
 
-        ``load_from_checkpoint`` builds the module with the default pre-processor (256 px) before anomalib restores
-        the saved one; without the re-size the anomaly map of a model trained at another size would be 256 px. A
-        pre-processor the user passed that disagrees with the checkpoint's gets a warning (the checkpoint's wins).
+        ``load_from_checkpoint`` builds the module with the default 256 px pre-processor before anomalib restores the
+        saved one, so the anomaly map is re-sized to it; a pre-processor the user passed loses, with a warning.
         """
         refuse_other_model(self, checkpoint)
         if self.kd_guards.keep_trained_model(self, checkpoint):

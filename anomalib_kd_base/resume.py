@@ -1,21 +1,12 @@
 """Run guards of AAND and MemKD: the :class:`RunGuards` callback, checkpoint records and resumable iteration.
 
-:class:`RunGuards` (added by :meth:`KDModelBase.configure_callbacks <anomalib_kd_base.model.KDModelBase>`):
-
-* **Testing after a resumed fit.** anomalib's ``Engine.train`` (``anomalib train ... --ckpt_path last.ckpt``)
-  passes the same ``ckpt_path`` to ``trainer.test``, which would reload the *interrupted* checkpoint and print its
-  metrics. When a fit resumed from ``ckpt_path`` ran to its end, the next ``test`` / ``validate`` / ``predict``
-  with that path keeps the model in memory and the callbacks' states (a warning says so). Once per fit.
-* **Mid-epoch checkpoints.** Lightning resumes a checkpoint written inside an epoch (``max_steps``, a step-interval
-  ``ModelCheckpoint``) at the next epoch's start: a warning says how many batches are skipped.
-* **Bad data** (:mod:`anomalib_kd_base.checks`): every image decodes, in ``setup("fit")``; the layout check runs
-  earlier, in the model's ``prepare_data`` (before the datamodule builds its sample table).
-  ``ANOMALIB_KD_DATA_CHECK=0`` or ``model.data_check = False`` switches both off.
-* **No anomalous test images.** AUROC, AUPR, AUPRO and F1 are undefined: reported as NaN (torchmetrics would
-  return 0.0 with a warning), with a warning.
-
-The model's own checkpoint hooks (:class:`~anomalib_kd_base.model.KDModelBase`) record which model wrote a
-checkpoint (:data:`MODEL_KEY`) and refuse the other model's (:func:`refuse_other_model`).
+:class:`RunGuards`: after a fit resumed from ``ckpt_path`` ran to its end, the next ``test`` / ``validate`` /
+``predict`` with that path (anomalib's ``Engine.train`` passes it on) keeps the model just trained and the callbacks'
+states, with a warning, once per fit; a checkpoint written inside an epoch warns that Lightning skips the rest of
+it; every image decodes (``setup("fit")``; the layout is checked earlier, in the model's ``prepare_data``; both off
+with ``ANOMALIB_KD_DATA_CHECK=0`` or ``model.data_check = False``); a test set without anomalous images reports
+AUROC, AUPR, AUPRO and F1 as NaN (torchmetrics: 0.0), with a warning. The model's checkpoint hooks record which
+model wrote a checkpoint (:data:`MODEL_KEY`) and refuse the other model's (:func:`refuse_other_model`).
 """
 
 from __future__ import annotations
@@ -125,7 +116,10 @@ def refuse_other_model(model: Any, checkpoint: dict[str, Any]) -> None:  # noqa:
     mine, held = type(model).__name__, holds.split(" ")[0].split(".")[-1]
     if held == mine or held not in {name.split(" ")[0] for name in _known_models().values()}:
         return
-    msg = f"This checkpoint holds a {holds} model, not {mine}: load it with {held}.load_from_checkpoint(...) (CLI: --model {held})."
+    msg = (
+        f"This checkpoint holds a {holds} model, not {mine}: load it with {held}.load_from_checkpoint(...) "
+        f"(CLI: --model {held})."
+    )
     raise ValueError(msg)
 
 
@@ -224,11 +218,10 @@ class RunGuards(Callback):
             )  # fmt: skip
 
     def keep_trained_model(self, model: Any, checkpoint: dict[str, Any]) -> bool:  # noqa: ANN401
-        """After a resumed fit ran to its end: make ``checkpoint`` (of the resume path) the state in memory.
+        """After a resumed fit ran to its end: make ``checkpoint`` (of the resume path) hold the state in memory.
 
-        Called by the model's ``on_load_checkpoint``, the one hook that runs before Lightning loads the weights.
-        Lightning restores callback states in test too, and anomalib's post-processor is a callback whose state is
-        its thresholds and normalisation bounds: they are kept as well.
+        Called by the model's ``on_load_checkpoint``, which runs before Lightning loads the weights. The callbacks'
+        states are kept too: anomalib's post-processor is a callback (thresholds, normalisation bounds).
         """
         trainer, finished = attached_trainer(model), self._finished_resume
         if trainer is None or finished is None or trainer.training:

@@ -224,7 +224,7 @@ def test_rng_stream_is_private_and_continuous() -> None:
 
 
 def _synthesise(model, base_seed: int, rank: int) -> torch.Tensor:
-    model.configure_rank_streams(base_seed, rank)
+    model.kd_random.start(rank_seed(base_seed, rank))  # what fit start does
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with model.rank_random(images.device):
         _, masks, _ = model.synthesizer(images)
@@ -241,7 +241,7 @@ def test_aand_synthesis_stream_per_rank() -> None:
     assert rank0.sum() > 0
     assert torch.equal(rank0, rank0_again)
     assert not torch.equal(rank0, rank1)
-    model.clear_rank_streams()
+    model.kd_random.stop()  # what fit end does
     torch.manual_seed(3)
     outside = model.synthesizer(torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)))[1]
     torch.manual_seed(3)
@@ -255,7 +255,7 @@ def test_memkd_exemplar_stream_per_rank(ddp_dataset: Path) -> None:
     model._trainer = SimpleNamespace(datamodule=datamodule)  # noqa: SLF001
 
     def draws(rank: int) -> list[str]:
-        model.configure_rank_streams(42, rank)
+        model.kd_random.start(rank_seed(42, rank))
         iterator = model._build_exemplar_iterator()  # noqa: SLF001
         return [path for _ in range(4) for path in next(iterator).image_path]
 
@@ -334,7 +334,7 @@ def test_setup_prepares_ddp_wrapping(name: str, find_unused: bool) -> None:
     wrapped.__dict__["find_unused_parameters"] = False
     trainer = SimpleNamespace(strategy=SimpleNamespace(model=wrapped))
     if find_unused:
-        with pytest.raises(ValueError, match=r"trains only a part .* --trainer\.strategy ddp_find_unused_parameters_true"):
+        with pytest.raises(ValueError, match=r"part .* --trainer\.strategy ddp_find_unused_parameters_true"):
             callback.on_fit_start(trainer, model)
     else:
         callback.on_fit_start(trainer, model)

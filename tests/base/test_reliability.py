@@ -229,8 +229,10 @@ def test_manual_save_after_a_stopped_fit_resumes_bit_identically(stopped_runs, n
     chain = stopped_runs(name)
     for epoch, state in chain["stopped"].items():
         checkpoint = torch.load(chain["run"]["checkpoints"][epoch], map_location="cpu", weights_only=True)
-        assert not _differences(state, checkpoint["state_dict"]), f"after epoch {epoch}: {_differences(state, checkpoint['state_dict'])}"
-    assert not _differences(chain["final"], chain["run"]["state"]), _differences(chain["final"], chain["run"]["state"])
+        difference = _differences(state, checkpoint["state_dict"])
+        assert not difference, f"after epoch {epoch}: {difference}"
+    difference = _differences(chain["final"], chain["run"]["state"])
+    assert not difference, f"at the end: {difference}"
 
 
 CLI_MODEL_ARGS = {
@@ -264,7 +266,8 @@ def test_stock_cli_ckpt_path_resumes_bit_identically(stopped_runs, name: str, ep
         "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false", "--logging.log_graph", "false",
         "--default_root_dir", str(tmp_path / "results"), "--ckpt_path", str(chain["checkpoints"][epoch]),
     ])  # fmt: skip
-    assert not _differences(_state(cli.model), chain["run"]["state"]), _differences(_state(cli.model), chain["run"]["state"])
+    difference = _differences(_state(cli.model), chain["run"]["state"])
+    assert not difference, difference
 
 
 # ---------------------------------------------------------------------------------------------- stock CLI
