@@ -331,7 +331,7 @@ class Aand(KDModelBase, AnomalibModule):
 
     # ------------------------------------------------------------------ hooks
     def on_fit_start(self) -> None:
-        super().on_fit_start()  # seeds this rank's synthesis stream
+        super().on_fit_start()  # this rank's synthesis stream is seeded (RankRandomness callback, before this hook)
         datamodule = getattr(self.trainer, "datamodule", None)
         train_data = getattr(datamodule, "train_data", None)
         if train_data is not None and len(train_data) == 0:

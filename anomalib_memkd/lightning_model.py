@@ -269,7 +269,7 @@ class MemKD(KDModelBase, AnomalibModule):
         self._exemplars_per_step = num_exemplars
         workers = int(getattr(datamodule, "num_workers", 0) or 0)
         collate_fn = getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn
-        # During fit: this rank's own reproducible stream (see DistributedTrainingMixin); else the global RNG.
+        # During fit: this rank's own reproducible stream (KDModelBase.rank_stream_seed); else the global RNG.
         # The sampler's generator is consumed by the sampler only (one permutation per pass), which is what
         # ResumableCycle saves and replays. The loader gets its own generator (seed + 1): every new loader iterator
         # draws its workers' base seed from it, and a resumed fit creates a new iterator where an uninterrupted one
