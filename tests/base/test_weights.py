@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from anomalib_aand import Aand, AandModel
 from anomalib_kd_base import weights as kdw
 from anomalib_kd_base.export import read_onnx_metadata, read_openvino_metadata, read_torch_metadata
+from anomalib_kd_tools import weights as weights_cli
 from anomalib_memkd import MemKD, MemKDModel
 
 from conftest import CATEGORY, mvtec_datamodule
@@ -413,7 +414,7 @@ def _run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpr
 def test_weights_command_round_trip(tmp_path: Path) -> None:
     """`anomalib-kd-weights export` (random resnet18, no download), then both models load it bit for bit."""
     script = Path(sys.executable).with_name("anomalib-kd-weights")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "anomalib_kd_base.weights"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "anomalib_kd_tools.weights"]
     output = tmp_path / "r18.safetensors"
     result = _run([*command, "export", "--backbone", "resnet18", "--no-pretrained", "--output", str(output)], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -426,8 +427,8 @@ def test_weights_command_round_trip(tmp_path: Path) -> None:
         assert_teacher_equals(model.model.encoder, state)
         assert model.model.teacher_provenance["weights_tag"] == "random-init"  # read from the file's header
 
-    assert kdw.main(["verify", str(output), "--backbone", "resnet18"]) == 0
-    assert kdw.main(["verify", str(output), "--backbone", "resnet34"]) == 1
+    assert weights_cli.main(["verify", str(output), "--backbone", "resnet18"]) == 0
+    assert weights_cli.main(["verify", str(output), "--backbone", "resnet34"]) == 1
 
 
 def test_stock_cli_trains_from_a_weights_file_offline(dataset_root: Path, weights_file, tmp_path: Path) -> None:
