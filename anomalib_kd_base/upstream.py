@@ -17,7 +17,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 logger = logging.getLogger(__name__)
 
-WRITTEN_AGAINST = {"anomalib": "2.7.0", "lightning": "2.6.0"}
+WRITTEN_AGAINST = {"anomalib": "2.7.0", "lightning": "2.6.6"}
 
 #: Lightning's DDP strategy names that have a registered ``<name>_find_unused_parameters_true`` twin
 DDP_STRATEGY_NAMES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
@@ -25,7 +25,7 @@ DDP_STRATEGY_NAMES = ("ddp", "ddp_spawn", "ddp_fork", "ddp_notebook")
 
 # ---------------------------------------------------------------------------------------------- anomalib 2.7.0
 def install_engine_hook() -> None:
-    """Wrap anomalib's ``Engine._setup_trainer`` (idempotent) before it builds the Trainer from ``Engine._cache``.
+    """anomalib 2.7.0: wrap ``Engine._setup_trainer`` (idempotent), before it builds the Trainer from ``Engine._cache``.
 
     * **Schedule warning.** The Engine gives a model's ``trainer_arguments`` precedence over the user's
       (``_TrainerArgumentsCache.update``) and says so at INFO only; for a KD model whose schedule replaces the
@@ -42,9 +42,9 @@ def install_engine_hook() -> None:
             from anomalib.engine import engine as engine_module
         except ImportError:  # pragma: no cover - anomalib.engine is still importing: the next model retries
             return
-    engine_class = engine_module.Engine
-    original = engine_class._setup_trainer  # noqa: SLF001
-    if getattr(original, "_anomalib_kd", False):
+    engine_class = getattr(engine_module, "Engine", None)  # None while anomalib.engine is still importing
+    original = getattr(engine_class, "_setup_trainer", None)
+    if original is None or getattr(original, "_anomalib_kd", False):
         return
 
     @functools.wraps(original)
@@ -74,9 +74,9 @@ def install_engine_hook() -> None:
     engine_class._setup_trainer = _setup_trainer  # noqa: SLF001
 
 
-# ---------------------------------------------------------------------------------------------- Lightning 2.6
+# ---------------------------------------------------------------------------------------------- Lightning 2.6.6
 def set_default_root_dir(trainer: Any, path: str | Path) -> bool:  # noqa: ANN401
-    """Set ``trainer.default_root_dir`` (a read-only property over ``Trainer._default_root_dir``).
+    """Lightning 2.6.6: set ``trainer.default_root_dir``, a read-only property over ``Trainer._default_root_dir``.
 
     Under DDP every process runs anomalib's ``Engine.fit``, which makes one versioned results folder per process;
     the ranks adopt rank 0's (:func:`anomalib_kd_base.distributed.align_workspace`). ``False`` when not possible.
@@ -88,7 +88,7 @@ def set_default_root_dir(trainer: Any, path: str | Path) -> bool:  # noqa: ANN40
 
 
 def checkpoint_position(checkpoint: dict[str, Any]) -> tuple[int, tuple[int, int] | None]:
-    """``(epoch a fit resumes at, (epoch, batches done) of an unfinished epoch or None)`` of a Lightning checkpoint.
+    """Lightning 2.6.6: ``(epoch a fit resumes at, (epoch, batches done) of an unfinished epoch or None)``.
 
     Read from the fit loop's state (``checkpoint["loops"]["fit_loop"]``): Lightning resumes at
     ``epoch_progress.current.processed`` (``FitLoop.on_run_start``); a checkpoint written inside an epoch has

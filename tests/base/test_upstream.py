@@ -42,6 +42,7 @@ def test_engine_hook_names_the_unused_parameters_strategy_and_warns_about_the_sc
     from anomalib_aand import Aand
     from anomalib_memkd import MemKD
 
+    assert hasattr(Engine, "_setup_trainer"), _changed("install_engine_hook", "Engine._setup_trainer")
     original = inspect.unwrap(Engine._setup_trainer)  # noqa: SLF001
     assert list(inspect.signature(original).parameters) == ["self", "model"], _changed(
         "install_engine_hook", "Engine._setup_trainer(self, model)"
