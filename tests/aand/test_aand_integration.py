@@ -17,6 +17,7 @@ from anomalib.callbacks.checkpoint import ModelCheckpoint
 from lightning.pytorch.callbacks import Callback
 
 from anomalib_aand import Aand
+from anomalib_kd_tools.mechanisms import aand_mechanism_report, aand_residual_intensity
 from anomalib_kd_tools.proxy import calibrate_batchnorm
 
 from conftest import CATEGORY, mvtec_datamodule
@@ -123,7 +124,7 @@ def test_mechanism_report_on_real_test_defects(trained) -> None:
     model, datamodule = trained["model"], trained["datamodule"]
     model.eval()
     with torch.no_grad():
-        report = model.mechanism_report(datamodule.test_dataloader())
+        report = aand_mechanism_report(model, datamodule.test_dataloader())
     for level in (1, 2, 3):
         for key in ("residual_ratio", "gate_fpr", "map_share", "residual_energy_anomalous", "residual_energy_normal"):
             assert f"{key}_l{level}" in report, sorted(report)
@@ -186,7 +187,7 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
 
     After stage 1 (150 steps of ``training_step``'s stage-1 code path):
     * ``L_A`` has pushed the anomalous features away from the normal ones at every level: the similarity drop
-      (mean cosine to normal patches, :meth:`Aand.residual_intensity`) grows by > 0.1 over its value at init.
+      (mean cosine to normal patches, :func:`anomalib_kd_tools.mechanisms.aand_residual_intensity`) grows by > 0.1 over its value at init.
       Measured with the calibrated proxy (model seeds 0 / 1 / 2): init 0.13-0.16 at level 1, 0.05-0.07 at levels
       2-3; growth at level 1 / 2 / 3: 0.36 / 0.21 / 0.19, 0.31 / 0.19 / 0.17, 0.36 / 0.23 / 0.21. With ``L_A`` cut
       off from the generator (its input detached) the drop stays at its init value (growth 0.000 at every level,
@@ -203,7 +204,7 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
     images = model.pre_processor.transform(torch.stack([datamodule.train_data[i].image for i in range(12)]))
     calibrate_batchnorm(model.model.encoder, images)
     torch.manual_seed(2)
-    before = model.residual_intensity(images)
+    before = aand_residual_intensity(model, images)
     (optimizer, _), _ = model.configure_optimizers()
     model._set_trainable(1)
     torch.manual_seed(1)
@@ -213,7 +214,7 @@ def test_stage1_amplifies_residuals_on_synthetic_anomalies(dataset_root: Path) -
         loss.backward()
         optimizer.step()
     torch.manual_seed(2)
-    after = model.residual_intensity(images)
+    after = aand_residual_intensity(model, images)
     assert torch.isfinite(after["normal"]).all()
     drop = after["similarity_drop"]
     gain = drop - before["similarity_drop"]

@@ -25,6 +25,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from anomalib_aand import Aand, AandModel
 from anomalib_aand import lightning_model as aand_module
+from anomalib_kd_tools.mechanisms import aand_mechanism_report
 from anomalib_aand.components import FOREGROUND_PRESETS, foreground_mask, foreground_preset
 from anomalib_aand.components import synthesis
 from anomalib_kd_tools import dtd
@@ -612,7 +613,7 @@ def test_mechanism_report_by_hand(model: Aand) -> None:
         ImageBatch(image=images[2:], gt_mask=masks[2:], gt_label=labels[2:]),
     ]
     model.eval()
-    report = model.mechanism_report(batches)
+    report = aand_mechanism_report(model, batches)
 
     x, m = model.pre_processor.transform(images, masks)
     vanilla = model.model.teacher_features(x)
@@ -634,5 +635,5 @@ def test_mechanism_report_by_hand(model: Aand) -> None:
     for k in range(3):
         assert report[f"map_share_l{k + 1}"] == pytest.approx(float(shares[:, k].mean()), rel=1e-4)
     # a loader of normal images without masks works too (NaN where no anomalous position exists)
-    normal_only = model.mechanism_report([ImageBatch(image=images[:1], gt_label=torch.tensor([False]))])
+    normal_only = aand_mechanism_report(model, [ImageBatch(image=images[:1], gt_label=torch.tensor([False]))])
     assert math.isnan(normal_only["residual_ratio_l1"]) and 0 <= normal_only["gate_fpr_l1"] <= 1
