@@ -7,7 +7,7 @@
   summed over the three levels.
 * ``L_NM`` (Eq. 10), :func:`normality_memorization_loss`, summed over the three memories, with two reductions:
 
-  - ``"sum"`` (the paper as written): ``(1/N) sum_n ||F^{E_n} - F_bar^{E_n}||_2^2``, the norm over the whole
+  - ``"sum"`` (the paper as written, the default): ``(1/N) sum_n ||F^{E_n} - F_bar^{E_n}||_2^2``, the norm over the whole
     flattened ``C*H*W`` exemplar feature. Its size grows with ``C*H*W`` (about 1e3-1e5 per memory: tens of
     thousands at 256 px with WideResNet50) against ``L_KD <= 3``.
   - ``"mean"``: the same squared error averaged per element, ``(1/(N*C*H*W)) sum_n ||.||_2^2`` (a mean squared
@@ -155,7 +155,7 @@ class MemKDLoss(nn.Module):
         self,
         lambda_nm: float = 0.1,
         lambda_orth: float = 0.1,
-        nm_reduction: str = "mean",
+        nm_reduction: str = "sum",
         orth_form: str = "abs",
     ) -> None:
         super().__init__()

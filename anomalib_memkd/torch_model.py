@@ -155,8 +155,8 @@ class MemKDModel(nn.Module):
         pre_trained (bool): Load pretrained teacher weights. Defaults to ``True``.
         memory_size (int | Sequence[int]): Items ``L`` per memory, one value for all three or
             ``(L_1, L_2, L_3)`` in teacher-layer order (Tab. 4b). Defaults to ``50`` (paper).
-        temperature (float): Softmax temperature of Eq. 5/8. Defaults to ``0.1`` (see
-            :class:`anomalib_memkd.MemKD`; ``1.0`` is the paper's formula).
+        temperature (float): Softmax temperature of Eq. 5/8. Defaults to ``1.0``, the paper's formula (see
+            :class:`anomalib_memkd.MemKD`).
         use_memory (bool): ``False`` builds anomalib's plain RD decoder and no memories. Defaults to ``True``.
         backbone_weights (str | None): Local ``.safetensors`` / ``.pth`` file with the teacher's
             weights, loaded instead of downloading (no network access) and checked tensor by tensor
@@ -181,7 +181,7 @@ class MemKDModel(nn.Module):
         layers: Sequence[str] = ("layer1", "layer2", "layer3"),
         pre_trained: bool = True,
         memory_size: int | Sequence[int] = 50,
-        temperature: float = 0.1,
+        temperature: float = 1.0,
         backbone_weights: str | None = None,
         use_memory: bool = True,
     ) -> None:

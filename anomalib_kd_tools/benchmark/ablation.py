@@ -54,7 +54,7 @@ ABLATIONS: dict[str, tuple[Variant, ...]] = {
         Variant("MemKD", "MemKD"),
         Variant("MemKD no memory", "MemKD", {"use_memory": False}),
         Variant("MemKD no NEL", "MemKD", {"lambda_nm": 0.0}),
-        Variant("MemKD tau=1", "MemKD", {"temperature": 1.0}),
+        Variant("MemKD tau=0.1", "MemKD", {"temperature": 0.1}),
         Variant("MemKD L_NM sum", "MemKD", {"nm_reduction": "sum"}),
         Variant("MemKD L_NM mean", "MemKD", {"nm_reduction": "mean"}),
     ),

@@ -23,8 +23,8 @@ logits span at most 2 nats: with ``L = 50`` a key matching the query exactly (co
 selective recall; Eq. 8-9 likewise cannot reconstruct anything but a near-mean of the values). A lower ``tau``
 sharpens the softmax, but random keys in ``C`` dimensions have cosines of order ``1 / sqrt(C)``, so much of what it
 gives at random init is that of random keys, and measured at WideResNet50-2 channels training did not add to it
-(docs/memkd.md, "Addressing evidence"). :class:`anomalib_memkd.MemKD` defaults to ``tau = 0.1`` for the image AUROC
-measured there, ``tau = 1`` is one flag away (``temperature=1.0``). The same ``tau`` is used in Eq. 5 and Eq. 8.
+(docs/memkd.md, "Addressing evidence"). :class:`anomalib_memkd.MemKD` defaults to the paper's ``tau = 1``;
+``temperature=0.1`` is an option (faster convergence measured on a short schedule there). The same ``tau`` is used in Eq. 5 and Eq. 8.
 
 Layout (measured on the CPU at the shapes of the three WideResNet50-2 memories, 256 px): both operations are
 batched matrix products over all ``H*W`` positions at once, reading the ``(B, C, H*W)`` flat view of the feature map

@@ -99,4 +99,7 @@ def test_bottleneck_decoder_export_matches_the_eager_1x1_fold(dataset_root: Path
     result = {key.any_name: value for key, value in compiled(images.numpy()).items()}
     ov_error = float(np.abs(result["anomaly_map"].reshape(reference_map.shape) - reference_map).max()) / value_range
     assert ov_error <= 1e-4, f"OpenVINO f32 map differs by {ov_error:.2e} of its range"
-    np.testing.assert_allclose(result["pred_score"].reshape(-1), expected.pred_score.numpy().reshape(-1), atol=1e-4)
+    # the normalised score divides by the validation scores' spread, which a one-epoch model keeps small: the map's
+    # 1e-4 of its range can move it by ~2e-4 (measured 1.5e-4 with Eq. 10's sum); labels must be identical
+    np.testing.assert_allclose(result["pred_score"].reshape(-1), expected.pred_score.numpy().reshape(-1), atol=1e-3)
+    np.testing.assert_array_equal(result["pred_label"].reshape(-1), expected.pred_label.numpy().reshape(-1))

@@ -407,7 +407,7 @@ def test_ablation_variants_follow_the_agreed_interface() -> None:
         "MemKD": ("MemKD", {}),
         "MemKD no memory": ("MemKD", {"use_memory": False}),
         "MemKD no NEL": ("MemKD", {"lambda_nm": 0.0}),
-        "MemKD tau=1": ("MemKD", {"temperature": 1.0}),
+        "MemKD tau=0.1": ("MemKD", {"temperature": 0.1}),
         "MemKD L_NM sum": ("MemKD", {"nm_reduction": "sum"}),
         "MemKD L_NM mean": ("MemKD", {"nm_reduction": "mean"}),
     }
