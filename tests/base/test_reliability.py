@@ -462,14 +462,18 @@ def test_test_set_without_anomalous_images_reports_nan(runs, make_dataset, tmp_p
 
 # ---------------------------------------------------------------------------------------------- image-size snippets
 @pytest.mark.parametrize("size", [128, 224, 256, 320, 384, 512])
-def test_image_size_snippets_build_the_models_own_pre_processor(size: int) -> None:
-    """Each configs/image_size/<n>.yaml parses (as --model.pre_processor does) to configure_pre_processor((n, n))."""
+@pytest.mark.parametrize("model", ["aand", "memkd"])
+def test_image_size_snippets_build_the_models_own_pre_processor(size: int, model: str) -> None:
+    """configs/image_size/<n>.yaml (MemKD, bilinear) and aand_<n>.yaml (Aand, bicubic) parse (as --model.pre_processor
+    does) to that model's configure_pre_processor((n, n))."""
     from anomalib.pre_processing import PreProcessor
     from jsonargparse import ArgumentParser
 
     from anomalib_aand import Aand
+    from anomalib_memkd import MemKD
 
-    path = Path(__file__).resolve().parents[2] / "configs" / "image_size" / f"{size}.yaml"
+    cls, name = (Aand, f"aand_{size}.yaml") if model == "aand" else (MemKD, f"{size}.yaml")
+    path = Path(__file__).resolve().parents[2] / "configs" / "image_size" / name
     parser = ArgumentParser(exit_on_error=False)
     parser.add_argument("--pre_processor", type=PreProcessor)
     import yaml
@@ -477,7 +481,11 @@ def test_image_size_snippets_build_the_models_own_pre_processor(size: int) -> No
     # the CLI test above passes a snippet file to the stock CLI; here each file's content is checked
     config = parser.parse_object({"pre_processor": yaml.safe_load(path.read_text())})
     built = parser.instantiate_classes(config).pre_processor
-    expected = Aand.configure_pre_processor(image_size=(size, size))
-    assert repr(built.transform) == repr(expected.transform)
+    expected = cls.configure_pre_processor(image_size=(size, size))
+    # jsonargparse passes the interpolation through as PIL's integer code (3 = bicubic), which torchvision maps to
+    # InterpolationMode.BICUBIC when it resizes; every other setting is the model's own
+    assert repr(built.transform).replace("interpolation=3", "interpolation=InterpolationMode.BICUBIC") == repr(
+        expected.transform
+    )
     image = torch.rand(1, 3, 77, 91)
     assert torch.equal(built.transform(image), expected.transform(image))
