@@ -24,8 +24,7 @@ targets) and :mod:`anomalib_memkd.loss` for the exact loss definitions.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -419,54 +418,6 @@ class MemKD(KDModelBase, AnomalibModule):
         self.log("train/nm_mean", losses.nm_mean, on_epoch=True, logger=True, batch_size=batch_size)
         self.log("train/orth", losses.orth.detach(), on_epoch=True, logger=True, batch_size=batch_size)
         return {"loss": losses.loss}
-
-    @torch.no_grad()
-    def mechanism_report(self, dataloader: Iterable[Any]) -> dict[str, float]:
-        """Addressing figures of the three memories on ``dataloader`` (raw anomalib batches, e.g. the test loader).
-
-        Each batch is pre-processed as anomalib's ``PreProcessor`` callback does
-        (``self.pre_processor.transform(batch.image, batch.gt_mask)``) and run through the eval network up to the
-        memory queries. Per memory ``m`` (teacher order, ``memories[m]`` serves ``layers[m]``), means over every
-        position of every image:
-
-        * ``peak_weight_m{m}``: the largest read weight (``1/L`` for uniform addressing, 1 for one-hot);
-        * ``entropy_ratio_m{m}``: entropy of the read weights / ``log L`` (1 = uniform);
-        * ``recall_dev_m{m}``: ``||F^R - mean_l(v_l)|| / ||F^R||`` (0 when the recall is the mean of the values
-          whatever the query);
-        * ``uniform_peak_m{m}``: ``1/L``, for reference; ``peak_over_uniform_m{m}``: ``peak_weight * L``.
-
-        Returns ``{}`` for ``use_memory=False``.
-        """
-        if not self.model.use_memory:
-            return {}
-        sums: dict[str, float] = {}
-        positions = [0, 0, 0]
-        transform = getattr(self.pre_processor, "transform", None) if self.pre_processor is not None else None
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            for batch in dataloader:
-                images = batch.image
-                if transform is not None:
-                    mask = getattr(batch, "gt_mask", None)
-                    images = transform(images, mask)[0] if mask is not None else transform(images)
-                queries = self.model.memory_queries(images.to(self.device))
-                for index, (memory, query) in enumerate(zip(self.model.memories, queries, strict=True)):
-                    statistics = memory.addressing_statistics(query)
-                    for name, values in statistics.items():
-                        key = f"{name}_m{index}"
-                        sums[key] = sums.get(key, 0.0) + float(values.double().sum())
-                    positions[index] += statistics["peak"].numel()
-        finally:
-            self.model.train(was_training)
-        report: dict[str, float] = {}
-        for index, memory in enumerate(self.model.memories):
-            count = positions[index]
-            for name, out in (("peak", "peak_weight"), ("entropy_ratio", "entropy_ratio"), ("recall_dev", "recall_dev")):
-                report[f"{out}_m{index}"] = sums.get(f"{name}_m{index}", math.nan) / count if count else math.nan
-            report[f"uniform_peak_m{index}"] = 1.0 / memory.num_items
-            report[f"peak_over_uniform_m{index}"] = report[f"peak_weight_m{index}"] * memory.num_items
-        return report
 
     @property
     def training_epochs(self) -> int:

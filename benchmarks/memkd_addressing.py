@@ -3,7 +3,7 @@
 Each configuration ``t<tau>:<nm_reduction>[:<orth_form>]`` (e.g. ``t1.0:sum``, the paper; ``t0.1:mean``) is trained
 once per seed on generated MVTec-layout data with a random-init teacher whose BatchNorm statistics are calibrated on
 the training images (:func:`anomalib_kd_tools.proxy.calibrate_batchnorm`; a proxy, not ImageNet). Per run the
-addressing figures of ``MemKD.mechanism_report`` (per memory m0/m1/m2 = teacher layer1/2/3: peak read weight x L,
+addressing figures of ``anomalib_kd_tools.mechanisms.memkd_mechanism_report`` (per memory m0/m1/m2 = teacher layer1/2/3: peak read weight x L,
 entropy / log L, ||F^R - mean v|| / ||F^R||) are measured on the test set three times:
 
 * ``random``: a fresh random ``NRMemory`` of the same L, C and tau read by a random ReLU query of the real query's
@@ -31,6 +31,7 @@ from pathlib import Path
 from anomalib.data import MVTecAD
 from anomalib.engine import Engine
 from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
+from anomalib_kd_tools.mechanisms import memkd_mechanism_report
 from anomalib_kd_tools.proxy import calibrate_batchnorm
 from anomalib_memkd import MemKD, NRMemory
 
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             model.eval()
             test_images = torch.cat([b.image for b in dm.test_dataloader()])
             rand = random_reference(model, model.pre_processor.transform(test_images), seed)
-            before = model.mechanism_report(dm.test_dataloader())
+            before = memkd_mechanism_report(model, dm.test_dataloader())
             model.train()  # Lightning keeps the mode it is given
             # validation (thresholds for the test) once, after the last epoch
             eng = Engine(accelerator="cpu", devices=1, max_epochs=a.epochs, logger=False, enable_progress_bar=False,
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             cm = {k: float(v) for k, v in eng.trainer.callback_metrics.items() if k.startswith("train")}
             res = eng.test(model, datamodule=dm, verbose=False)[0]
             model.eval()
-            rep = model.mechanism_report(dm.test_dataloader())
+            rep = memkd_mechanism_report(model, dm.test_dataloader())
             row = {"tau": tau, "reduction": red, "orth_form": orth, "seed": seed, "size": a.size, "epochs": a.epochs,
                    "steps": steps, "backbone": a.backbone, "fit_s": fit_s, "image_AUROC": res.get("image_AUROC"),
                    "pixel_AUROC": res.get("pixel_AUROC"), **cm, **rep,

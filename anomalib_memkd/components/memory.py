@@ -208,7 +208,7 @@ class NRMemory(nn.Module):
 
     @torch.no_grad()
     def addressing_statistics(self, query: torch.Tensor) -> dict[str, torch.Tensor]:
-        """How selective the recall of ``query`` is, per position (the figures of ``MemKD.mechanism_report``).
+        """How selective the recall of ``query`` is, per position (the figures of ``anomalib_kd_tools.mechanisms.memkd_mechanism_report``).
 
         Args:
             query (torch.Tensor): ``(B, C, H, W)`` student query.

@@ -1,5 +1,5 @@
 """MemKD's NR memory at work: selective recall (temperature), the memory on the eval path, the addressing figures
-of ``MemKD.mechanism_report`` and the memory-off ablation. Tiny tensors and untrained resnet18 models, 64 px."""
+of ``anomalib_kd_tools.mechanisms.memkd_mechanism_report`` and the memory-off ablation. Tiny tensors and untrained resnet18 models, 64 px."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 
 from anomalib.data import ImageBatch
 from anomalib.models.components.backbone.resnet_decoder import ResNetDecoder, get_decoder
+from anomalib_kd_tools.mechanisms import memkd_mechanism_report
 from anomalib_memkd import MemKD, MemKDModel, NRMemory
 
 from conftest import memory_with_items as _memory  # noqa: E402
@@ -99,7 +100,7 @@ def test_mechanism_report_matches_the_addressing_of_the_preprocessed_queries() -
         pre_processor=MemKD.configure_pre_processor(image_size=(SIZE, SIZE)),
     ).eval()
     batches = _raw_batches()  # 80 px raw images: the report must resize + normalise them itself
-    report = model.mechanism_report(batches)
+    report = memkd_mechanism_report(model, batches)
     peaks, entropies, deviations = [[], [], []], [[], [], []], [[], [], []]
     for batch in batches:
         images = model.pre_processor.transform(batch.image)
@@ -119,7 +120,7 @@ def test_mechanism_report_matches_the_addressing_of_the_preprocessed_queries() -
     # a memory whose values are all equal recalls their mean whatever the query: deviation 0
     with torch.no_grad():
         model.model.memories[0].values.copy_(torch.randn(1, 64).expand(10, -1))
-    assert model.mechanism_report(batches[:1])["recall_dev_m0"] == pytest.approx(0.0, abs=1e-5)
+    assert memkd_mechanism_report(model, batches[:1])["recall_dev_m0"] == pytest.approx(0.0, abs=1e-5)
 
 
 # --------------------------------------------------------------------------- memory off
@@ -142,7 +143,7 @@ def test_memory_off_is_plain_rd_with_memkd_recipe() -> None:
     assert losses.nm.item() == 0.0
     assert losses.orth.item() == 0.0
     torch.testing.assert_close(losses.loss, losses.kd)
-    assert model.mechanism_report(_raw_batches(1)) == {}
+    assert memkd_mechanism_report(model, _raw_batches(1)) == {}
     net.eval()
     with torch.no_grad():
         assert net(torch.rand(1, 3, SIZE, SIZE)).anomaly_map.shape == (1, 1, SIZE, SIZE)
