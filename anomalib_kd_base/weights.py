@@ -1,34 +1,10 @@
 """Teacher weights of AAND and MemKD: explicit timm tag, local weight files, provenance, offline use.
 
-Both models build their frozen teacher (anomalib's ``TimmFeatureExtractor``) with :func:`build_teacher`:
-
-* ``backbone_weights=None, pre_trained=True`` - timm loads the tag's weights (default ``wide_resnet50_2.tv_in1k``,
-  torchvision's ImageNet-V1 WideResNet50-2 that RD, AAND and MemKD used; a bare ``wide_resnet50_2`` resolves to
-  timm's ``racm_in1k``, other weights) from the Hugging Face hub or its cache. Weights that
-  ``huggingface_hub.try_to_load_from_cache`` finds are loaded from the cache with no network at all; otherwise, unless
-  ``HF_HUB_OFFLINE=1``, :func:`hub_reachable` probes the hub first. Without network or cache a :class:`RuntimeError`
-  names the two ways out (a local file, or ``pre_trained=False``).
-* ``backbone_weights=<file>`` - the teacher is built without pretrained weights (no network) and the file is read
-  with timm's ``load_state_dict`` (``.safetensors``, or ``.pth``/``.pt`` through ``torch.load(weights_only=True)``,
-  unwrapping ``state_dict`` / ``model`` and stripping ``module.``). Every teacher tensor (parameters and buffers)
-  must be in the file with its shape; the first missing or mis-shaped one is named in a :class:`ValueError`. Extra
-  tensors (``fc.*``, ``layer4.*``) are ignored; a common prefix (``model.``, ``feature_extractor.``, ...) is
-  stripped only when exactly one prefix fits.
-* ``pre_trained=False`` and no file - random initialisation (tests, demos).
-
-Every teacher gets a provenance record (plain ``str -> str``, on the torch model as ``teacher_provenance``, in
-Lightning checkpoints and exported models' metadata): ``backbone`` (the timm name), ``weights_source`` (``"timm"``,
-``"file"`` or ``"random-init"``), ``weights_tag`` (the resolved timm tag; for a file the tag ``anomalib-kd-weights
-export`` wrote into it, else its name), ``weights_file`` (name or ``""``), ``weights_sha256`` / ``weights_sha256_of``
-(SHA-256 of the file's bytes, ``"file"``; without a file ``teacher_sha256``, ``"state_dict"``) and ``teacher_sha256``
-(:func:`state_dict_sha256` of the teacher as loaded: equal for equal weights whatever their source).
-
-Hand-written, because the libraries do not do it: the provenance hash (a file's bytes depend on its format and
-metadata); the prefix / name matching (timm's ``clean_state_dict`` strips only DDP / compile wrappers, its
-``features_only`` nets rename ``stem.0`` to ``stem_0``, and ``load_state_dict(strict=True)`` lists every key without
-shapes instead of naming the first problem); the bounded probe (huggingface_hub retries for 20 s to minutes, and no
-HTTP timeout bounds a hanging DNS lookup, hence the daemon thread). The ``anomalib-kd-weights`` command that writes
-and checks files is a tool: ``anomalib_kd_tools.weights``.
+:func:`build_teacher` builds both models' frozen teacher: from timm's hub / cache (no network when the weights are
+cached, a bounded probe when they are not), from a local file (timm's loader, no network), or randomly initialised;
+each with a provenance record (:data:`PROVENANCE_KEYS`) that checkpoints and exports carry. Details, the offline
+behaviour and the record's fields: ``docs/offline_weights.md``. The ``anomalib-kd-weights`` command that writes and
+checks weights files is a tool: :mod:`anomalib_kd_tools.weights`.
 """
 
 from __future__ import annotations
@@ -43,7 +19,11 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import get_session, try_to_load_from_cache
+from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +34,7 @@ DEFAULT_LAYERS = ("layer1", "layer2", "layer3")
 FILE_TAG_KEY = "anomalib_kd.weights_tag"
 FILE_BACKBONE_KEY = "anomalib_kd.backbone"
 PROVENANCE_KEYS = (
-    "backbone",
-    "weights_source",
-    "weights_tag",
-    "weights_file",
-    "weights_sha256",
-    "weights_sha256_of",
-    "teacher_sha256",
+    "backbone", "weights_source", "weights_tag", "weights_file", "weights_sha256", "weights_sha256_of", "teacher_sha256"
 )
 #: seconds the hub probe waits for an answer (DNS included) before the teacher is loaded from the cache only
 HUB_TIMEOUT_ENV = "ANOMALIB_KD_HUB_TIMEOUT"
@@ -98,7 +72,11 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over tensors sorted by name; each contributes its name, dtype, shape and raw (CPU) bytes."""
+    """SHA-256 over tensors sorted by name; each contributes its name, dtype, shape and raw (CPU) bytes.
+
+    Hand-written: the hash must be the same for the same weights from the hub, a ``.safetensors`` or a ``.pth`` file,
+    whose bytes (format, metadata, order) differ; no library hashes tensors like this.
+    """
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
@@ -109,8 +87,6 @@ def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
 
 def _pretrained_cfg(name: str) -> Any:  # noqa: ANN401 - timm's PretrainedCfg, or None for an unknown name
     try:
-        import timm
-
         return timm.models.get_pretrained_cfg(name)
     except Exception:  # noqa: BLE001 - an unknown name is reported by timm when the model is built
         return None
@@ -124,26 +100,24 @@ def resolve_weights_tag(backbone: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- weight files
 def read_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors of a weights file (timm's ``load_state_dict``) and its safetensors header metadata (or ``{}``)."""
-    from timm.models import load_state_dict
+    """A file's tensors and its safetensors header metadata (``{}`` for ``.pth``/``.pt``).
 
-    path, metadata = Path(path), {}
-    if path.suffix.lower() == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = dict(handle.metadata() or {})
-        loaded = load_state_dict(str(path))
-    else:
-        try:
-            loaded = load_state_dict(str(path), use_ema=False, weights_only=True)
-        except Exception as error:
-            msg = (
-                f"backbone_weights {str(path)!r} could not be read as a PyTorch state dict with "
-                f"torch.load(weights_only=True) ({type(error).__name__}: {error}). Give a .safetensors file or a "
-                ".pth/.pt file holding a plain state dict (anomalib-kd-weights export writes one)."
-            )
-            raise ValueError(msg) from error
+    timm's ``load_state_dict`` reads the file (``.safetensors``, else ``torch.load(weights_only=True)``), unwraps
+    ``state_dict`` / ``model`` and strips ``module.`` / ``_orig_mod.``.
+    """
+    path = Path(path)
+    safetensors = str(path).endswith(".safetensors")  # timm's test
+    try:
+        loaded = timm.models.load_state_dict(str(path), use_ema=False, weights_only=True)
+    except Exception as error:
+        if safetensors:
+            raise
+        msg = (
+            f"backbone_weights {str(path)!r} could not be read as a PyTorch state dict with "
+            f"torch.load(weights_only=True) ({type(error).__name__}: {error}). Give a .safetensors file or a "
+            ".pth/.pt file holding a plain state dict (anomalib-kd-weights export writes one)."
+        )
+        raise ValueError(msg) from error
     tensors = {key: value for key, value in loaded.items() if isinstance(value, torch.Tensor)}
     if not tensors:
         msg = (
@@ -151,11 +125,14 @@ def read_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Ten
             "or one under a 'state_dict' / 'model' key."
         )
         raise ValueError(msg)
-    return tensors, metadata
+    if not safetensors:
+        return tensors, {}
+    with safe_open(str(path), framework="pt") as handle:
+        return tensors, dict(handle.metadata() or {})
 
 
 def _names(key: str) -> list[str]:
-    """``key`` and its un-flattened variants (timm's ``features_only`` nets turn ``stem.0.weight`` into ``stem_0.weight``)."""
+    """``key`` and its un-flattened variants (timm's ``features_only`` nets turn ``stem.0.w`` into ``stem_0.w``)."""
     head, _, rest = key.partition(".")
     return [key] + [f"{head[:i]}.{head[i + 1:]}.{rest}" for i, char in enumerate(head) if char == "_" and rest]
 
@@ -169,7 +146,7 @@ def _lookup(key: str, prefix: str, tensors: Mapping[str, torch.Tensor]) -> str |
 def _choose_prefix(expected: Sequence[str], tensors: Mapping[str, torch.Tensor], source: str) -> str | None:
     """The one prefix under which the file holds the teacher's tensors; ``None`` when no key matches at all."""
     wanted = {name for key in expected for name in _names(key)}
-    prefixes = {
+    prefixes = {  # every suffix of a file name that is a teacher name gives a prefix
         "".join(part + "." for part in parts[:start])
         for parts in (name.split(".") for name in tensors)
         for start in range(len(parts))
@@ -191,8 +168,13 @@ def _choose_prefix(expected: Sequence[str], tensors: Mapping[str, torch.Tensor],
 def match_state_dict(
     expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, backbone: str
 ) -> dict[str, torch.Tensor]:
-    """Map the file's ``tensors`` onto the teacher's state dict ``expected`` (module order); ``ValueError`` names the
-    first missing / mis-shaped tensor (``source``: the file's name, ``backbone``: the teacher's, for messages)."""
+    """Map a file's ``tensors`` onto the teacher's state dict ``expected``; ``ValueError`` names the first missing
+    or mis-shaped tensor in module order (``source``: the file's name, ``backbone``: the teacher's, for messages).
+
+    Hand-written: timm's ``clean_state_dict`` strips only DDP / compile wrappers, not a Lightning ``model.`` or
+    ``feature_extractor.`` prefix; timm's ``features_only`` nets rename ``stem.0`` to ``stem_0``; and
+    ``load_state_dict(strict=True)`` lists every key without shapes instead of naming the first problem.
+    """
     if not expected:
         msg = f"teacher {backbone!r} has no tensors to load"
         raise ValueError(msg)
@@ -202,8 +184,8 @@ def match_state_dict(
         name = None if prefix is None else _lookup(key, prefix, tensors)
         if name is None:
             msg = (
-                f"backbone_weights {source!r} does not fit teacher {backbone!r}: tensor {(prefix or '') + key!r} (shape "
-                f"{tuple(tensor.shape)}) is missing from the file"
+                f"backbone_weights {source!r} does not fit teacher {backbone!r}: tensor {(prefix or '') + key!r} "
+                f"(shape {tuple(tensor.shape)}) is missing from the file"
                 + (f" (found no key ending in {key!r} at all)" if prefix is None else "")
                 + f". The file has {len(tensors)} tensors, e.g. {sorted(tensors)[:3]}. Was it written for another "
                 "architecture? (anomalib-kd-weights verify FILE --backbone NAME checks a file.)"
@@ -212,8 +194,8 @@ def match_state_dict(
         if tuple(tensors[name].shape) != tuple(tensor.shape):
             msg = (
                 f"backbone_weights {source!r} does not fit teacher {backbone!r}: tensor {name!r} has shape "
-                f"{tuple(tensors[name].shape)} in the file, the teacher expects {tuple(tensor.shape)}. Was it written "
-                "for another architecture?"
+                f"{tuple(tensors[name].shape)} in the file, the teacher expects {tuple(tensor.shape)}. Was it "
+                "written for another architecture?"
             )
             raise ValueError(msg)
         mapped[key] = tensors[name]
@@ -229,91 +211,77 @@ def is_download_failure(error: BaseException | None) -> bool:
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) or type(error).__module__.split(".")[0].startswith(_NETWORK_MODULES):
+        if isinstance(error, OSError) or type(error).__module__.startswith(_NETWORK_MODULES):
             return True
         error = error.__cause__
     return False
 
 
 def _hub_file(tag: str) -> tuple[str, str | None, tuple[str, ...]]:
-    """``(repo, revision, files)`` timm downloads ``tag`` from (``timm/<tag>`` unless its pretrained cfg says)."""
+    """``(repo, revision, files)`` timm downloads ``tag`` from: its cfg's ``hf_hub_id``, else ``timm/<tag>``."""
     cfg = _pretrained_cfg(tag)
-    hub_id = getattr(cfg, "hf_hub_id", None) or f"timm/{tag}"
-    repo, _, revision = hub_id.partition("@")
-    filename = getattr(cfg, "hf_hub_filename", None)
+    repo, _, revision = (getattr(cfg, "hf_hub_id", None) or f"timm/{tag}").partition("@")
+    filename = getattr(cfg, "hf_hub_filename", None)  # else timm tries model.safetensors, then pytorch_model.bin
     return repo, revision or None, (filename,) if filename else ("model.safetensors", "pytorch_model.bin")
 
 
 def cached_weights(tag: str) -> str | None:
-    """The local Hugging Face cache's file of ``tag``'s weights, or ``None`` (``try_to_load_from_cache``: no network)."""
-    from huggingface_hub import try_to_load_from_cache
-
+    """The Hugging Face cache's file of ``tag``'s weights, or ``None``: ``try_to_load_from_cache``, no network."""
     repo, revision, files = _hub_file(tag)
     for filename in files:
         with contextlib.suppress(ValueError):  # HFValidationError: not a hub repository name
-            found = try_to_load_from_cache(repo, filename, revision=revision)
-            if isinstance(found, str):
+            if isinstance(found := try_to_load_from_cache(repo, filename, revision=revision), str):
                 return found
     return None
 
 
-def _hub_offline_mode() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE)  # what huggingface_hub obeys (read from HF_HUB_OFFLINE at import)
-
-
 def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1_in1k") -> bool:
-    """Whether the Hugging Face hub (``HF_ENDPOINT``) answers ``huggingface_hub.model_info(repo_id)`` within ``timeout`` s.
+    """Whether the hub (``HF_ENDPOINT``) answers a ``HEAD`` of ``repo_id``'s model API within ``timeout`` s.
 
-    Without it, ``pre_trained=True`` on a machine without network and without ``HF_HUB_OFFLINE=1`` waits for
-    huggingface_hub's download retries (20 s to over 2 minutes) before the error. A TCP connection is not enough
-    (proxies and captive portals accept those): the hub must answer with a success status. The call runs in a daemon
-    thread, so a hanging DNS lookup is bounded too; proxies and endpoint are huggingface_hub's own.
+    Hand-written around huggingface_hub's own HTTP session (its proxies, certificates and endpoint): without it,
+    ``pre_trained=True`` without network and without ``HF_HUB_OFFLINE=1`` waits for huggingface_hub's download
+    retries (20 s to over 2 minutes). A TCP connection is not enough (proxies and captive portals accept those): the
+    hub must answer with a success status. No HTTP timeout bounds a hanging DNS lookup, hence the daemon thread. One
+    request only: ``HfApi.model_info`` would first fetch huggingface_hub's agent registry for its user agent.
     """
-    from huggingface_hub import model_info
-
     if timeout is None:
         try:
             timeout = float(os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT))
         except ValueError:
             timeout = DEFAULT_HUB_TIMEOUT
-    result: dict[str, bool] = {}
+    answered: list[bool] = []
 
     def probe() -> None:
-        try:
-            model_info(repo_id, timeout=timeout)
-            result["ok"] = True
-        except Exception:  # noqa: BLE001 - any failure means: not reachable now
-            result["ok"] = False
+        with contextlib.suppress(Exception):  # any failure means: not reachable now
+            url = f"{hub_constants.ENDPOINT.rstrip('/')}/api/models/{repo_id}"
+            answered.append(200 <= get_session().head(url, timeout=timeout).status_code < 400)  # noqa: PLR2004
 
     thread = threading.Thread(target=probe, name="anomalib-kd-hub-probe", daemon=True)
     thread.start()
     thread.join(timeout)
-    return result.get("ok", False)
+    return any(answered)
 
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
     """huggingface_hub in offline mode (cache only) for the block: the flag its HTTP session checks on each call."""
-    from huggingface_hub import constants
-
-    saved, constants.HF_HUB_OFFLINE = constants.HF_HUB_OFFLINE, True
+    saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
     try:
         yield
     finally:
-        constants.HF_HUB_OFFLINE = saved
+        hub_constants.HF_HUB_OFFLINE = saved
 
 
 def offline_message(backbone: str, tag: str, error: BaseException, probed: bool = False) -> str:
     """The message of the :class:`RuntimeError` raised when pretrained weights cannot be obtained."""
+    where = "the Hugging Face hub or its cache"
+    if hub_constants.HF_HUB_OFFLINE:  # what huggingface_hub obeys (from HF_HUB_OFFLINE when it was imported)
+        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)"
     if probed:
         where = (
             f"the local Hugging Face cache (the hub did not answer within the {HUB_TIMEOUT_ENV} probe, default "
             f"{DEFAULT_HUB_TIMEOUT:g} s, so only the cache was tried)"
         )
-    else:
-        where = "the local Hugging Face cache (HF_HUB_OFFLINE is set)" if _hub_offline_mode() else "the Hugging Face hub or its cache"
     return (
         f"Could not load the pretrained teacher weights {tag!r} (backbone={backbone!r}) from {where}: "
         f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}\n"
@@ -337,14 +305,19 @@ def build_teacher(
     """Build the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its provenance record.
 
     Args:
-        backbone: timm name with an optional weights tag (``wide_resnet50_2.tv_in1k``).
+        backbone: timm name with optional tag (default teacher ``wide_resnet50_2.tv_in1k``, torchvision's ImageNet-V1
+            weights that RD, AAND and MemKD used; a bare ``wide_resnet50_2`` is timm's ``racm_in1k``).
         layers: teacher layers to extract.
-        pre_trained: load the tag's weights through timm (hub or cache) when no file is given.
-        backbone_weights: local ``.safetensors`` / ``.pth`` / ``.pt`` file; when given it is loaded whatever
-            ``pre_trained`` says, and timm is asked for no pretrained weights (no network access).
+        pre_trained: without a file, load the tag's weights through timm: from the Hugging Face cache with no network
+            when ``try_to_load_from_cache`` finds them, else (no ``HF_HUB_OFFLINE=1``) after :func:`hub_reachable`.
+        backbone_weights: a weights file (:func:`read_weights_file`, :func:`match_state_dict`), loaded whatever
+            ``pre_trained`` says; timm is asked for no pretrained weights (no network access).
 
     Returns:
-        ``(extractor, provenance)``.
+        ``(extractor, provenance)``; provenance (``str -> str``): ``backbone``, ``weights_source`` (``timm`` / ``file``
+        / ``random-init``), ``weights_tag`` (resolved timm tag; for a file the tag in its header, else its name),
+        ``weights_file`` (name or ``""``), ``weights_sha256`` (of the file's bytes, else ``teacher_sha256``;
+        ``weights_sha256_of`` says which), ``teacher_sha256`` (:func:`state_dict_sha256` of the teacher as loaded).
 
     Raises:
         FileNotFoundError: ``backbone_weights`` does not exist.
@@ -358,19 +331,12 @@ def build_teacher(
 
     def record(source: str, tag: str, network: torch.nn.Module, path: Path | None = None) -> dict[str, str]:
         teacher_hash = state_dict_sha256(network.state_dict())
-        return {
-            "backbone": backbone,
-            "weights_source": source,
-            "weights_tag": tag,
-            "weights_file": path.name if path else "",
-            "weights_sha256": file_sha256(path) if path else teacher_hash,
-            "weights_sha256_of": "file" if path else "state_dict",
-            "teacher_sha256": teacher_hash,
-        }
+        file_hash, file_name, of = (file_sha256(path), path.name, "file") if path else (teacher_hash, "", "state_dict")
+        return dict(zip(PROVENANCE_KEYS, (backbone, source, tag, file_name, file_hash, of, teacher_hash), strict=True))
 
     if _RESTORING.get():  # the checkpoint's state dict overwrites the teacher, its provenance this placeholder
-        return teacher(False), {**dict.fromkeys(PROVENANCE_KEYS, ""), "backbone": backbone, "weights_source": "checkpoint"}
-
+        placeholder = {**dict.fromkeys(PROVENANCE_KEYS, ""), "backbone": backbone, "weights_source": "checkpoint"}
+        return teacher(False), placeholder
     if backbone_weights is not None and str(backbone_weights) != "":
         path = Path(os.fspath(backbone_weights)).expanduser()
         if not path.is_file():
@@ -388,8 +354,8 @@ def build_teacher(
         return extractor, provenance
 
     tag = resolve_weights_tag(backbone) if pre_trained else "random-init"
-    # cached: no network at all; else (no HF_HUB_OFFLINE) a short probe instead of huggingface_hub's retries
-    online = pre_trained and not _hub_offline_mode()
+    # in the cache: no network at all; else, without HF_HUB_OFFLINE, a short probe instead of huggingface_hub's retries
+    online = pre_trained and not hub_constants.HF_HUB_OFFLINE
     cached = online and cached_weights(tag) is not None
     probed_offline = online and not cached and not hub_reachable(repo_id=_hub_file(tag)[0])
     if probed_offline:

@@ -224,6 +224,47 @@ def test_ambiguous_prefix_is_refused(tmp_path: Path) -> None:
         kdw.build_teacher("resnet18", ["layer1", "layer2", "layer3"], backbone_weights=path)
 
 
+@pytest.mark.parametrize("wrapper", ["state_dict", "model"])
+def test_training_checkpoint_is_unwrapped_by_timms_loader(wrapper: str, tmp_path: Path) -> None:
+    """timm's load_state_dict: the checkpoint's weights under 'state_dict' / 'model' (not its EMA copy), with the
+    DDP 'module.' prefix stripped; other entries (epoch, optimizer) are ignored."""
+    state = random_backbone_state(seed=17)
+    ema = {name: torch.zeros_like(tensor) for name, tensor in state.items()}
+    wrapped = {f"module.{name}": tensor for name, tensor in state.items()}
+    path = tmp_path / "train.pth"
+    torch.save({"epoch": 2, wrapper: wrapped, "state_dict_ema": ema}, path)
+    extractor, provenance = kdw.build_teacher("resnet18", ["layer1", "layer2", "layer3"], backbone_weights=path)
+    assert_teacher_equals(extractor, state)
+    assert provenance["weights_tag"] == "train.pth"
+
+
+class NotAllowedInWeightsOnly:
+    """A pickled object that torch.load(weights_only=True) refuses."""
+
+
+@pytest.mark.parametrize("content", ["pickle", "garbage"])
+def test_unreadable_pth_is_refused_with_weights_only(content: str, tmp_path: Path) -> None:
+    path = tmp_path / "bad.pth"
+    if content == "pickle":
+        torch.save({"conv1.weight": torch.zeros(1), "config": NotAllowedInWeightsOnly()}, path)
+    else:
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"could not be read as a PyTorch state dict with torch\.load\(weights_only="):
+        kdw.build_teacher("resnet18", ["layer1"], backbone_weights=path)
+
+
+def test_features_only_names_are_matched_to_the_classification_file(tmp_path: Path) -> None:
+    """timm's features_only ConvNeXt calls its stem 'stem_0' / 'stages_1' where the classification file has 'stem.0'."""
+    torch.manual_seed(21)
+    state = timm.create_model("convnext_atto", pretrained=False).state_dict()
+    path = write_weights(tmp_path / "convnext.safetensors", state)
+    extractor, _ = kdw.build_teacher("convnext_atto", ["stages.1", "stages.2"], backbone_weights=path)
+    teacher = extractor.feature_extractor.state_dict()
+    assert "stem_0.weight" in teacher and "stem.0.weight" not in teacher
+    for name, tensor in teacher.items():
+        assert torch.equal(tensor, state[name if name in state else name.replace("_", ".", 1)]), name
+
+
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match=r"does not exist.*anomalib-kd-weights export"):
         small_model(Aand, pre_trained=True, backbone_weights=str(tmp_path / "nowhere.safetensors"))
@@ -311,6 +352,93 @@ def test_hf_cache_works_offline(no_network: list[str], empty_hub_cache: Path, mo
     assert provenance["weights_sha256_of"] == "state_dict"
     assert provenance["weights_sha256"] == provenance["teacher_sha256"]
     assert no_network == []
+
+
+def cache_hub_weights(cache: Path, state: dict[str, torch.Tensor], filename: str = "model.safetensors") -> Path:
+    """resnet18.a1_in1k's weights in a Hugging Face cache, laid out as huggingface_hub writes it."""
+    repo = cache / "models--timm--resnet18.a1_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    path = repo / "snapshots" / ("0" * 40) / filename
+    path.parent.mkdir(parents=True)
+    save_file(state, str(path)) if filename.endswith(".safetensors") else torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
+def test_cached_weights_load_online_without_probe_or_network(
+    filename: str, no_network: list[str], empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_HUB_OFFLINE unset, the weights in the cache: huggingface_hub's try_to_load_from_cache finds them, and the
+    teacher loads from there with neither the probe nor any connection (timm's hub loader runs cache-only)."""
+    import huggingface_hub.constants as hf_constants
+
+    set_hub_offline(monkeypatch, offline=False)
+    probes: list[object] = []
+
+    def probe(*args, **kwargs) -> bool:
+        probes.append(kwargs)
+        raise AssertionError("the hub was probed although the weights are cached")
+
+    monkeypatch.setattr(kdw, "hub_reachable", probe)
+    assert kdw.cached_weights("resnet18.a1_in1k") is None
+    state = random_backbone_state(seed=13)
+    path = cache_hub_weights(empty_hub_cache, state, filename)
+    assert kdw.cached_weights("resnet18.a1_in1k") == str(path)
+    assert kdw.cached_weights("resnet18.tv_in1k") is None  # another tag, another repository
+
+    model = MemKDModel("resnet18", input_size=(SIZE, SIZE), pre_trained=True)
+    assert_teacher_equals(model.encoder, state)
+    assert model.teacher_provenance["weights_source"] == "timm"
+    assert model.teacher_provenance["weights_tag"] == "resnet18.a1_in1k"
+    assert probes == [] and no_network == []
+    assert hf_constants.HF_HUB_OFFLINE is False  # the cache-only mode was scoped
+
+
+def test_uncached_weights_probe_the_tags_repository(
+    no_network: list[str], empty_hub_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not in the cache: the probe asks for the repository timm would download from, then only the cache is tried."""
+    set_hub_offline(monkeypatch, offline=False)
+    probes: list[str] = []
+    monkeypatch.setattr(kdw, "hub_reachable", lambda timeout=None, repo_id="": probes.append(repo_id) or False)
+    with pytest.raises(RuntimeError, match="did not answer within the ANOMALIB_KD_HUB_TIMEOUT probe"):
+        kdw.build_teacher("resnet18.tv_in1k", ["layer1"], pre_trained=True)
+    assert probes == ["timm/resnet18.tv_in1k"]
+    assert no_network == []
+
+
+def test_hub_probe_is_bounded_and_needs_an_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    """hub_reachable: one HEAD through huggingface_hub's session, in a daemon thread, so a hang ends at the timeout."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import huggingface_hub.constants as hf_constants
+
+    def session(head):
+        monkeypatch.setattr(kdw, "get_session", lambda: SimpleNamespace(head=head))
+
+    release = threading.Event()
+    session(lambda url, timeout: release.wait(60))
+    start = time.monotonic()
+    assert kdw.hub_reachable(timeout=0.2) is False
+    assert time.monotonic() - start < 5
+    release.set()
+
+    def refused(url: str, timeout: float) -> None:
+        raise NetworkUsed("refused")
+
+    session(refused)
+    assert kdw.hub_reachable(timeout=1) is False
+    session(lambda url, timeout: SimpleNamespace(status_code=502))  # a proxy's error page is not the hub
+    assert kdw.hub_reachable(timeout=1) is False
+    asked: list[tuple[str, float]] = []
+    session(lambda url, timeout: asked.append((url, timeout)) or SimpleNamespace(status_code=200))
+    monkeypatch.setattr(hf_constants, "ENDPOINT", "https://hub.example/")
+    monkeypatch.setenv("ANOMALIB_KD_HUB_TIMEOUT", "2.5")
+    assert kdw.hub_reachable(repo_id="timm/resnet18.tv_in1k") is True
+    assert asked == [("https://hub.example/api/models/timm/resnet18.tv_in1k", 2.5)]
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
