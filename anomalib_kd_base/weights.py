@@ -63,7 +63,7 @@ def restoring() -> bool:
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    """SHA-256 of a file's bytes (what ``sha256sum`` prints)."""
+    """SHA-256 of a file's bytes (what ``sha256sum`` prints; ``hashlib.file_digest`` needs Python 3.11)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
@@ -152,8 +152,6 @@ def _choose_prefix(expected: Sequence[str], tensors: Mapping[str, torch.Tensor],
         for start in range(len(parts))
         if ".".join(parts[start:]) in wanted
     }
-    if len(prefixes) <= 1:
-        return next(iter(prefixes), None)
     counts = {prefix: sum(_lookup(key, prefix, tensors) is not None for key in expected) for prefix in prefixes}
     winners = sorted(prefix for prefix, count in counts.items() if count == max(counts.values()))
     if len(winners) > 1:
@@ -162,7 +160,7 @@ def _choose_prefix(expected: Sequence[str], tensors: Mapping[str, torch.Tensor],
             f"{winners}. Save the teacher's state dict alone (e.g. with anomalib-kd-weights export)."
         )
         raise ValueError(msg)
-    return winners[0]
+    return winners[0] if winners else None
 
 
 def match_state_dict(
@@ -207,7 +205,11 @@ _NETWORK_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3
 
 
 def is_download_failure(error: BaseException | None) -> bool:
-    """Whether ``error`` or one of its causes is an ``OSError`` or comes from a network / hub library."""
+    """Whether ``error`` or one of its causes is an ``OSError`` or comes from a network / hub library.
+
+    Hand-written: timm passes on whatever failed (huggingface_hub's ``LocalEntryNotFoundError`` or
+    ``OfflineModeIsEnabled``, torch.hub's ``URLError``, an HTTP client's error), with no common type to catch.
+    """
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -264,7 +266,10 @@ def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    """huggingface_hub in offline mode (cache only) for the block: the flag its HTTP session checks on each call."""
+    """huggingface_hub in offline mode (cache only) for the block: the flag its HTTP session checks on each call.
+
+    Hand-written: huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, and has no scoped switch.
+    """
     saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
     try:
         yield
