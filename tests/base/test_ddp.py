@@ -193,7 +193,19 @@ def test_ddp_metrics_equal_single_process_from_checkpoint(ddp_run, tmp_path: Pat
     assert len(single) == len(rank0["test"]) == 1
     assert single[0].keys() == rank0["test"][0].keys()
     assert {"image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"} <= single[0].keys()
+    # The F1-adaptive image threshold is one of the validation scores, and anomalib validates on the test images: the
+    # image scored at the threshold gets its label from float rounding (DDP and one process score it ~1e-7 apart,
+    # different batch compositions), so image F1 is compared only when no test score lies at the threshold. Every
+    # other image's label must agree.
+    threshold = float(rank0["state"]["post_processor._image_threshold"])
+    at_threshold = {path for path, score in ddp_scores["test"].items() if abs(score - threshold) <= 1e-5}
+    assert len(at_threshold) <= 1
+    for path, score in recorder.scores["test"].items():
+        if path not in at_threshold:
+            assert (score >= threshold) == (ddp_scores["test"][path] >= threshold), path
     for key, value in rank0["test"][0].items():
+        if key == "image_F1Score" and at_threshold:
+            continue
         assert single[0][key] == pytest.approx(value, abs=1e-6), key
 
 
