@@ -12,6 +12,14 @@ datamodule's *validation* loader. For feature-discrepancy models (RD, AAND, MemK
   calibrating on it uses test data and non-normal statistics. Here the calibration set is the training split
   (normal images only), resized to the exported graph's static input size.
 
+The float scopes are found by module scope in the ONNX graph, but NNCF quantizes the *OpenVINO* graph, where some of
+those ops have other names: OpenVINO names an op after the graph output it produces (the map head's Gaussian blur
+becomes ``anomaly_map``) and rebuilds folded ops under generated names (the head's sum of up-sampled levels becomes
+``Add_<n>``). Matched by ONNX node name only, those ops got 8-bit quantizers: the per-level maps were summed and blurred
+in 8 bits, with ranges calibrated on normal images, so anomalous peaks were clipped. :func:`float_op_names` maps the
+scopes onto the OpenVINO graph: ONNX node names, ops that produce a scope's ONNX tensors, and ops unknown to the ONNX
+graph whose every non-constant input comes from a float op.
+
 :class:`AnomalyMapPTQMixin` routes ``to_openvino(..., compression_type=INT8_PTQ)`` through :func:`quantize_model`;
 every other export goes to anomalib unchanged. The functions also work on any anomalib model's ONNX file (the edge
 benchmark uses them for ReverseDistillation and Patchcore so all models get the same recipe).
@@ -68,6 +76,71 @@ def float_node_names(onnx_path: str | Path, scopes: Sequence[str] = FLOAT_SCOPES
     return names
 
 
+def _scope_nodes(onnx_path: str | Path, scopes: Sequence[str]) -> tuple[set[str], set[str], set[str]]:
+    """``(names of the scopes' nodes, their output tensors, the names of all nodes)`` of the ONNX graph."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    selected = set(float_node_names(onnx_path, scopes)) if scopes else set()
+    outputs = {tensor for node in graph.node if node.name in selected for tensor in node.output if tensor}
+    return selected, outputs, {node.name for node in graph.node}
+
+
+def float_op_names(
+    model: Any,  # noqa: ANN401 - openvino.Model
+    onnx_path: str | Path,
+    scopes: Sequence[str] = FLOAT_SCOPES,
+    tail_scopes: Sequence[str] = FLOAT_SCOPES,
+) -> list[str]:
+    """Friendly names of the ops of the OpenVINO ``model`` (converted from ``onnx_path``) kept in floating point.
+
+    An op is kept when
+
+    * its name is the name of an ONNX node of ``scopes`` or ``tail_scopes``, or it produces one of their output tensors;
+    * or every input of it that is not a constant comes from a kept op (ops visited in topological order), and either
+      its name is no ONNX node name (OpenVINO built or renamed it: the head's blur named ``anomaly_map``, its sum of
+      levels ``Add_<n>``) or it is computed from a ``tail_scopes`` op (the tail of the graph: the image score, the
+      maximum of the map, is computed in the torch model's ``forward``, outside the head's module, from the head's
+      output).
+
+    ``tail_scopes`` must be sub-modules at the end of the graph (the map head and the post-processor); an interior
+    scope in ``scopes`` (e.g. a gate) keeps its own ops and what OpenVINO rebuilt inside it, nothing downstream.
+    """
+    selected, tensors, onnx_names = _scope_nodes(onnx_path, (*scopes, *tail_scopes))
+    tail_selected, _, _ = _scope_nodes(onnx_path, tail_scopes)
+    inside: set[str] = set()
+    after_tail: set[str] = set()
+    for op in model.get_ordered_ops():
+        name = op.get_friendly_name()
+        if op.get_type_name() in {"Constant", "Parameter"}:
+            continue
+        sources = [
+            port.get_source_output().get_node()
+            for port in op.inputs()
+            if port.get_source_output().get_node().get_type_name() != "Constant"
+        ]
+        if name in tail_selected or any(source.get_friendly_name() in after_tail for source in sources):
+            after_tail.add(name)
+        if name in selected or any(tensors & output.get_names() for output in op.outputs()):
+            inside.add(name)
+        elif (name not in onnx_names or name in after_tail) and sources and all(
+            source.get_friendly_name() in inside for source in sources
+        ):
+            inside.add(name)
+    return sorted(inside)
+
+
+def fake_quantize_in_float_ops(model: Any, names: Iterable[str]) -> list[str]:  # noqa: ANN401
+    """FakeQuantize ops of the quantized ``model`` that feed an op of ``names`` (empty when the float scopes held)."""
+    names = set(names)
+    return [
+        op.get_friendly_name()
+        for op in model.get_ops()
+        if op.get_type_name() == "FakeQuantize"
+        and any(target.get_node().get_friendly_name() in names for target in op.output(0).get_target_inputs())
+    ]
+
+
 def calibration_batches(
     images: Iterable[torch.Tensor],
     input_size: tuple[int, int],
@@ -106,9 +179,12 @@ def quantize_model(
     calibration: Sequence[np.ndarray],
     float_scopes: Sequence[str] = FLOAT_SCOPES,
     ov_kwargs: dict[str, Any] | None = None,
+    tail_scopes: Sequence[str] = FLOAT_SCOPES,
     **nncf_kwargs: Any,  # noqa: ANN401
 ) -> Any:  # noqa: ANN401 - openvino.Model
-    """Convert ``onnx_path`` to OpenVINO and quantize it to INT8, leaving ``float_scopes`` in floating point."""
+    """Convert ``onnx_path`` to OpenVINO and quantize it to INT8, leaving ``float_scopes`` and everything computed
+    from ``tail_scopes`` in floating point (:func:`float_op_names`; Patchcore's scoring: ``("feature_pooler",
+    *FLOAT_SCOPES)``, so only its backbone is quantized, as only the networks of the distillation models are)."""
     import nncf
     import openvino as ov
 
@@ -117,8 +193,8 @@ def quantize_model(
         raise ValueError(msg)
     if len(calibration) < 300:
         logger.info("INT8 calibration on %d training images (NNCF's default subset is 300).", len(calibration))
-    ignored = float_node_names(onnx_path, float_scopes)
     model = ov.convert_model(str(onnx_path), **(ov_kwargs or {}))
+    ignored = float_op_names(model, onnx_path, float_scopes, tail_scopes)
     batch_dim = model.input(0).get_partial_shape()[0]
     if batch_dim.is_static and batch_dim.get_length() != 1:  # e.g. an export whose batch size was specialised
         size = batch_dim.get_length()
@@ -176,4 +252,12 @@ class AnomalyMapPTQMixin:
         return xml_path
 
 
-__all__ = ["FLOAT_SCOPES", "AnomalyMapPTQMixin", "calibration_batches", "float_node_names", "quantize_model"]
+__all__ = [
+    "FLOAT_SCOPES",
+    "AnomalyMapPTQMixin",
+    "calibration_batches",
+    "fake_quantize_in_float_ops",
+    "float_node_names",
+    "float_op_names",
+    "quantize_model",
+]

@@ -266,6 +266,80 @@ def test_int8_ptq_quantizes_networks_not_the_anomaly_map_head(trained, tmp_path:
         assert not consumers & head, f"{op.get_friendly_name()} quantizes the input of {consumers & head}"
 
 
+def _downstream(model, names) -> list:
+    """The ops of the OpenVINO ``model`` computed from the ops named ``names`` (their consumers, transitively)."""
+    by_name = {op.get_friendly_name(): op for op in model.get_ops()}
+    stack, seen, found = [by_name[name] for name in names if name in by_name], set(), []
+    while stack:
+        for output in stack.pop().outputs():
+            for target in output.get_target_inputs():
+                node = target.get_node()
+                if node.get_friendly_name() not in seen:
+                    seen.add(node.get_friendly_name())
+                    found.append(node)
+                    stack.append(node)
+    return found
+
+
+def test_int8_ptq_keeps_everything_after_the_map_head_in_float(trained, tmp_path: Path) -> None:
+    """No FakeQuantize anywhere downstream of the map head, including the ops OpenVINO renamed (the blur takes the
+    output's name ``anomaly_map``, the sum of the up-sampled levels becomes ``Add_<n>``). Matched by ONNX node name
+    only, NNCF put 8-bit quantizers on the up-sampled levels and on the blur's input."""
+    from anomalib_kd_base.quantization import float_node_names
+
+    xml_path = _export(trained, tmp_path / "ptq", ExportType.OPENVINO, CompressionType.INT8_PTQ)
+    onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
+    head = float_node_names(onnx_path, ("anomaly_map_generator",))
+    quantized = ov.Core().read_model(str(xml_path))
+    after = _downstream(quantized, head)
+    assert any(op.get_friendly_name() == "anomaly_map" for op in after), "the map head was not found in the IR"
+    fake_quantize = [op.get_friendly_name() for op in after if op.get_type_name() == "FakeQuantize"]
+    assert not fake_quantize, f"quantizers inside / after the map head: {fake_quantize}"
+
+
+def test_int8_float_scopes_match_the_exported_graph(trained, tmp_path: Path) -> None:
+    """Each float scope matches ONNX nodes (a renamed sub-module would silently send its ops back to INT8), and
+    ``float_op_names`` holds every op that OpenVINO computes from the map head, the renamed ones included."""
+    from anomalib_kd_base.quantization import FLOAT_SCOPES, float_node_names, float_op_names
+
+    onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
+    for scope in FLOAT_SCOPES:
+        assert len(float_node_names(onnx_path, (scope,))) >= 2, f"float scope {scope!r} matches no ONNX node"
+    model = ov.convert_model(str(onnx_path))
+    names = set(float_op_names(model, onnx_path))
+    onnx_names = {node.name for node in onnx.load(str(onnx_path)).graph.node}
+    after = {op.get_friendly_name() for op in _downstream(model, float_node_names(onnx_path, ("anomaly_map_generator",)))}
+    assert after <= names, f"ops computed from the map head left out of the float scopes: {sorted(after - names)}"
+    assert after - onnx_names, "no renamed op downstream of the head: the case float_op_names covers did not occur"
+    outside = (names & onnx_names) - set(float_node_names(onnx_path))  # e.g. the image score: the map's maximum
+    assert outside <= after, f"ONNX nodes neither in the scopes nor computed from the head: {sorted(outside - after)}"
+
+
+def test_patchcore_int8_keeps_its_nearest_neighbour_scoring_in_float(dataset_root: Path, tmp_path: Path) -> None:
+    """The edge benchmark's recipe for Patchcore: only the backbone is quantized; nothing computed from the feature
+    pooling (embedding, distances to the memory bank, map, score) gets a quantizer. With the map head alone in
+    float, the distances were quantized and image AUROC moved by 0.29 on the edge smoke run."""
+    from anomalib.models import Patchcore
+
+    from anomalib_kd_base.quantization import FLOAT_SCOPES, calibration_batches, float_node_names, quantize_model
+
+    torch.manual_seed(0)
+    model = Patchcore(backbone="resnet18", pre_trained=False, coreset_sampling_ratio=0.5,
+                      pre_processor=Patchcore.configure_pre_processor(image_size=(SIZE, SIZE)))  # fmt: skip
+    engine = Engine(accelerator="cpu", devices=1, default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    datamodule = mvtec_datamodule(dataset_root)
+    engine.fit(model, datamodule=datamodule)
+    onnx_path = model.to_onnx(tmp_path / "onnx", input_size=(SIZE, SIZE))
+    images = calibration_batches([torch.rand(4, 3, SIZE, SIZE)], (SIZE, SIZE))
+    quantized = quantize_model(onnx_path, images, tail_scopes=("feature_pooler", *FLOAT_SCOPES))
+    after = _downstream(quantized, float_node_names(onnx_path, ("feature_pooler",)))
+    assert any(op.get_type_name() == "MatMul" for op in after), "the distances to the memory bank were not found"
+    fake_quantize = [op.get_friendly_name() for op in after if op.get_type_name() == "FakeQuantize"]
+    assert not fake_quantize, f"quantizers after the feature pooling: {fake_quantize}"
+    backbone = quantized.get_ops()
+    assert sum(op.get_type_name() == "FakeQuantize" for op in backbone) > 5  # the backbone itself is INT8
+
+
 def test_int8_ptq_without_datamodule_is_a_clear_error(trained, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="training images"):
         trained["model"].to_openvino(tmp_path, input_size=(SIZE, SIZE), compression_type=CompressionType.INT8_PTQ)
