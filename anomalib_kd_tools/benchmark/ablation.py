@@ -174,7 +174,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="defect families of the generated test set (default: the generator's; with --ablation families unlike "
         "AAND's synthesis: foreign/tint when available, else scratch/hole)",
     )
-    group.add_argument("--product", help="product of the generated data (if the generator has a product option)")
+    group.add_argument(
+        "--product",
+        nargs="+",
+        metavar="PRODUCT",
+        help="products of the generated data, one category each, named after it (e.g. widget brick grain: an aligned "
+        "object, a regular and an irregular texture); default: the widget, as category 'widget'",
+    )
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -193,8 +199,11 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         args.defects = list(default_ablation_defects())
     from anomalib_kd_tools.synthetic import PRODUCTS
 
-    if args.product and args.product not in PRODUCTS:
-        parser.error(f"--product {args.product}: the generator has {list(PRODUCTS)}")
+    unknown = sorted(set(args.product or ()) - set(PRODUCTS))
+    if unknown:
+        parser.error(f"--product {' '.join(unknown)}: the generator has {list(PRODUCTS)}")
+    if args.product and len(set(args.product)) != len(args.product):
+        parser.error("--product: each product once")
     if args.variants:
         if not args.ablation:
             parser.error("--variants selects variants of an --ablation")
@@ -214,7 +223,9 @@ def plan(args: argparse.Namespace, output: Path) -> tuple[list[Variant], dict[st
     texture_dir, texture_spec = None, None
     if args.texture_dir is not None:
         texture_dir = str(args.texture_dir.resolve())
-    elif args.ablation in {"aand", "all"}:
+    elif args.ablation in {"aand", "all"} or (args.generated and not args.ablation):
+        # Aand reads DTD's textures as anomaly content (the paper's recipe): generated data gets a DTD-like folder
+        # (whatever --models says, so that a run extended with other models keeps its settings)
         texture_spec = {"n_classes": 5, "n_per_class": 6, "size": args.image_size, "seed": 0}
         texture_dir = str((output / "textures").resolve())
     if args.ablation:
@@ -243,7 +254,7 @@ def generated_extras(args: argparse.Namespace) -> dict[str, Any]:
     if args.defects:
         extras["defects"] = list(args.defects)
     if args.product:
-        extras["product"] = args.product
+        extras["products"] = list(args.product)
     return extras
 
 

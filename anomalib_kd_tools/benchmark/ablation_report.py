@@ -79,8 +79,7 @@ def write_markdown(
         quality_report.finished_line(rows),
         [
             f"Dataset: {quality_report.dataset_line(rows, config)}",
-            f"Test defects: {', '.join(spec.get('defects', [])) or 'the dataset’s own'}"
-            + (f"; product: {spec['product']}" if spec.get("product") else ""),
+            f"Test defects: {', '.join(spec.get('defects', [])) or 'the dataset’s own'}",
             f"Teacher: **{teacher_label(config)}**; backbone {config.get('backbone') or 'model default'}; image size "
             f"{config.get('image_size')} px; batch size {config.get('batch_size')}; "
             f"seeds: {', '.join(map(str, seeds))}",

@@ -38,7 +38,7 @@ MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
 BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DESCRIPTION = "Edge benchmark: CPU latency / throughput and image AUROC per precision, four models side by side."
+DESCRIPTION = "Edge benchmark: CPU latency / throughput, size, image and pixel AUROC per precision, four models side by side."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--backbone", default="wide_resnet50_2", help="same architecture for all four models")
     parser.add_argument("--pre-trained", action="store_true", help="ImageNet weights (needs them locally or network)")
+    parser.add_argument(
+        "--proxy-teacher",
+        action="store_true",
+        help="random-init teachers whose BatchNorm statistics are calibrated on the training images before each fit "
+        "(anomalib_kd_tools.proxy; never ImageNet)",
+    )
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=24)
     parser.add_argument("--n-test-good", type=int, default=10)
@@ -62,8 +68,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="resnet18, 64 px, tiny data and few runs (smoke test)")
 
 
-def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:  # noqa: ARG001
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """``--quick``: the tiny smoke-test settings."""
+    if args.proxy_teacher and args.pre_trained:
+        parser.error("--proxy-teacher calibrates a random-init teacher: drop --pre-trained")
     if args.quick:
         args.backbone, args.image_size, args.n_train, args.n_test_good, args.n_test_per_defect = "resnet18", 64, 8, 4, 2
         args.epochs, args.batch_size, args.runs, args.warmup = 2, 4, 3, 1
@@ -95,66 +103,102 @@ def build_model(name: str, args: argparse.Namespace):
     return Patchcore(**common, layers=layers, coreset_sampling_ratio=0.1), {}
 
 
-def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(images [N, 3, H, W] in [0, 1], labels [N], masks [N, H, W])`` of a split (empty masks for good images)."""
     import numpy as np
     from PIL import Image
 
     paths = sorted((root / category / split).rglob("*.png"))
     images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 for p in paths])
     labels = np.array([p.parent.name != "good" for p in paths])
-    return images, labels
+    masks = np.zeros((len(paths), *images.shape[-2:]), dtype=bool)
+    for i, p in enumerate(paths):
+        mask = root / category / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
+        if mask.exists():
+            masks[i] = np.asarray(Image.open(mask).convert("L")) > 127
+    return images, labels, masks
 
 
-def measure(call, scores_of, images: np.ndarray, labels: np.ndarray, args: argparse.Namespace) -> dict[str, float]:
+def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
+    """anomalib's pixel AUROC of ``maps`` (resized bilinearly to the masks' size when they differ) against ``masks``."""
+    import torch
+    import torch.nn.functional as F  # noqa: N812
+    from anomalib.metrics import AUROC
+    from types import SimpleNamespace
+
+    maps_t = torch.as_tensor(maps, dtype=torch.float32).reshape(len(maps), 1, *maps.shape[-2:])
+    if maps_t.shape[-2:] != masks.shape[-2:]:
+        maps_t = F.interpolate(maps_t, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+    metric = AUROC(fields=["anomaly_map", "gt_mask"])
+    metric.update(SimpleNamespace(anomaly_map=maps_t[:, 0], gt_mask=torch.as_tensor(masks).int()))
+    return float(metric.compute())
+
+
+def measure(call, outputs_of, data: tuple, args: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
+    """Latency, throughput, image and pixel AUROC of ``call`` on the test ``data`` (``outputs_of``: a call's output
+    -> ``(scores, maps)`` as arrays)."""
     import numpy as np
 
     from anomalib_kd_tools.benchmark.job import image_auroc
 
+    images, labels, masks = data
     single = images[:1]
     latencies = pd.Series(time_calls(lambda: call(single), args.runs, args.warmup))
     batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
     batch_times = pd.Series(time_calls(lambda: call(batch), args.throughput_runs, 1))
-    scores = np.concatenate([scores_of(call(images[i : i + 1])) for i in range(len(images))])
+    scores, maps = zip(*(outputs_of(call(images[i : i + 1])) for i in range(len(images))), strict=True)
     return {
         "p50_ms": 1000 * latencies.median(),
         "p95_ms": 1000 * latencies.quantile(0.95, interpolation="nearest"),  # a measured call, not an interpolation
         "throughput": args.throughput_batch / batch_times.median(),
-        "image_auroc": image_auroc(scores, labels),  # anomalib's AUROC, as in quality
+        "image_auroc": image_auroc(np.concatenate(scores), labels),  # anomalib's AUROC, as in quality
+        "pixel_auroc": pixel_auroc(np.concatenate(maps), masks),
     }
 
 
 def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: Path) -> list[dict]:
+    import numpy as np
     import openvino as ov
     import torch
     from lightning.pytorch import seed_everything
 
-    from anomalib_kd_base.quantization import calibration_batches, quantize_model
+    from anomalib_kd_base.quantization import FLOAT_SCOPES, calibration_batches, quantize_model
     from anomalib_kd_tools.fit import cpu_engine, folder_datamodule
 
     seed_everything(args.seed, workers=True)
     model, engine_kwargs = build_model(name, args)
     datamodule = folder_datamodule(data_root, "widget", args.batch_size, args.seed)
+    if args.proxy_teacher:
+        from anomalib_kd_tools.proxy import calibrate_proxy_teacher
+
+        datamodule.setup()
+        calibrate_proxy_teacher(model, datamodule.train_data, args.batch_size)
     engine = cpu_engine(work / name, enable_progress_bar=False, **engine_kwargs)
     start = time.perf_counter()
     engine.fit(model, datamodule=datamodule)
     fit_s = time.perf_counter() - start
     model.eval()
-    images, labels = load_split(data_root, "widget", "test")
-    train_images, _ = load_split(data_root, "widget", "train")
+    data = load_split(data_root, "widget", "test")
+    train_images = load_split(data_root, "widget", "train")[0]
     size = (args.image_size, args.image_size)
     params = sum(p.numel() for p in model.model.parameters())
+    state_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20
     rows = []
 
-    def record(backend: str, call, scores_of) -> None:
+    def record(backend: str, call, outputs_of, size_mb: float) -> None:  # noqa: ANN001
         try:
-            metrics = measure(call, scores_of, images, labels, args)
+            metrics = measure(call, outputs_of, data, args)
         except Exception as error:  # noqa: BLE001 - one failing back-end must not lose the other rows
             print(f"  {name:<20} {backend:<10} FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
-            nan = float("nan")
-            metrics = {"p50_ms": nan, "p95_ms": nan, "throughput": nan, "image_auroc": nan}
-        rows.append({"model": name, "backend": backend, "params_M": params / 1e6, "fit_s": fit_s, **metrics})
+            metrics = dict.fromkeys(("p50_ms", "p95_ms", "throughput", "image_auroc", "pixel_auroc"), float("nan"))
+        rows.append({"model": name, "backend": backend, "params_M": params / 1e6, "size_mb": size_mb, "fit_s": fit_s,
+                     **metrics})  # fmt: skip
         print(f"  {name:<20} {backend:<10} p50 {metrics['p50_ms']:8.1f} ms  p95 {metrics['p95_ms']:8.1f} ms  "
-              f"{metrics['throughput']:7.1f} img/s  AUROC {metrics['image_auroc']:.3f}", flush=True)  # fmt: skip
+              f"{metrics['throughput']:7.1f} img/s  AUROC {metrics['image_auroc']:.3f} / "
+              f"{metrics['pixel_auroc']:.3f}", flush=True)  # fmt: skip
+
+    def arrays(scores, maps) -> tuple:  # noqa: ANN001
+        return np.asarray(scores, dtype=np.float32).reshape(-1), np.asarray(maps, dtype=np.float32)
 
     if "torch" in args.backends:
 
@@ -162,7 +206,7 @@ def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: 
         def torch_call(batch: np.ndarray):
             return model(torch.from_numpy(batch))
 
-        record("torch", torch_call, lambda out: out.pred_score.reshape(-1).float().numpy())
+        record("torch", torch_call, lambda out: arrays(out.pred_score.float(), out.anomaly_map.float()), state_mb)
 
     ov_backends = [b for b in args.backends if b.startswith("ov-")]
     if ov_backends:
@@ -181,15 +225,23 @@ def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: 
             if "ov-int8" in ov_backends:
                 calibration = calibration_batches([torch.from_numpy(train_images)], size)
                 try:
-                    variants["int8"] = quantize_model(onnx_path, calibration)
+                    # the networks in INT8, the scoring in float: the distillation models' map head; Patchcore's
+                    # nearest-neighbour search against its memory bank, everything after the feature pooling
+                    tail = ("feature_pooler", *FLOAT_SCOPES) if name == "Patchcore" else FLOAT_SCOPES
+                    variants["int8"] = quantize_model(onnx_path, calibration, tail_scopes=tail)
                 except Exception as error:  # noqa: BLE001 - reported as a failed row
                     print(f"  {name:<20} INT8 quantization FAILED: {type(error).__name__}: {str(error)[:300]}")
                     ov_backends = [b for b in ov_backends if b != "ov-int8"]
+            sizes = {}
+            for variant, ir in variants.items():  # the IR as saved (xml + bin), what a device stores
+                xml = Path(tmp) / f"size_{variant}.xml"
+                ov.save_model(ir, xml, compress_to_fp16=variant == "fp16")
+                sizes[variant] = (xml.stat().st_size + xml.with_suffix(".bin").stat().st_size) / 2**20
             for backend in ov_backends:
                 variant = "fp32" if backend == "ov-default" else backend[3:]
                 config = {} if backend == "ov-default" else {"INFERENCE_PRECISION_HINT": "f32"}
                 call = OpenVINOCall(core, variants[variant], config)
-                record(backend, call, lambda out: out["pred_score"].reshape(-1))
+                record(backend, call, lambda out: arrays(out["pred_score"], out["anomaly_map"]), sizes[variant])
     return rows
 
 
@@ -222,6 +274,7 @@ def add_ratios(rows: list[dict]) -> None:
         fp32 = by_key.get((row["model"], "ov-fp32"))
         row["speedup_vs_ov_fp32"] = fp32["p50_ms"] / row["p50_ms"] if fp32 else float("nan")
         row["auroc_drop_vs_ov_fp32"] = fp32["image_auroc"] - row["image_auroc"] if fp32 else float("nan")
+        row["pixel_drop_vs_ov_fp32"] = fp32["pixel_auroc"] - row["pixel_auroc"] if fp32 else float("nan")
 
 
 COLUMNS = [
@@ -234,6 +287,9 @@ COLUMNS = [
     ("speedup_vs_ov_fp32", "speed-up vs ov-fp32", "{:.2f}"),
     ("image_auroc", "image AUROC", "{:.3f}"),
     ("auroc_drop_vs_ov_fp32", "AUROC drop vs ov-fp32", "{:+.3f}"),
+    ("pixel_auroc", "pixel AUROC", "{:.3f}"),
+    ("pixel_drop_vs_ov_fp32", "pixel drop vs ov-fp32", "{:+.3f}"),
+    ("size_mb", "size MB", "{:.1f}"),
     ("params_M", "params (M)", "{:.1f}"),
     ("fit_s", "fit s", "{:.0f}"),
 ]
@@ -257,6 +313,7 @@ def plot(path: Path, rows: pd.DataFrame, title: str) -> None:
     panels = [
         report.Bars(values("p50_ms"), "latency, batch 1, p50 (ms, log scale)", log=True),
         report.Bars(values("image_auroc"), "image AUROC", ylim=(0, 1.05)),
+        report.Bars(values("pixel_auroc"), "pixel AUROC", ylim=(0, 1.05)),
     ]
     report.write_png(path, panels, title)
 
@@ -298,14 +355,16 @@ def write_tables(output: Path, rows: list[dict], args: argparse.Namespace, argv:
     """``edge.md`` (report header + table), ``edge.csv``, ``edge.png`` and ``edge.json`` in ``output``."""
     import torch
 
-    weights = "ImageNet" if args.pre_trained else "random init"
+    from anomalib_kd_tools.proxy import PROXY_TEACHER
+
+    weights = "ImageNet" if args.pre_trained else PROXY_TEACHER if args.proxy_teacher else "random init"
     setting = (
         f"{args.backbone} ({weights}), {args.image_size} px, generated data ({args.n_train} train / {n_test} test "
         f"images), seed {args.seed}; bs1 over {args.runs} runs, throughput at batch {args.throughput_batch}"
     )
     hardware = report.hardware(threads=torch.get_num_threads())
     header = report.header(
-        "Edge benchmark: CPU latency, throughput and image AUROC per precision",
+        "Edge benchmark: CPU latency, throughput, size, image and pixel AUROC per precision",
         hardware,
         report.today(),
         [f"Setting: {setting}"],

@@ -79,7 +79,7 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     if name == "ReverseDistillation":
         from anomalib.models import ReverseDistillation
 
-        epochs = spec["epochs"] or PAPER_EPOCHS[name]
+        epochs = spec["epochs"] or scaled(PAPER_EPOCHS[name], spec)
         pre_processor = ReverseDistillation.configure_pre_processor(image_size=size)
         model = ReverseDistillation(**common, **overrides, pre_processor=pre_processor)
         # RD's trainer_arguments do not pin max_epochs, so the Engine's value is the schedule.
@@ -87,7 +87,7 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     if name == "Aand":
         from anomalib_aand import Aand
 
-        stage1, stage2 = spec["aand_stage_epochs"] or PAPER_AAND_STAGES
+        stage1, stage2 = spec["aand_stage_epochs"] or [scaled(epochs, spec) for epochs in PAPER_AAND_STAGES]
         kwargs = {"stage1_epochs": stage1, "stage2_epochs": stage2}
         if spec.get("texture_dir"):
             kwargs["anomaly_source_path"] = spec["texture_dir"]
@@ -97,11 +97,16 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     if name == "MemKD":
         from anomalib_memkd import MemKD
 
-        kwargs = {"epochs": spec["epochs"] or PAPER_EPOCHS[name], **overrides}
+        kwargs = {"epochs": spec["epochs"] or scaled(PAPER_EPOCHS[name], spec), **overrides}
         model = MemKD(**common, **kwargs, pre_processor=MemKD.configure_pre_processor(image_size=size))
         return model, {}, backbone, _epochs(kwargs["epochs"])
     msg = f"unknown model {name!r}; choose from {MODELS}"
     raise ValueError(msg)
+
+
+def scaled(epochs: int, spec: dict[str, Any]) -> int:
+    """A paper's epoch count times the run's ``schedule_scale`` (rounded, at least 1)."""
+    return max(1, round(epochs * (spec.get("schedule_scale") or 1.0)))
 
 
 def _epochs(n: int) -> str:
@@ -278,6 +283,9 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         }
         if spec["openvino"]:
             row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
+        if spec.get("heatmaps"):
+            path = Path(spec["heatmap_dir"]) / f"{spec['slug']}.npz"
+            save_heatmaps(model, datamodule.test_data, spec["heatmaps"], path, spec["category"])
         if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
             from anomalib_kd_tools.benchmark.ablation import mechanism_figures
             from anomalib_kd_tools.proxy import PROXY_TEACHER
@@ -324,6 +332,44 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         return row
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def save_heatmaps(model: Any, dataset: Any, count: int, path: Path, category: str) -> None:  # noqa: ANN401
+    """Write ``count`` anomalous test images of ``dataset``, their masks and the model's maps to ``path`` (npz).
+
+    The images are the same for every model of a category (sorted by path, one per defect family in turn); the maps
+    are the whole ``AnomalibModule.forward``'s, post-processed: each model's validation threshold maps to 0.5, so
+    the maps of different models share one scale (:mod:`anomalib_kd_tools.heatmaps`).
+    """
+    import numpy as np
+    import torch
+
+    samples = dataset.samples.reset_index(drop=True)
+    by_defect: dict[str, list[int]] = {}
+    for i in sorted(range(len(samples)), key=lambda i: str(samples.image_path[i])):
+        if int(samples.label_index[i]) == 1:
+            by_defect.setdefault(Path(samples.image_path[i]).parent.name, []).append(i)
+    depth = max(map(len, by_defect.values()), default=0)
+    chosen = [ids[k] for k in range(depth) for ids in by_defect.values() if k < len(ids)][:count]
+    images, masks, maps, labels = [], [], [], []
+    model.eval()
+    for i in chosen:
+        item = dataset[i]
+        with torch.inference_mode():
+            output = model(item.image[None].to(next(model.parameters()).device))
+        images.append(item.image[:3].permute(1, 2, 0).cpu().numpy())
+        masks.append(item.gt_mask.reshape(item.gt_mask.shape[-2:]).cpu().numpy().astype(np.uint8))
+        maps.append(output.anomaly_map.detach().float().cpu().numpy().reshape(output.anomaly_map.shape[-2:]))
+        labels.append(f"{category} / {Path(samples.image_path[i]).parent.name}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        images=np.asarray(images, dtype=np.float16),
+        masks=np.asarray(masks),
+        maps=np.asarray(maps, dtype=np.float32),
+        labels=np.asarray(labels),
+        paths=np.asarray([str(samples.image_path[i]) for i in chosen]),
+    )
 
 
 def _proxy_label() -> str:

@@ -39,7 +39,7 @@ EPILOG = "Paper numbers need ImageNet weights (--pre-trained) and MVTec AD / Vis
 RUN_CONFIG_KEYS = (
     "dataset_kind", "dataset", "image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "batch_size",
     "coreset_ratio", "val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads",
-    "generated_spec",
+    "generated_spec", "schedule_scale",
     # ablation mode (.ablation); absent from older run configs, where they mean "off"
     "ablation", "proxy_teacher", "texture_dir", "texture_spec", "aand_foreground",
 )  # fmt: skip
@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("S1", "S2"),
         help="Aand's stage lengths (default: 100 120)",
     )
+    parser.add_argument(
+        "--schedule-scale",
+        type=float,
+        default=1.0,
+        help="one factor for every model's own schedule (papers' epochs x factor, at least 1; e.g. 0.1: RD 20, "
+        "MemKD 10, Aand 10+12 epochs); --epochs / --aand-stage-epochs take precedence",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="Patchcore coreset sampling ratio")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -84,6 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/anomalib-kd-benchmark"))
     parser.add_argument("--devices", default="auto", help="auto | cpu | N (first N GPUs) | i,j (these GPUs)")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None, help="default: if installed")
+    parser.add_argument(
+        "--heatmaps",
+        type=int,
+        default=4,
+        help="anomalous test images in heatmaps.png (rows; the first seed's models as columns); 0: none",
+    )
     parser.add_argument("--timing-runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--throughput-batch", type=int, default=16)
@@ -104,6 +117,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     """Checks across options and the run-dependent defaults (seeds, defects, OpenVINO when installed)."""
     if args.image_size % 32 or args.image_size < 64:  # noqa: PLR2004
         parser.error("--image-size must be a multiple of 32 and at least 64")
+    if not 0 < args.schedule_scale <= 1:
+        parser.error("--schedule-scale must be in (0, 1]")
     ablation.check_arguments(parser, args)
     if args.openvino is None:
         import importlib.util
@@ -125,7 +140,8 @@ def _prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], dict[str, 
             **ablation.generated_extras(args),
         }
         root = (args.output / "data").resolve()
-        return root, [GENERATED_CATEGORY], {"dataset_kind": "generated", "dataset": "generated", "generated_spec": spec}
+        categories = spec.get("products") or [GENERATED_CATEGORY]  # one category per product, named after it
+        return root, categories, {"dataset_kind": "generated", "dataset": "generated", "generated_spec": spec}
     root = args.dataset_root.resolve()
     found = sorted(p.name for p in root.iterdir() if (p / "train").is_dir()) if root.is_dir() else []
     categories = args.categories or found
@@ -142,11 +158,19 @@ def _write_generated(root: Path, spec: dict[str, Any]) -> None:
 
     marker = root / "generated.json"
     if not marker.exists() or json.loads(marker.read_text(encoding="utf-8")) != spec:
-        make_mvtec_like_dataset(root, **spec)
+        options = {key: value for key, value in spec.items() if key != "products"}
+        if "defects" in options:
+            options["defects"] = tuple(options["defects"])
+        for product in spec.get("products") or ():
+            make_mvtec_like_dataset(root, **{**options, "category": product, "product": product})
+        if not spec.get("products"):
+            make_mvtec_like_dataset(root, **options)
         marker.write_text(json.dumps(spec), encoding="utf-8")
 
 
 def _same_setting(key: str, old: Any, new: Any) -> bool:  # noqa: ANN401
+    if key == "schedule_scale":  # absent from run configs written before the option: the papers' schedules
+        return (old or 1.0) == (new or 1.0)
     if key in ablation.RUN_CONFIG_DEFAULT_OFF:  # a run config written before these keys existed means "off"
         return (old or None) == (new or None)
     return old == new
@@ -165,7 +189,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     args.output.mkdir(parents=True, exist_ok=True)
     root, categories, data_config = _prepare_data(args)
     variants, skipped, ablation_config = ablation.plan(args, args.output)
-    options = ("image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "batch_size", "coreset_ratio")
+    options = ("image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "schedule_scale", "batch_size")
+    options += ("coreset_ratio",)
     options += ("val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads")
     config = {**data_config, **{key: getattr(args, key) for key in options}}
     config["dataset_name"] = args.dataset_name  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
@@ -220,6 +245,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
             "work_dir": str(run_dir.resolve()),
             **{k: config[k] for k in RUN_CONFIG_KEYS if k in config and k not in {"dataset_kind", "dataset"}},
             "num_workers": args.num_workers,
+            "heatmaps": 0 if args.ablation or cell.seed != min(args.seeds) else args.heatmaps,
+            "heatmap_dir": str((args.output / "heatmaps").resolve()),
             "timing_runs": args.timing_runs,
             "warmup": args.warmup,
         }
@@ -288,6 +315,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     elif len(rows):
         text = quality_report.write_markdown(args.output / "results.md", rows, config)
         quality_report.write_plot(args.output / "results.png", rows, config)
+        if args.heatmaps and quality_report.write_heatmaps(args.output / "heatmaps.png", rows, config, args.heatmaps):
+            console.print(f"wrote {args.output / 'heatmaps.png'}")
         if paper_results.write_csv(args.output / "paper_comparison.csv", rows, config):
             console.print(f"wrote {args.output / 'paper_comparison.csv'} (paper numbers beside measured ones)")
         console.print(text, markup=False, highlight=False)

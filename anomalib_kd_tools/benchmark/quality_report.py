@@ -41,8 +41,9 @@ def dataset_line(rows: pd.DataFrame, config: dict[str, Any]) -> str:
     if config.get("dataset_kind") == "generated":
         spec = config.get("generated_spec") or {}
         return (
-            "**generated** data (`anomalib_kd_tools.synthetic.make_mvtec_like_dataset`, category "
-            f"`{GENERATED_CATEGORY}`, {spec.get('n_train', '?')} train / {spec.get('n_test_good', '?')} good + "
+            "**generated** data (`anomalib_kd_tools.synthetic.make_mvtec_like_dataset`, categories "
+            f"{', '.join(f'`{c}`' for c in spec.get('products') or [GENERATED_CATEGORY])}, {spec.get('n_train', '?')} "
+            f"train / {spec.get('n_test_good', '?')} good + "
             f"{spec.get('n_test_per_defect', '?')} per defect type test images) - NOT MVTec AD or VisA: these numbers "
             "say nothing about the papers' results"
         )
@@ -131,4 +132,40 @@ def write_plot(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config
     report.write_png(path, [bars, scatter], title)
 
 
-__all__ = ["dataset_line", "finished_line", "hardware_line", "write_markdown", "write_plot"]
+def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count: int) -> bool:
+    """``heatmaps.png``: ``count`` test images (one category after the other) as rows, their ground truth and each
+    model's post-processed map of the first seed as columns, one colour scale per row
+    (:func:`anomalib_kd_tools.heatmaps.draw_side_by_side`), from the cells' ``heatmaps/<slug>.npz``
+    (:func:`.job.save_heatmaps`). ``False`` when no category has the maps of every model."""
+    import numpy as np
+
+    from anomalib_kd_tools.benchmark.generator import Cell
+    from anomalib_kd_tools.heatmaps import draw_side_by_side
+
+    rows = pd.DataFrame(rows)
+    seed = int(rows.seed.min())
+    models = [m for m in schema.MODELS if m in set(rows.model)] + sorted(set(rows.model) - set(schema.MODELS))
+    per_category = []
+    for category in dict.fromkeys(rows.category):
+        files = [path.parent / "heatmaps" / f"{Cell(m, category, seed).slug}.npz" for m in models]
+        if all(f.exists() for f in files):
+            loaded = [dict(np.load(f)) for f in files]
+            if all(list(d["paths"]) == list(loaded[0]["paths"]) for d in loaded):  # the same images for every model
+                per_category.append(loaded)
+    depth = max((len(c[0]["paths"]) for c in per_category), default=0)
+    picks = [(c, k) for k in range(depth) for c in per_category if k < len(c[0]["paths"])][:count]
+    if not picks:
+        return False
+    images = [c[0]["images"][k].astype(np.float32) for c, k in picks]
+    masks = [c[0]["masks"][k] for c, k in picks]
+    maps = {model: [c[i]["maps"][k] for c, k in picks] for i, model in enumerate(models)}
+    kind = "generated data, not MVTec AD" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
+    title = (
+        f"{ablation.teacher_label(config)}, {kind}, seed {seed}: post-processed maps (validation threshold = 0.5), "
+        "one colour scale per row"
+    )
+    draw_side_by_side(images, masks, maps, path, row_labels=[str(c[0]["labels"][k]) for c, k in picks], title=title)
+    return True
+
+
+__all__ = ["dataset_line", "finished_line", "hardware_line", "write_heatmaps", "write_markdown", "write_plot"]

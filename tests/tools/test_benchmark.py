@@ -18,10 +18,12 @@ import threading
 from importlib import import_module
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
+from PIL import Image
 
-from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, runner, schema
+from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, quality_report, runner, schema
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
@@ -288,6 +290,19 @@ def test_cli_quality_subcommand(runs) -> None:
     png = (out / "results.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert not list((out / "cells").glob("*.json"))  # finished cells leave no spec / result files
+    # heat maps: the first seed's cells save the same test images for every model, post-processed maps in [0, 1]
+    saved = {p.stem for p in (out / "heatmaps").glob("*.npz")}
+    assert saved == {f"{m}_widget_seed0" for m in FOUR}  # Patchcore seed 1 (second command) saves none
+    first = np.load(out / "heatmaps" / "Patchcore_widget_seed0.npz")
+    families = [Path(p).parent.name for p in first["paths"]]
+    assert len(families) == 4 and set(families) <= {"scratch", "stain", "hole"}
+    assert families[0] != families[1]  # one defect family after the other
+    for model in FOUR[1:]:
+        other = np.load(out / "heatmaps" / f"{model}_widget_seed0.npz")
+        assert list(other["paths"]) == list(first["paths"])
+        assert other["maps"].min() >= 0 and other["maps"].max() <= 1
+        assert not np.allclose(other["maps"], first["maps"])  # each model's own map
+    assert (out / "heatmaps.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.integration
@@ -684,3 +699,62 @@ def test_ablation_arguments_are_checked(tmp_path: Path) -> None:
     assert args.seeds == [0, 1, 2] and tuple(args.defects) == ablation.default_ablation_defects()
     assert cli.parse([*base, "--generated"]).seeds == [0]  # the benchmark's own default is unchanged
     assert cli.parse([*base, "--generated"]).defects is None
+
+
+def test_schedule_scale_scales_every_models_own_schedule() -> None:
+    spec = {"schedule_scale": 0.1}
+    assert job.scaled(job.PAPER_EPOCHS["ReverseDistillation"], spec) == 20
+    assert job.scaled(job.PAPER_EPOCHS["MemKD"], spec) == 10
+    assert [job.scaled(e, spec) for e in job.PAPER_AAND_STAGES] == [10, 12]
+    assert job.scaled(100, {"schedule_scale": 0.001}) == 1  # at least one epoch
+    assert job.scaled(200, {}) == 200  # absent: the papers' schedules
+    base = {"image_size": 64, "backbone": "resnet18", "pre_trained": False, "coreset_ratio": 0.1, "epochs": None}
+    built = {
+        name: job.build_model({**base, "model": name, "aand_stage_epochs": None, "schedule_scale": 0.1})
+        for name in ("ReverseDistillation", "Aand", "MemKD")
+    }
+    assert built["ReverseDistillation"][1] == {"max_epochs": 20}
+    assert (built["Aand"][0].stage1_epochs, built["Aand"][0].stage2_epochs) == (10, 12)
+    assert built["MemKD"][3] == "10 epochs"
+
+
+def test_generated_products_are_one_category_each(tmp_path: Path) -> None:
+    base = ["quality", "--output", str(tmp_path), "--devices", "cpu", "--generated", "--image-size", "64"]
+    args = cli.parse([*base, "--product", "brick", "grain", "--n-train", "2", "--n-test-good", "1"])
+    root, categories, config = quality._prepare_data(args)
+    assert categories == ["brick", "grain"]
+    quality._write_generated(root, config["generated_spec"])
+    for category in categories:
+        assert len(list((root / category / "train" / "good").glob("*.png"))) == 2
+    brick = np.asarray(Image.open(root / "brick" / "train" / "good" / "000.png"), dtype=np.float32)
+    grain = np.asarray(Image.open(root / "grain" / "train" / "good" / "000.png"), dtype=np.float32)
+    assert np.abs(brick - grain).mean() > 5  # each category holds its own product
+    _, default, _ = quality._prepare_data(cli.parse(base))
+    assert default == [generator.GENERATED_CATEGORY]
+    for bad in (["--product", "brick", "brick"], ["--product", "nothing"], ["--schedule-scale", "0"]):
+        with pytest.raises(SystemExit):
+            cli.parse([*base, *bad])
+
+
+def test_heatmap_figure_needs_the_same_images_for_every_model(tmp_path: Path) -> None:
+    import pandas as pd
+
+    rows = pd.DataFrame([{"model": m, "category": c, "seed": 0} for m in FOUR for c in ("brick", "grain")])
+
+    def save(model: str, category: str, paths: list[str], value: float) -> None:
+        folder = tmp_path / "heatmaps"
+        folder.mkdir(exist_ok=True)
+        np.savez(folder / f"{model}_{category}_seed0.npz", images=np.zeros((len(paths), 8, 8, 3), np.float16),
+                 masks=np.zeros((len(paths), 8, 8), np.uint8), maps=np.full((len(paths), 8, 8), value, np.float32),
+                 labels=np.asarray([f"{category} / x"] * len(paths)), paths=np.asarray(paths))  # fmt: skip
+
+    for k, model in enumerate(FOUR):
+        save(model, "brick", ["b/1.png", "b/2.png"], k / 4)
+        save(model, "grain", ["g/1.png"] if model != "MemKD" else ["g/other.png"], k / 4)
+    png = tmp_path / "heatmaps.png"
+    assert quality_report.write_heatmaps(png, rows, {"dataset_kind": "generated"}, 4)
+    one_category = Image.open(png).size
+    save("MemKD", "grain", ["g/1.png"], 0.5)  # now grain has the same images for every model: one more row
+    assert quality_report.write_heatmaps(png, rows, {"dataset_kind": "generated"}, 4)
+    assert Image.open(png).size[1] > one_category[1] * 1.3
+    assert not quality_report.write_heatmaps(png, rows.assign(seed=1), {"dataset_kind": "generated"}, 4)

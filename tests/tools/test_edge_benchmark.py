@@ -18,7 +18,7 @@ pytest.importorskip("nncf")
 def test_cli_edge_subcommand(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "anomalib_kd_tools.benchmark", "edge", "--quick",
-        "--models", "Aand", "ReverseDistillation",
+        "--models", "Aand", "ReverseDistillation", "--proxy-teacher",
         "--backends", "torch", "ov-fp32", "ov-int8",
         "--output", str(tmp_path),
     ]  # fmt: skip
@@ -35,12 +35,18 @@ def test_cli_edge_subcommand(tmp_path: Path) -> None:
         assert 0 < p50 <= p95
         assert float(row["throughput"]) > 0
         assert 0.0 <= float(row["image_auroc"]) <= 1.0
+        assert 0.0 <= float(row["pixel_auroc"]) <= 1.0
+        assert float(row["size_mb"]) > 0
         rd = by_key[("ReverseDistillation", backend)]
         assert math.isclose(float(row["latency_vs_rd"]), p50 / float(rd["p50_ms"]), rel_tol=1e-6)
         fp32 = by_key[(model, "ov-fp32")]
         assert math.isclose(float(row["speedup_vs_ov_fp32"]), float(fp32["p50_ms"]) / p50, rel_tol=1e-6)
+    for model in ("Aand", "ReverseDistillation"):  # the INT8 IR stores 8-bit weights: under a third of FP32's file
+        assert float(by_key[(model, "ov-int8")]["size_mb"]) < float(by_key[(model, "ov-fp32")]["size_mb"]) / 3
+        fp32 = by_key[(model, "ov-fp32")]
+        assert math.isclose(float(fp32["pixel_auroc"]), float(by_key[(model, "torch")]["pixel_auroc"]), abs_tol=1e-3)
     table = (tmp_path / "edge.md").read_text()
-    assert "generated data" in table and "random init" in table
+    assert "generated data" in table and "proxy teacher" in table
     assert table.count("\n| Aand |") == 3
     assert table in result.stdout  # printed as well as written
     assert "- Command: `anomalib-kd-benchmark edge --quick" in table
