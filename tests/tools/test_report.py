@@ -42,7 +42,7 @@ def _outputs(tmp_path: Path) -> dict[str, str]:
 
     edge_rows = [
         {"model": m, "backend": b, "p50_ms": p50, "p95_ms": 1.5 * p50, "throughput": 100 / p50, "image_auroc": 0.75}
-        | {"params_M": 11.0, "fit_s": 3.0}
+        | {"pixel_auroc": 0.7, "size_mb": 40.0, "params_M": 11.0, "fit_s": 3.0}
         for m, scale in (("Aand", 1.2), ("ReverseDistillation", 1.0))
         for b, p50 in (("torch", 10.0 * scale), ("ov-fp32", 8.0 * scale))
     ]
