@@ -1,9 +1,5 @@
-"""The tables of an ablation run (``anomalib-kd-benchmark quality --ablation``): ``results.md`` and ``results.png``.
-
-The statistics over seeds per (variant, category) of the metrics and of the mechanism figures (:func:`figures`, one
-column per figure of the rows' ``mechanism`` JSON) are :mod:`.schema`'s; this module holds the content of the two
-files. The files themselves, the header every table shares and the markdown tables are :mod:`.report`'s, the header
-lines of a quality run :mod:`.quality_report`'s. The variants and options are :mod:`.ablation`'s.
+"""The tables of ``quality --ablation``: ``results.md`` (per ablation the metrics and the mechanism figures of the
+rows' ``mechanism`` JSON, mean ± std over seeds) and ``results.png``; the variants are :mod:`.ablation`'s.
 """
 
 from __future__ import annotations
@@ -23,7 +19,6 @@ from anomalib_kd_tools.benchmark.schema import LABELS
 ABLATION_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
-# ---------------------------------------------------------------------------------------------- aggregation
 def natural_key(key: str) -> list[Any]:
     """Sort key that orders ``m2`` before ``m10``."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", key)]
@@ -37,7 +32,6 @@ def figures(rows: pd.DataFrame) -> pd.DataFrame:
     return frame[sorted(frame.columns, key=natural_key)]
 
 
-# ---------------------------------------------------------------------------------------------- results.md / .png
 def _texture_line(config: dict[str, Any]) -> str:
     if config.get("texture_spec"):
         return f"generated DTD-like folder (`make_texture_folder`, {config['texture_spec']}) - not DTD"
@@ -51,14 +45,12 @@ def _overrides(overrides: dict[str, Any]) -> str:
 
 def _by_ablation(variants: Sequence[Variant], skipped: dict[str, list[str]]) -> dict[str, tuple[list[str], dict]]:
     """Per ablation (in :data:`ABLATIONS` order): its variants that ran and its skipped ones."""
-    listed: dict[str, list[str]] = {}
-    for variant in variants:
-        listed.setdefault(ablation_of(variant.name), []).append(variant.name)
     out = {}
-    for name in ABLATIONS:
-        skipped_here = {v.name: skipped[v.name] for v in ABLATIONS[name] if v.name in skipped}
-        if listed.get(name) or skipped_here:
-            out[name] = (listed.get(name, []), skipped_here)
+    for name, members in ABLATIONS.items():
+        listed = [v.name for v in variants if ablation_of(v.name) == name]
+        skipped_here = {v.name: skipped[v.name] for v in members if v.name in skipped}
+        if listed or skipped_here:
+            out[name] = (listed, skipped_here)
     return out
 
 
@@ -91,45 +83,35 @@ def write_markdown(
         interrupted=bool(config.get("interrupted")),
     )
     overrides = {v.name: v.overrides for v in variants}
-    metric_columns = [LABELS[m] for m in ABLATION_METRICS]
+    by, metric_columns = ["variant", "category"], ["seeds", *(LABELS[m] for m in ABLATION_METRICS)]
     for name, (listed, skipped_here) in _by_ablation(variants, skipped).items():
         members = rows[rows.variant.isin(listed)]
         measured = members.join(figures(members))
         keys = [k for k in measured.columns if k not in rows.columns]
-        by = {"by": ["variant", "category"], "order": {"variant": listed}}
-        stats = schema.aggregate(measured, columns=[*ABLATION_METRICS, "train_time_s", *keys], **by)
-        cells = schema.formatted(stats).reset_index(drop=True)
-        groups = stats.index.to_frame(index=False)
-        table = groups.copy()
+        order = {"variant": listed}
+        stats = schema.mean_std_table(measured, by, [*ABLATION_METRICS, "train_time_s", *keys], order=order)
+        table = stats.join(members.groupby(by).schedule.first(), on=by)
         table.insert(1, "overrides", [_overrides(overrides.get(v, {})) for v in table.variant])
-        table["seeds"] = stats["seeds", "n"].to_numpy()
-        table[metric_columns] = cells[list(ABLATION_METRICS)].to_numpy()
-        table["schedule"] = members.groupby(by["by"]).schedule.first().loc[stats.index].to_numpy()
-        table["train s"] = cells["train_time_s"].to_numpy()
+        table = table[["variant", "overrides", "category", *metric_columns, "schedule", "train s"]].astype(object)
         skipped_rows = [
             [variant, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7]
             for variant, missing in skipped_here.items()
         ]
-        table = pd.concat([table.astype(object), pd.DataFrame(skipped_rows, columns=table.columns, dtype=object)])
+        table = pd.concat([table, pd.DataFrame(skipped_rows, columns=table.columns, dtype=object)])
         lines += [f"## {name}: metrics", "", *report.markdown(table)]
         lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
-        if keys:
-            lines += report.markdown(pd.concat([groups, cells[keys]], axis=1))
-        status = members.groupby(by["by"]).mechanism_status.agg(lambda s: ", ".join(sorted(set(s) - {"ok"})))
+        no_figures = "No figures: the model has no `mechanism_report` or it returned none."
+        lines += report.markdown(stats[[*by, *keys]]) if keys else [no_figures]
+        status = members.groupby(by).mechanism_status.agg(lambda s: ", ".join(sorted(set(s) - {"ok"})))
         notes = sorted({f"{variant}: {text}" for (variant, _), text in status.items() if text})
-        if not keys:
-            lines.append("No figures: the model has no `mechanism_report` or it returned none.")
         if notes:
             lines += ["", "Status: " + "; ".join(notes)]
         lines.append("")
     lines += ["## Raw rows (results.csv)", ""]
     raw = rows.sort_values(["variant", "category", "seed"])
-    raw_table = raw[["variant", "category", "seed"]].copy()
-    for metric in ABLATION_METRICS:
-        raw_table[LABELS[metric]] = raw[metric].map(schema.fmt)
-    raw_table["train s"] = [schema.fmt(value, 1) for value in raw.train_time_s]
-    raw_table["mechanism"] = raw.get("mechanism_status", "")
-    lines += report.markdown(raw_table)
+    values = schema.formatted_values(raw, (*ABLATION_METRICS, "train_time_s"))
+    raw_table = pd.concat([raw[["variant", "category", "seed"]], values], axis=1)
+    lines += report.markdown(raw_table.assign(mechanism=raw.get("mechanism_status", "")))
     if config.get("dataset_kind") == "generated":
         lines += [
             "",
@@ -153,18 +135,12 @@ def write_plot(
     for name, (listed, _) in _by_ablation(variants, skipped).items():
         shown = [v for v in listed if v in set(rows.get("variant", ()))]
         if shown:
-            members = rows[rows.variant.isin(shown)]
-            by_variant = {"over_categories": True, "order": {"variant": shown}}
-            stats = schema.aggregate(members, ["variant"], ABLATION_METRICS, **by_variant)
-            ylabel = "score (mean ± std over seeds)"
-            panels.append(report.Bars.of(stats, ABLATION_METRICS, ylabel, title=name, ylim=(0, 1.05)))
-    if not panels:
-        return False
-    kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
-    title = f"Ablation: {kind}, {teacher_label(config)}, {config.get('image_size')} px"
-    title += f" - {quality_report.hardware_line(rows)}"
-    report.write_png(path, panels, title)
-    return True
+            members, order = rows[rows.variant.isin(shown)], {"variant": shown}
+            stats = schema.aggregate(members, ["variant"], ABLATION_METRICS, over_categories=True, order=order)
+            panels.append(report.Bars.of(stats, ABLATION_METRICS, quality_report.SCORES, title=name, ylim=(0, 1.05)))
+    if panels:
+        report.write_png(path, panels, f"Ablation: {quality_report.plot_title(rows, config)}")
+    return bool(panels)
 
 
 __all__ = ["figures", "natural_key", "write_markdown", "write_plot"]

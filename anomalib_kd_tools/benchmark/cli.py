@@ -1,14 +1,6 @@
-"""``anomalib-kd-benchmark``: one command, three subcommands, one report writer.
+"""``anomalib-kd-benchmark quality | edge | speed`` (also ``python -m anomalib_kd_tools.benchmark``).
 
-::
-
-    anomalib-kd-benchmark quality [...]   # side-by-side grid: Patchcore, RD, Aand, MemKD (+ --ablation)
-    anomalib-kd-benchmark edge [...]      # CPU latency / throughput / AUROC per precision (torch, OpenVINO)
-    anomalib-kd-benchmark speed [...]     # training step, memory and inference of AAND / MemKD relative to RD
-
-Without a subcommand the arguments are ``quality``'s: ``anomalib-kd-benchmark --generated ...`` is
-``anomalib-kd-benchmark quality --generated ...`` (the command before the subcommands existed).
-``python -m anomalib_kd_tools.benchmark`` is the same command.
+Without a subcommand the arguments are ``quality``'s (the command before the subcommands existed).
 """
 
 from __future__ import annotations
@@ -46,17 +38,15 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.Argument
     subparsers = parser.add_subparsers(dest="command", metavar="{quality,edge,speed}")
     parsers = {}
     for name, module in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=HELP[name], description=module.DESCRIPTION)
-        module.add_arguments(sub)
-        parsers[name] = sub
-    parsers["quality"].epilog = quality.EPILOG
+        epilog = getattr(module, "EPILOG", None)
+        parsers[name] = subparsers.add_parser(name, help=HELP[name], description=module.DESCRIPTION, epilog=epilog)
+        module.add_arguments(parsers[name])
     return parser, parsers
 
 
 def with_subcommand(argv: Sequence[str]) -> list[str]:
-    """``argv`` with ``quality`` in front when it names no subcommand: when it is empty or starts with an option
-    (``-h`` / ``--help`` excepted: the command's own help). A first word that is neither a subcommand nor an option
-    (``qualty``) is left for the parser, which reports the unknown subcommand."""
+    """``argv`` with ``quality`` in front when it is empty or starts with an option other than ``-h`` / ``--help``;
+    another first word (``qualty``) is left for :func:`parse` to report."""
     argv = list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         return ["quality", *argv]

@@ -1,13 +1,9 @@
-"""The grid of the ``quality`` benchmark: one cell is one (model or ablation variant, category, seed).
+"""The grid of ``quality``: one cell is one (model or ablation variant, category, seed), expanded by anomalib's grid
+helper (``get_iterator_from_grid_dict``, as its ``BenchmarkJobGenerator`` expands a ``benchmark:`` config).
 
-The grid is expanded by anomalib's own grid helper
-(:func:`anomalib.pipelines.components.utils.get_iterator_from_grid_dict`, what its ``BenchmarkJobGenerator``
-expands a ``benchmark:`` config with), category-major so that early results cover every model.
-
-anomalib's ``JobGenerator`` is not subclassed: its ``generate_jobs`` yields ``Job`` objects that hold a built
-model and datamodule (``get_model`` / ``get_datamodule`` in the parent process), while a cell here is a small,
-picklable description that is built into a model only in its own child process (:mod:`.job`), and must be
-comparable with the rows of a ``results.csv`` to resume a run (:attr:`Cell.key`).
+anomalib's ``JobGenerator`` is not subclassed: its jobs hold a model and datamodule built in the parent process,
+while a cell is a small description, built into a model only in its own child process (:mod:`.job`) and comparable
+with the rows of a ``results.csv`` to resume a run (:attr:`Cell.key`).
 """
 
 from __future__ import annotations
@@ -48,8 +44,6 @@ def make_cells(models: Sequence[str], categories: Sequence[str], seeds: Sequence
     from anomalib.pipelines.components.utils import get_iterator_from_grid_dict
 
     grid = {"category": {"grid": list(categories)}, "seed": {"grid": list(seeds)}, "model": {"grid": list(models)}}
-    if not (models and categories and seeds):
-        return []
     return [Cell(c["model"], c["category"], c["seed"]) for c in get_iterator_from_grid_dict(grid)]
 
 

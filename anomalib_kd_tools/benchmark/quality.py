@@ -1,23 +1,10 @@
 """``anomalib-kd-benchmark quality``: Patchcore, ReverseDistillation, Aand and MemKD on the same data and seeds.
 
-A grid of cells - one cell is one (model, category, seed) (:mod:`.generator`) - each in its own child process
-(:mod:`.runner`; the cell itself: :mod:`.job`), written to ``--output``:
-
-* ``results.csv`` - one row per finished cell (:data:`.schema.COLUMNS`), appended as soon as the cell ends; a re-run
-  into the same ``--output`` skips the cells already in it, and ``run_config.json`` (:data:`RUN_CONFIG_KEYS`)
-  refuses to extend results made with other settings;
-* ``results.md`` / ``results.png`` - mean ± std over seeds per model and category and over categories, and the raw
-  rows (:mod:`.quality_report`; with ``--ablation``, the variants of :mod:`.ablation` by :mod:`.ablation_report`);
-* ``paper_comparison.csv`` (MVTec AD / VisA) - the papers' numbers beside the measured ones (:mod:`.paper_results`);
-* ``logs/<model>_<category>_seed<k>.log`` - each cell's own output.
-
-Data: ``--dataset-root DIR`` (MVTec AD layout, ``--categories`` picks some) or ``--generated``
-(:func:`anomalib_kd_tools.synthetic.make_mvtec_like_dataset` into ``--output``/data; every output says "generated").
-The protocol - one seeded, deterministic process per cell, the models' schedules without validation or checkpoint
-selection, a validation split for the post-processor's thresholds only, AUROC / AUPRO on the raw scores, latency /
-throughput of the whole ``AnomalibModule.forward``, peak memory - and the columns are in docs/benchmarks.md
-("The package's runner"); ``--devices`` places one cell per GPU (each sees only its own) or runs them one after the
-other on the CPU.
+The grid's cells (:mod:`.generator`), each in its own child process (:mod:`.runner`, :mod:`.job`), write into
+``--output``: ``results.csv`` (a row per finished cell, appended at once; a re-run skips the cells in it, and
+``run_config.json`` refuses other settings), ``results.md`` / ``results.png`` / ``heatmaps.png``
+(:mod:`.quality_report`, or :mod:`.ablation_report` with ``--ablation``), ``paper_comparison.csv``
+(:mod:`.paper_results`) and ``logs/``. The protocol and the columns: docs/benchmarks.md ("The package's runner").
 """
 
 from __future__ import annotations
@@ -130,15 +117,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 def _prepare_data(args: argparse.Namespace) -> tuple[Path, list[str], dict[str, Any]]:
     """Dataset root, categories and the run-config entries describing the data (nothing is written yet)."""
     if args.generated:
-        spec = {
-            "category": GENERATED_CATEGORY,
-            "image_size": args.image_size,
-            "n_train": args.n_train,
-            "n_test_good": args.n_test_good,
-            "n_test_per_defect": args.n_test_per_defect,
-            "seed": 0,
-            **ablation.generated_extras(args),
-        }
+        sizes = {key: getattr(args, key) for key in ("image_size", "n_train", "n_test_good", "n_test_per_defect")}
+        spec = {"category": GENERATED_CATEGORY, **sizes, "seed": 0, **ablation.generated_extras(args)}
         root = (args.output / "data").resolve()
         categories = spec.get("products") or [GENERATED_CATEGORY]  # one category per product, named after it
         return root, categories, {"dataset_kind": "generated", "dataset": "generated", "generated_spec": spec}
@@ -178,10 +158,8 @@ def _same_setting(key: str, old: Any, new: Any) -> bool:  # noqa: ANN401
 
 # ---------------------------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # noqa: ARG001 - the command is not reported
-    """Run the grid (resuming), then write ``results.md`` / ``results.png``; 0, 1 (failed cells), 2 or 130.
-
-    Interrupted (Ctrl-C, SIGINT or SIGTERM), it stops the running cells, writes the tables from the finished cells
-    and returns 130."""
+    """Run the grid (resuming), then write the tables; 0, 1 (failed cells), 2 (other settings) or 130 (interrupted by
+    Ctrl-C, SIGINT or SIGTERM: the running cells are stopped, the tables hold the finished ones)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -189,16 +167,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     args.output.mkdir(parents=True, exist_ok=True)
     root, categories, data_config = _prepare_data(args)
     variants, skipped, ablation_config = ablation.plan(args, args.output)
-    options = ("image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "schedule_scale", "batch_size")
-    options += ("coreset_ratio",)
-    options += ("val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads")
+    options = ("image_size", "backbone", "pre_trained", "epochs", "aand_stage_epochs", "schedule_scale", "batch_size",
+               "coreset_ratio", "val_split", "val_split_ratio", "split_seed", "openvino", "throughput_batch", "threads")
     config = {**data_config, **{key: getattr(args, key) for key in options}}
     config["dataset_name"] = args.dataset_name  # report only (not in RUN_CONFIG_KEYS: it changes no cell's numbers)
     config.update(ablation_config)
     config_path = args.output / "run_config.json"
     if config_path.exists():
         previous = json.loads(config_path.read_text(encoding="utf-8"))
-        changed = runner.changed_settings(previous, config, RUN_CONFIG_KEYS, _same_setting)
+        changed = [key for key in RUN_CONFIG_KEYS if not _same_setting(key, previous.get(key), config.get(key))]
         if changed:
             console.print(
                 f"[red]{args.output} holds results made with other settings ({', '.join(changed)}); "
@@ -211,8 +188,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     ablation.write_textures(config)
 
     csv_path, run_dir, log_dir = args.output / "results.csv", args.output / "cells", args.output / "logs"
-    run_dir.mkdir(exist_ok=True)
-    log_dir.mkdir(exist_ok=True)
+    for folder in (run_dir, log_dir):
+        folder.mkdir(exist_ok=True)
     devices = runner.resolve_devices(args.devices)
     by_name = {v.name: v for v in variants}
     cells = make_cells(list(by_name), categories, args.seeds)
@@ -220,9 +197,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
         console.print(f"[yellow]skip variant {name}: the model's constructor has no {', '.join(missing)}[/yellow]")
     finished = set(schema.cell_keys(schema.read_results(csv_path)))
     todo = [c for c in cells if c.key not in finished]
-    for cell in cells:
-        if cell.key in finished:
-            console.print(f"skip {cell.name} (already in {csv_path.name})")
+    for cell in (c for c in cells if c.key in finished):
+        console.print(f"skip {cell.name} (already in {csv_path.name})")
     kind = "GENERATED data" if args.generated else f"folder {root}"
     console.print(
         f"{len(cells)} cells ({len(todo)} to run) on {', '.join(devices)}; {kind}; "
@@ -244,24 +220,15 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
             "dataset_label": data_config["dataset"],
             "work_dir": str(run_dir.resolve()),
             **{k: config[k] for k in RUN_CONFIG_KEYS if k in config and k not in {"dataset_kind", "dataset"}},
-            "num_workers": args.num_workers,
+            **{key: getattr(args, key) for key in ("num_workers", "timing_runs", "warmup")},
             "heatmaps": 0 if args.ablation or cell.seed != min(args.seeds) else args.heatmaps,
             "heatmap_dir": str((args.output / "heatmaps").resolve()),
-            "timing_runs": args.timing_runs,
-            "warmup": args.warmup,
         }
 
     failures: list[str] = []
     running: dict[str, tuple[Cell, Any]] = {}
-    with Progress(
-        TextColumn("[bold]benchmark"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.description}"),
-        console=console,
-        transient=False,
-    ) as progress:
+    columns = (TextColumn("[bold]benchmark"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, TextColumn("{task.description}"), console=console, transient=False) as progress:
         task = progress.add_task("", total=len(cells), completed=len(cells) - len(todo))
 
         def describe() -> None:
@@ -307,25 +274,23 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     wanted = {c.key for c in cells}
     rows = rows[[key in wanted for key in schema.cell_keys(rows)]]
     config["interrupted"] = interrupted  # report only: the tables say they are partial
+    markdown, png = args.output / "results.md", args.output / "results.png"
     if len(rows) and args.ablation:
-        text = ablation_report.write_markdown(args.output / "results.md", rows, config, variants, skipped)
-        ablation_report.write_plot(args.output / "results.png", rows, config, variants, skipped)
-        console.print(text, markup=False, highlight=False)
-        console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
+        text = ablation_report.write_markdown(markdown, rows, config, variants, skipped)
+        ablation_report.write_plot(png, rows, config, variants, skipped)
     elif len(rows):
-        text = quality_report.write_markdown(args.output / "results.md", rows, config)
-        quality_report.write_plot(args.output / "results.png", rows, config)
+        text = quality_report.write_markdown(markdown, rows, config)
+        quality_report.write_plot(png, rows, config)
         if args.heatmaps and quality_report.write_heatmaps(args.output / "heatmaps.png", rows, config, args.heatmaps):
             console.print(f"wrote {args.output / 'heatmaps.png'}")
         if paper_results.write_csv(args.output / "paper_comparison.csv", rows, config):
             console.print(f"wrote {args.output / 'paper_comparison.csv'} (paper numbers beside measured ones)")
+    if len(rows):
         console.print(text, markup=False, highlight=False)
-        console.print(f"wrote {csv_path}, {args.output / 'results.md'}, {args.output / 'results.png'}")
+        console.print(f"wrote {csv_path}, {markdown}, {png}")
     if failures:
         console.print(f"[red]{len(failures)} cell(s) failed: {', '.join(failures)} (see {log_dir})[/red]")
-    if interrupted:
-        return 130
-    return 1 if failures else 0
+    return 130 if interrupted else int(bool(failures))
 
 
 __all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "run"]

@@ -1,9 +1,7 @@
-"""The tables of ``anomalib-kd-benchmark quality``: ``results.md`` and ``results.png`` from the ``results.csv`` rows.
+"""The tables of ``quality``: ``results.md``, ``results.png`` and ``heatmaps.png`` from the ``results.csv`` rows.
 
-The statistics over seeds are :mod:`.schema`'s (:func:`.schema.aggregate`: per model and category, and per model
-over categories); this module holds the content of the two files, which :mod:`.report` writes (the header every
-table shares, markdown tables, the figure). The header lines of a quality run (:func:`hardware_line`,
-:func:`finished_line`, :func:`dataset_line`) are also the ablation report's (:mod:`.ablation_report`).
+The statistics are :mod:`.schema`'s, the files :mod:`.report`'s; the header lines and the figures' title of a
+quality run are also the ablation report's.
 """
 
 from __future__ import annotations
@@ -16,13 +14,14 @@ import pandas as pd
 
 from anomalib_kd_tools.benchmark import ablation, paper_results, report, schema
 from anomalib_kd_tools.benchmark.generator import GENERATED_CATEGORY
-from anomalib_kd_tools.benchmark.schema import LABELS, METRICS
+from anomalib_kd_tools.benchmark.schema import METRICS
 
 MEAN_COLUMNS = (*METRICS, *schema.SPEED, "peak_memory_mb", "params_m", "train_time_s")  # the mean ± std table
 OVER_CATEGORIES = (*METRICS, "latency_bs1_ms", "train_time_s")
+RAW_COLUMNS = (*METRICS, "latency_bs1_ms", "peak_memory_mb", "train_time_s")
+SCORES = "score (mean ± std over seeds)"
 
 
-# ---------------------------------------------------------------------------------------------- results.md / .png
 def hardware_line(rows: pd.DataFrame) -> str:
     gpus = rows.loc[rows["device"].astype(str).str.startswith("cuda"), "device_name"]
     return report.hardware(gpus, no_gpu="no GPU (all cells ran on the CPU)")
@@ -48,6 +47,11 @@ def dataset_line(rows: pd.DataFrame, config: dict[str, Any]) -> str:
             "say nothing about the papers' results"
         )
     return f"user folder `{config.get('dataset')}` (MVTec layout), categories: {', '.join(sorted(set(rows.category)))}"
+
+
+def plot_title(rows: pd.DataFrame, config: dict[str, Any]) -> str:
+    kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
+    return f"{kind}, {ablation.teacher_label(config)}, {config.get('image_size')} px - {hardware_line(rows)}"
 
 
 def _memory_line(rows: pd.DataFrame) -> str:
@@ -102,13 +106,10 @@ def write_markdown(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], co
     lines += paper_results.markdown_lines(rows, config)
     lines += ["", "## Raw rows (results.csv)", ""]
     raw = rows.sort_values(["category", "model", "seed"], key=lambda c: c.map(schema.rank) if c.name == "model" else c)
-    raw_table = raw[["model", "category", "seed"]].copy()
-    for column in (*METRICS, "latency_bs1_ms", "peak_memory_mb", "train_time_s"):
-        raw_table[LABELS[column]] = [schema.fmt(value, schema.DIGITS[column]) for value in raw[column]]
+    raw_table = pd.concat([raw[["model", "category", "seed"]], schema.formatted_values(raw, RAW_COLUMNS)], axis=1)
     raw_table[["schedule", "device"]] = raw[["schedule", "device"]]
-    n = schema.fmt_int
     splits = raw[["n_train", "n_val", "n_test"]].to_numpy()
-    raw_table["n train/val/test"] = [f"{n(train)}/{n(val)}/{n(test)}" for train, val, test in splits]
+    raw_table["n train/val/test"] = ["/".join(map(schema.fmt_int, split)) for split in splits]
     lines += report.markdown(raw_table)
     if config.get("dataset_kind") == "generated":
         lines += [
@@ -123,13 +124,11 @@ def write_plot(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config
     """``results.png``: bars per metric per model (mean ± std over seeds) and latency vs image AUROC."""
     rows = pd.DataFrame(rows)
     stats = schema.aggregate(rows, ["model"], [*METRICS, "latency_bs1_ms"], over_categories=True)
-    bars = report.Bars.of(stats, METRICS, "score (mean ± std over seeds)", ylim=(0, 1.05))
+    bars = report.Bars.of(stats, METRICS, SCORES, ylim=(0, 1.05))
     points = pd.DataFrame({"x": stats["latency_bs1_ms", "mean"], "x_error": stats["latency_bs1_ms", "std"]})
     points[["y", "y_error"]] = stats["image_auroc"][["mean", "std"]].to_numpy()
     scatter = report.Scatter(points, "latency, batch 1, torch (ms, log scale)", "image AUROC", xlog=True)
-    kind = "GENERATED data (not MVTec AD)" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
-    title = f"{kind}, {ablation.teacher_label(config)}, {config.get('image_size')} px - {hardware_line(rows)}"
-    report.write_png(path, [bars, scatter], title)
+    report.write_png(path, [bars, scatter], plot_title(rows, config))
 
 
 def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count: int) -> bool:
@@ -144,7 +143,7 @@ def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count
 
     rows = pd.DataFrame(rows)
     seed = int(rows.seed.min())
-    models = [m for m in schema.MODELS if m in set(rows.model)] + sorted(set(rows.model) - set(schema.MODELS))
+    models = sorted(set(rows.model), key=schema.rank)
     per_category = []
     for category in dict.fromkeys(rows.category):
         files = [path.parent / "heatmaps" / f"{Cell(m, category, seed).slug}.npz" for m in models]
@@ -168,4 +167,6 @@ def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count
     return True
 
 
-__all__ = ["dataset_line", "finished_line", "hardware_line", "write_heatmaps", "write_markdown", "write_plot"]
+__all__ = [
+    "dataset_line", "finished_line", "hardware_line", "plot_title", "write_heatmaps", "write_markdown", "write_plot",
+]  # fmt: skip

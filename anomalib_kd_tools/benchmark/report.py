@@ -1,18 +1,13 @@
-"""The one report writer of ``anomalib-kd-benchmark``: markdown and PNG for ``quality``, ``edge`` and ``speed``.
+"""The one report writer of every subcommand: the same markdown header (:func:`header`), markdown tables
+(:mod:`.schema`'s ``to_markdown``) and PNG panels (:class:`Bars`, :class:`Scatter`, :func:`write_png`).
 
-Every subcommand writes its tables through this module and :mod:`.schema` (the columns, the CSV files and the
-statistics over seeds); the subcommand decides what the rows and panels are:
-
-* markdown: :func:`header` gives every table the same header - a ``# title`` line, then ``- Hardware:``,
-  ``- Date: ...; versions: ...``, the tool's own setting lines and the command; :func:`table` renders a markdown
-  table (pandas' ``to_markdown``); :func:`write_text` writes the file.
-* PNG: :class:`Bars` (pandas' bar plot of a DataFrame) and :class:`Scatter` panels drawn side by side by
-  :func:`write_png` (matplotlib, Agg). anomalib's visualisation helpers (:mod:`anomalib.utils.visualization`) draw
-  images, anomaly maps and per-image metric plots, not bar charts over models, so the figure code lives here.
+The figure code lives here because anomalib's visualisation helpers draw images, anomaly maps and per-image metric
+plots, not bar charts over models.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import math
@@ -30,27 +25,22 @@ from anomalib_kd_tools.benchmark import schema
 VERSIONED_PACKAGES = ("anomalib", "torch", "lightning", "timm", "openvino", "anomalib-kd")
 
 
-# ---------------------------------------------------------------------------------------------- the header
 def versions() -> str:
     """``anomalib 2.7.0, torch ..., ...``: the installed versions of the packages that change the numbers."""
     from importlib.metadata import PackageNotFoundError, version
 
     parts = []
     for package in VERSIONED_PACKAGES:
-        try:
+        with contextlib.suppress(PackageNotFoundError):
             parts.append(f"{package} {version(package)}")
-        except PackageNotFoundError:
-            continue
     return ", ".join(parts)
 
 
 def cpu_name() -> str:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or platform.machine()
 
 
@@ -85,7 +75,6 @@ def header(
     return [*lines, ""]
 
 
-# ---------------------------------------------------------------------------------------------- markdown
 def markdown(frame: pd.DataFrame) -> list[str]:
     """The lines of a markdown table of ``frame`` (:func:`.schema.to_markdown`: pandas' ``to_markdown``)."""
     return schema.to_markdown(frame).splitlines()
@@ -108,7 +97,6 @@ def write_json(path: Path, data: Any, indent: int | None = 2) -> None:  # noqa: 
     Path(path).write_text(json.dumps(data, indent=indent), encoding="utf-8")
 
 
-# ---------------------------------------------------------------------------------------------- PNG
 @dataclass
 class Bars:
     """Grouped bars: one group per row of ``values`` (x labels: its index), one bar per column (the series), with

@@ -1,22 +1,11 @@
-"""Where and how the cells of ``quality`` run: device slots, one child process per cell, the resumable CSV.
+"""Where the cells of ``quality`` run: ``--devices`` to device slots (:func:`resolve_devices`), one cell per device at
+a time (:func:`run_schedule`), each in a fresh process that sees only its GPU (:class:`CellProcess`).
 
-* :func:`resolve_devices` - ``--devices`` (``auto`` | ``cpu`` | ``N`` | ``i,j``) to device slots.
-* :func:`run_schedule` - at most one cell per device at a time, in grid order, until all are done.
-* :class:`CellProcess` - a cell in a fresh Python process (``python -m anomalib_kd_tools.benchmark --run-cell``)
-  that sees only its GPU (``CUDA_VISIBLE_DEVICES``), with its output in its own log file.
-* :func:`changed_settings` guards ``run_config.json``; ``results.csv`` is :mod:`.schema`'s (:func:`.schema.append_row`
-  as soon as a cell ends, :func:`.schema.read_results` / :func:`.schema.cell_keys` to skip the finished cells of a
-  re-run).
-
-Why not anomalib's ``ParallelRunner`` / ``SerialRunner`` (:mod:`anomalib.pipelines.components.runners`):
-
-* its ``ProcessPoolExecutor`` workers are reused from job to job and only get a ``task_id``; a cell here needs a
-  fresh process (peak memory per cell - ``max_memory_allocated`` or the process's peak RSS -, seeding and
-  deterministic settings that no earlier cell touched) that sees exactly one GPU, so that it gives the same numbers
-  wherever it is placed;
-* it gathers the results at the end (``Job.collect`` then ``Job.save`` into ``runs/benchmark/<timestamp>``), so a
-  crash or Ctrl-C loses every finished job; here each finished row is on disk at once and a re-run resumes;
-* on one GPU or the CPU the stock benchmark runs serially in the parent process.
+Not anomalib's ``ParallelRunner`` / ``SerialRunner``: their ``ProcessPoolExecutor`` workers are reused from job to
+job (a cell needs a fresh process, for its own peak memory and seeding untouched by an earlier cell, that sees
+exactly one GPU, so it gives the same numbers wherever it runs), they gather the results at the end (a crash loses
+every finished job; here each row is appended to ``results.csv`` at once and a re-run resumes), and on one GPU or the
+CPU they run serially in the parent process.
 """
 
 from __future__ import annotations
@@ -94,18 +83,6 @@ def run_schedule(
             time.sleep(poll_interval)
 
 
-# ---------------------------------------------------------------------------------------------- run_config.json
-def changed_settings(
-    previous: dict[str, Any],
-    config: dict[str, Any],
-    keys: Sequence[str],
-    same: Callable[[str, Any, Any], bool],
-) -> list[str]:
-    """The ``keys`` whose value in ``config`` differs from the ``run_config.json`` already in the output."""
-    return [key for key in keys if not same(key, previous.get(key), config.get(key))]
-
-
-# ---------------------------------------------------------------------------------------------- child processes
 def child_visible_devices(device: str, parent_visible: str | None) -> str:
     """``CUDA_VISIBLE_DEVICES`` for a cell on ``device`` (an index among the GPUs this process sees)."""
     if not device.startswith("cuda"):
@@ -165,4 +142,4 @@ class CellProcess:
         self._log.close()
 
 
-__all__ = ["CellProcess", "changed_settings", "child_visible_devices", "resolve_devices", "run_schedule"]
+__all__ = ["CellProcess", "child_visible_devices", "resolve_devices", "run_schedule"]

@@ -1,25 +1,9 @@
-"""The data layer of ``anomalib-kd-benchmark``: the columns and metrics of its tables, their CSV files and the
-statistics over seeds, on pandas.
+"""The data layer of every table (pandas): the columns and metrics, the CSV files, mean ± std over seeds.
 
-One module for the quality job (:mod:`.job` returns a row of :data:`COLUMNS`), the runner (the resumable
-``results.csv``: :func:`append_row`, :func:`read_results`), the reports (:mod:`.quality_report`,
-:mod:`.ablation_report`) and the paper table (:mod:`.paper_results`). Another table reads ``results.csv`` the same
-way, e.g. image AUROC, pixel AUROC, AUPRO, fit time and bs1 latency per model as mean ± std over seeds::
-
-    from anomalib_kd_tools.benchmark import schema
-
-    rows = schema.read_results("runs/anomalib-kd-benchmark/results.csv")  # a DataFrame, one row per cell
-    columns = ["image_auroc", "pixel_auroc", "aupro", "train_time_s", "latency_bs1_ms"]
-    stats = schema.aggregate(rows, ["model"], columns, over_categories=True)  # (column, mean | std | n) per model
-    stats["image_auroc", "mean"]                                            # a Series indexed by model
-    table = schema.mean_std_table(rows, ["model"], columns, over_categories=True)  # "0.985 ± 0.007" strings
-    print(schema.to_markdown(table))
-
-``aggregate`` without ``over_categories`` gives one row per ``by`` group over its seeds (per model and category with
-``by=["category", "model"]``); with it, first the mean over categories per seed, then mean / std / n over seeds.
-Rows are ordered by ``by``, the models in :data:`MODELS` order. Statistics skip missing values (``nan``); the std
-is the sample std, ``nan`` for one seed. CSV cells: a float as ``repr`` (or with ``digits`` significant digits), an
-empty cell for ``nan`` / ``None``, JSON for a dict or list, so a file read back gives the numbers written.
+Shared by the quality job (a row of :data:`COLUMNS`), the runner's resumable ``results.csv``, the reports and the
+paper table; docs/benchmarks.md shows another table of the same rows in a few lines. Statistics skip ``nan``; the
+std is the sample std. CSV cells: a float as ``repr`` (or ``digits`` significant digits), empty for ``nan`` /
+``None``, JSON for a dict or list, so a file read back gives the numbers written.
 """
 
 from __future__ import annotations
@@ -170,6 +154,11 @@ def fmt_int(value: float | None) -> str:
     return DASH if value is None or math.isnan(value) else str(int(value))
 
 
+def formatted_values(rows: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """``rows``' ``columns`` as text (:func:`fmt` with :data:`DIGITS` decimals) under their :data:`LABELS`."""
+    return pd.DataFrame({LABELS[c]: [fmt(value, DIGITS[c]) for value in rows[c]] for c in columns}, index=rows.index)
+
+
 def formatted(stats: pd.DataFrame, digits: Mapping[str, int] | None = None) -> pd.DataFrame:
     """``mean ± std`` strings of every statistic of :func:`aggregate` (decimals: ``digits``, else :data:`DIGITS`)."""
     digits = {**DIGITS, **(digits or {})}
@@ -186,10 +175,11 @@ def mean_std_table(
     *,
     over_categories: bool = False,
     labels: Mapping[str, str] | None = None,
+    order: Mapping[str, Sequence[str]] | None = None,
 ) -> pd.DataFrame:
     """The table of :func:`aggregate`: the ``by`` keys, ``seeds``, then ``mean ± std`` strings under the
     :data:`LABELS` headers (``labels`` overrides some)."""
-    stats = aggregate(rows, by, columns, over_categories=over_categories)
+    stats = aggregate(rows, by, columns, over_categories=over_categories, order=order)
     table = formatted(stats).rename(columns={**LABELS, **(labels or {})})
     table.insert(0, "seeds", stats["seeds", "n"])
     return table.reset_index()
@@ -209,6 +199,6 @@ def to_markdown(frame: pd.DataFrame) -> str:
 
 __all__ = [
     "ABLATION_COLUMNS", "COLUMNS", "DIGITS", "LABELS", "METRICS", "MODELS", "NUMERIC", "aggregate", "append_row",
-    "cell_keys", "fmt", "format_mean_std", "formatted", "mean_std_table", "read_csv", "read_results", "to_markdown",
-    "write_csv",
+    "cell_keys", "fmt", "format_mean_std", "formatted", "formatted_values", "mean_std_table", "read_csv",
+    "read_results", "to_markdown", "write_csv",
 ]  # fmt: skip

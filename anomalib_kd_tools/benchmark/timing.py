@@ -1,12 +1,9 @@
-"""The one timer of ``anomalib-kd-benchmark``: :class:`torch.utils.benchmark.Timer`, for a fixed number of calls.
+"""The one timer of every subcommand: :class:`torch.utils.benchmark.Timer` (its clock synchronises CUDA; CPU and
+OpenVINO calls read ``timeit.default_timer``), for a fixed number of calls.
 
-Used by ``quality`` (:mod:`.job`: latency and throughput of a cell), ``edge`` (every back-end) and ``speed`` (its
-training steps, interleaved eager rounds and OpenVINO rows). ``Timer`` brings the clock that synchronises the
-accelerator before each reading (CUDA calls; CPU and OpenVINO calls read ``timeit.default_timer``) and the compiled
-timing loop. Its ``timeit`` adds two warm-up calls to each measurement and reports the mean of a block, and
-``blocked_autorange`` picks how many calls to time; the subcommands' options fix both (``--warmup`` untimed calls,
-then ``--runs`` / ``--timing-runs`` / ``--steps`` timed ones, each timed alone for their median and percentiles), so
-:class:`CallTimer` adds that on the primitive every ``Timer`` method is built on (``Timer._timeit(number)``).
+``Timer.timeit`` adds two warm-up calls and reports a block's mean, ``blocked_autorange`` picks the count; the options
+fix both (``--warmup`` untimed calls, then each timed call alone, for medians and percentiles), so :class:`CallTimer`
+builds that on ``Timer._timeit(number)``, the primitive every ``Timer`` method uses.
 """
 
 from __future__ import annotations
