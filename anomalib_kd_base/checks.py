@@ -1,11 +1,8 @@
 """Data checks at fit start: bad data is named before any training time is spent (docs/training.md).
 
-On by default, a few seconds (every image decoded once, in threads); off with ``ANOMALIB_KD_DATA_CHECK=0`` or
-``model.data_check = False``. :func:`check_mvtec_layout` runs in the model's ``prepare_data``, before anomalib's
-``MVTecAD`` builds its sample table (which would fail with pandas' ``Must have equal len keys and value`` on a
-missing mask); :func:`check_datasets` in ``setup("fit")`` (:class:`anomalib_kd_base.resume.RunGuards`): every image
-and mask decodes (a truncated PNG otherwise raises ``OSError`` without a file name, a bad test image only after
-training); :func:`anomalous_count` finds a test set without anomalous images (AUROC, AUPR, F1 undefined: NaN).
+:func:`check_mvtec_layout` runs in the model's ``prepare_data``, before anomalib's ``MVTecAD`` fails on a missing mask
+with pandas' ``Must have equal len keys and value``; :func:`check_datasets` in ``setup("fit")``: every image and mask
+decodes (a truncated PNG otherwise raises ``OSError`` without a file name, a bad test image only after training).
 """
 
 from __future__ import annotations
@@ -74,12 +71,8 @@ def undecodable(paths: Iterable[str | os.PathLike[str]], workers: int | None = N
 
 # ---------------------------------------------------------------------------------------------- MVTec layout
 def check_mvtec_layout(root: str | os.PathLike[str], category: str) -> None:
-    """Raise :class:`DataCheckError` when an anomalous test image of an MVTec-layout folder has no mask.
-
-    Layout (anomalib's ``MVTecAD``): ``<root>/<category>/test/<defect>/<name>.png`` with the mask
-    ``<root>/<category>/ground_truth/<defect>/<name>_mask.png`` (or ``<name>.png``) for every ``defect != "good"``.
-    A folder that does not exist is left to the datamodule (it downloads or reports it).
-    """
+    """Raise :class:`DataCheckError` when an anomalous test image ``<root>/<category>/test/<defect>/<name>.png`` has no
+    mask ``ground_truth/<defect>/<name>_mask.png`` (or ``<name>.png``); a missing folder is left to the datamodule."""
     base = Path(root) / category
     test = base / "test"
     if not test.is_dir():

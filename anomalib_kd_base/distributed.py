@@ -1,15 +1,9 @@
-"""Random streams and distributed (DDP) behaviour of AAND and MemKD as Lightning callbacks (docs/ddp.md, training.md).
+"""Random streams and DDP behaviour of AAND and MemKD as Lightning callbacks (why: docs/ddp.md, docs/training.md).
 
-* :class:`RankRandomness` - each rank's on-the-fly randomness (AAND's synthesis and pair draws, MemKD's exemplars)
-  runs on its own stream :func:`rank_seed` ``(base, rank)`` (:class:`RNGStream`, never the global RNG); the global
-  RNG (the train loader's shuffling) is re-seeded from ``(base, epoch)`` at every epoch start, because Lightning
-  restores none. Base seed, streams and :class:`~anomalib_kd_base.resume.ResumableCycle` positions are its
-  ``state_dict``, which Lightning stores in every checkpoint however it is written: resumes are bit-identical.
-* :class:`DistributedTraining` - rank 0's results folder for every rank; what never trains frozen before DDP wraps
-  the module; a DDP wrapper without ``find_unused_parameters`` refused for AAND (each step trains a part).
-* :class:`DistributedEvaluation` - the repeats ``DistributedSampler`` pads the evaluation set with are dropped
-  before the pre-/post-processor and evaluator see a batch; rank 0's BatchNorm buffers are broadcast before every
-  validation and at the end of training (no ``SyncBatchNorm`` by default, as anomalib's RD).
+:class:`RankRandomness`: each rank's own stream, the global RNG re-seeded per epoch (Lightning restores none), its
+``state_dict`` in every checkpoint (bit-identical resumes). :class:`DistributedTraining`: rank 0's results folder,
+what never trains frozen before DDP wraps the module. :class:`DistributedEvaluation`: ``DistributedSampler``'s
+padded repeats dropped from evaluation batches, rank 0's BatchNorm buffers broadcast.
 """
 
 from __future__ import annotations
@@ -64,11 +58,7 @@ def rank_seed(base_seed: int, rank: int) -> int:
 
 
 class RNGStream:
-    """A private random stream for code that draws from torch's *global* generators (anomalib's Perlin generator).
-
-    Inside ``with stream.activate(device):`` the global CPU generator (and ``device``'s, for an accelerator) continue
-    this stream; on exit the stream's state is kept and the global generators get their previous state back.
-    """
+    """A private stream for code that draws from torch's *global* generators (anomalib's Perlin generator)."""
 
     def __init__(self, seed: int) -> None:
         self.seed = int(seed) % _SEED_MODULUS
@@ -76,7 +66,7 @@ class RNGStream:
         self._device_states: dict[str, torch.Tensor] = {}
 
     def state_dict(self) -> dict[str, Any]:
-        """Seed and current generator states (plain data + byte tensors: safe for ``weights_only`` loading)."""
+        """Seed and generator states (plain data + byte tensors: safe for ``weights_only`` loading)."""
         return {
             "seed": self.seed,
             "cpu": None if self._cpu_state is None else self._cpu_state.clone(),
@@ -84,7 +74,6 @@ class RNGStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue the stream exactly where :meth:`state_dict` left it."""
         self.seed = int(state["seed"]) % _SEED_MODULUS
         cpu = state.get("cpu")
         self._cpu_state = None if cpu is None else cpu.clone().to(torch.uint8)
@@ -95,40 +84,32 @@ class RNGStream:
 
     @contextmanager
     def activate(self, device: torch.device | str | None = None) -> Iterator[None]:
-        """Run the block on this stream (CPU generator plus ``device``'s, if ``device`` is an accelerator)."""
+        """The block continues this stream (CPU generator, plus ``device``'s for an accelerator); on exit the global
+        generators get their previous states back (``torch.random.fork_rng``)."""
         device = torch.device("cpu") if device is None else torch.device(device)
-        accelerator = None
-        if device.type not in {"cpu", "meta"}:
-            accelerator = torch.get_device_module(device.type)
-            index = device.index if device.index is not None else accelerator.current_device()
-            device = torch.device(device.type, index)
-        saved_cpu = torch.get_rng_state()
-        saved_device = accelerator.get_rng_state(device.index) if accelerator is not None else None
-        try:
+        accelerator = None if device.type in {"cpu", "meta"} else torch.get_device_module(device.type)
+        if accelerator is not None and device.index is None:
+            device = torch.device(device.type, accelerator.current_device())
+        forked = [device.index] if accelerator is not None else []
+        with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cpu"):
             if self._cpu_state is None:
                 self._cpu_state = self._initial_state(torch.device("cpu"))
             torch.set_rng_state(self._cpu_state)
             if accelerator is not None:
-                key = str(device)
-                if key not in self._device_states:
-                    self._device_states[key] = self._initial_state(device)
-                accelerator.set_rng_state(self._device_states[key], device.index)
+                if str(device) not in self._device_states:
+                    self._device_states[str(device)] = self._initial_state(device)
+                accelerator.set_rng_state(self._device_states[str(device)], device.index)
             yield
             self._cpu_state = torch.get_rng_state()
             if accelerator is not None:
                 self._device_states[str(device)] = accelerator.get_rng_state(device.index)
-        finally:
-            torch.set_rng_state(saved_cpu)
-            if accelerator is not None:
-                accelerator.set_rng_state(saved_device, device.index)
 
 
 class RankRandomness(Callback):
-    """This rank's random stream during ``fit`` and its exact resume (see the module docstring).
+    """This rank's random stream during ``fit`` and its exact resume.
 
     ``state_dict``: ``{"base_seed", "world_size", "ranks": [{"stream", "cycles": {name: position}}, ...]}`` (all
-    ranks', gathered): live during a fit, as it ended after it (``trainer.save_checkpoint`` after ``fit``), empty
-    before the first fit.
+    ranks', gathered): live during a fit, as it ended after it, empty before the first fit.
     """
 
     def __init__(self) -> None:
@@ -147,11 +128,9 @@ class RankRandomness(Callback):
         return None if self.stream is None else self.stream.seed
 
     def start(self, seed: int) -> None:
-        """Run :meth:`activate` blocks on a fresh stream seeded with ``seed``."""
         self.stream, self.cycles = RNGStream(seed), {}
 
     def stop(self) -> None:
-        """Back to the global RNG (outside ``fit``)."""
         self.stream, self.cycles = None, {}
 
     def activate(self, device: torch.device | str | None = None) -> Any:  # noqa: ANN401
@@ -244,11 +223,8 @@ def _distributed(trainer: Any) -> bool:  # noqa: ANN401
 
 
 def align_workspace(trainer: Any) -> None:  # noqa: ANN401
-    """Give every rank rank 0's ``default_root_dir``: every process's ``Engine.fit`` made its own ``v<k>`` folder.
-
-    In ``setup`` (all processes joined, nothing written yet) the other ranks adopt rank 0's folder, delete their own
-    while it is empty and point ``latest`` back at rank 0's.
-    """
+    """Every rank adopts rank 0's ``default_root_dir`` (each ``Engine.fit`` made a ``v<k>`` folder), removes its own
+    while empty and points ``latest`` back at rank 0's. Runs in ``setup``: all processes joined, nothing written."""
     if not _distributed(trainer):
         return
     own = Path(trainer.default_root_dir)
@@ -298,10 +274,8 @@ class DistributedTraining(Callback):
 
 
 def configure_trainable_parameters(model: nn.Module) -> None:
-    """The frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad.
-
-    In ``setup("fit")``, before DDP registers the parameters that require grad (it would wait for their gradients).
-    """
+    """The frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad (in
+    ``setup("fit")``: DDP would wait for the gradients of every parameter that requires grad)."""
     encoder = getattr(model, "encoder", None)
     if isinstance(encoder, nn.Module):
         encoder.requires_grad_(False)
@@ -314,13 +288,11 @@ def configure_trainable_parameters(model: nn.Module) -> None:
 
 # ---------------------------------------------------------------------------------------------- exact evaluation
 def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: int | None) -> frozenset[int]:
-    """Positions of the padded index list of ``DistributedSampler(drop_last=False)`` to leave out.
+    """Positions of ``DistributedSampler(drop_last=False)``'s padded index list to leave out, keeping each sample once.
 
-    The sampler lists ``total = num_replicas * ceil(num_samples / num_replicas)`` positions, position ``g >=
-    num_samples`` repeating position ``g % num_samples``, and rank ``r`` iterates positions ``r, r + R, ...``
-    in batches of ``batch_size``. The returned positions keep every sample exactly once: by default the
-    repeats; when that would empty a batch (its only samples are repeats) the original copy is dropped
-    instead if its own batch keeps a sample. ``batch_size=None`` (batches unknown): always the repeats.
+    Position ``g >= num_samples`` repeats ``g % num_samples``; rank ``r`` iterates ``r, r + R, ...`` in batches of
+    ``batch_size``. The repeats are dropped, unless that empties a batch: then the original copy is, if its own batch
+    keeps a sample. ``batch_size=None`` (batches unknown): always the repeats.
     """
     total = num_replicas * math.ceil(num_samples / num_replicas) if num_samples else 0
     dropped = set(range(num_samples, total))
@@ -374,7 +346,7 @@ def broadcast_buffers(trainer: Any, module: nn.Module) -> None:  # noqa: ANN401
 
 
 class DistributedEvaluation(Callback):
-    """Each evaluation sample scored once under DDP, with rank 0's BatchNorm statistics (see the module docstring)."""
+    """Each evaluation sample scored once under DDP, with rank 0's BatchNorm statistics."""
 
     def __init__(self) -> None:
         self._seen: dict[int, int] = {}

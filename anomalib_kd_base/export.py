@@ -1,21 +1,9 @@
-"""Teacher provenance in checkpoints and exported models (shared by ``Aand`` and ``MemKD``).
+"""Teacher provenance in checkpoints and exported models, and exports with a dynamic input size (docs/export.md).
 
-:class:`ProvenanceExportMixin` (a base of :class:`~anomalib_kd_base.model.KDModelBase`; it overrides no Lightning
-hook) expects the torch model at ``self.model`` with the teacher at ``self.model.encoder`` and its record at
-``self.model.teacher_provenance`` (see :mod:`anomalib_kd_base.weights`), and:
-
-* stores the record in Lightning checkpoints (``checkpoint["anomalib_kd_teacher"]``) and restores it with them
-  (model state: the model's checkpoint hooks call :meth:`~ProvenanceExportMixin.save_teacher_record` /
-  :meth:`~ProvenanceExportMixin.restore_teacher_record`, so ``load_from_checkpoint`` restores it too);
-* makes ``load_from_checkpoint`` build the teacher without downloading or reading ``backbone_weights`` (the
-  checkpoint holds the teacher's tensors), so a checkpoint reloads and exports on an offline machine;
-* exports ONNX / OpenVINO graphs with a dynamic input height and width (anomalib makes them static when
-  ``input_size`` is given): the pre-processor's resize is the graph's first op, so an export serves camera frames
-  of any size (``to_onnx(..., dynamic_spatial=False)`` keeps anomalib's static input);
-* writes the record (``model`` plus :data:`~anomalib_kd_base.weights.PROVENANCE_KEYS`, ``teacher_sha256``
-  recomputed) into exports: ONNX ``metadata_props`` and torch ``"metadata"`` (keys ``anomalib_kd.<key>``), the
-  OpenVINO ``rt_info`` section ``anomalib_kd`` (the IR re-serialised with ``compress_to_fp16=False``: every
-  constant keeps its precision). See docs/offline_weights.md for reading them back.
+:class:`ProvenanceExportMixin` (a base of :class:`~anomalib_kd_base.model.KDModelBase`) expects the teacher at
+``self.model.encoder`` and its record at ``self.model.teacher_provenance``. It stores the record in checkpoints,
+reloads them without downloading or reading ``backbone_weights`` (offline machines), and writes the record into
+ONNX ``metadata_props``, the torch export's ``"metadata"`` and the OpenVINO ``rt_info`` (docs/offline_weights.md).
 """
 
 from __future__ import annotations
@@ -86,12 +74,8 @@ class ProvenanceExportMixin:
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
-        """anomalib's ``load_from_checkpoint``, with the teacher taken from the checkpoint only.
-
-        The model is constructed without downloading pretrained weights or reading the ``backbone_weights`` file
-        named in the checkpoint's hyper-parameters (neither needs to be reachable any more); the checkpoint's state
-        dict then sets the teacher, and its provenance record is restored.
-        """
+        """anomalib's ``load_from_checkpoint``, with the teacher taken from the checkpoint only (no download, no
+        ``backbone_weights`` file: neither needs to be reachable any more)."""
         with restoring_from_checkpoint():
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
@@ -117,8 +101,8 @@ class ProvenanceExportMixin:
         """anomalib's ONNX export with a dynamic input height and width, then the provenance in ``metadata_props``.
 
         The graph starts with the pre-processor's resize, so it takes any ``B x H x W`` (anomalib makes ``H`` / ``W``
-        static whenever ``input_size`` is given: a 256 px export refused a 100x100 frame in OpenVINO). Static with
-        ``dynamic_spatial=False``, the caller's own ``dynamic_axes`` / ``dynamic_shapes``, or no resize.
+        static whenever ``input_size`` is given). Static with ``dynamic_spatial=False``, the caller's own
+        ``dynamic_axes`` / ``dynamic_shapes``, or no resize.
         """
         if dynamic_spatial and "dynamic_axes" not in kwargs and "dynamic_shapes" not in kwargs:
             if export_resizes_input(self):

@@ -1,10 +1,8 @@
 """Opt-in fast inference path shared by the two models.
 
-``fast_inference=True`` runs the networks (teacher, RAA / memories, student) of the eval-mode forward under
-``torch.autocast`` - float16 on CUDA, bfloat16 on CPU - with channels-last weights, and computes the anomaly-map head
-(per-level ``1 - cos``, up-sampling, Gaussian blur) in float32: ``1 - cos`` of two nearly equal feature vectors
-is a small difference that half precision would quantise away. Training is never affected, and export
-(``torch.onnx`` / ``torch.export``) always sees the float32 graph, so exported models do not depend on the option.
+``fast_inference=True`` runs the eval-mode networks under ``torch.autocast`` (float16 on CUDA, bfloat16 on CPU) with
+channels-last weights; the anomaly-map head stays float32 (``1 - cos`` of two nearly equal feature vectors is a small
+difference that half precision would quantise away). Training and exports always see the float32 graph.
 """
 
 from __future__ import annotations

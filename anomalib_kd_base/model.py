@@ -1,20 +1,11 @@
 """What the Lightning models ``Aand`` and ``MemKD`` share: argument checks, the teacher, callbacks, checkpoints.
 
 ``class Aand(KDModelBase, AnomalibModule)``: ``AnomalibModule`` stays a direct base (anomalib's model lookup walks
-its ``__subclasses__()``). The bases of :class:`KDModelBase` (``ProvenanceExportMixin``, ``AnomalyMapPTQMixin``)
-override no Lightning hook: the run-time behaviours are callbacks that ``configure_callbacks`` adds to anomalib's
-components, the same instances in every ``fit`` / ``validate`` / ``test`` / ``predict`` (Lightning restores their
-checkpointed state by ``state_key``): ``RankRandomness`` (``model.kd_random``), ``DistributedTraining``,
-``DistributedEvaluation`` (:mod:`.distributed`) and ``RunGuards`` (``model.kd_guards``, :mod:`.resume`). The base's
-own hooks are model behaviour: ``configure_callbacks``; ``prepare_data`` (the layout check must run before the
-datamodule's ``setup``, earlier than any callback hook); ``on_save_checkpoint`` / ``on_load_checkpoint`` (model
-state, which ``load_from_checkpoint`` restores without a trainer: the model and teacher records, the other model's
-checkpoint refused, the anomaly map re-sized to the restored pre-processor).
-
-``__init__`` declares anomalib's four components once for both models, which pass them on as ``**components``;
-jsonargparse (the anomalib CLI) follows that call, so ``--model.pre_processor`` etc. keep their types and help. The
-argument checks keep each model's wording: AAND's ``"lr must be > 0, got 0.0"``, with ``sentence=True`` MemKD's
-``"lr must be positive, got 0.0."``.
+its ``__subclasses__()``). Run-time behaviours are the callbacks ``configure_callbacks`` adds (the same instances in
+every ``fit`` / ``test`` / ...: Lightning restores their state by ``state_key``); the base's own hooks are model state
+or must run earlier than any callback hook (``prepare_data``: the layout check before the datamodule's ``setup``).
+``__init__`` declares anomalib's four components once; the models pass them on as ``**components``, which
+jsonargparse (the anomalib CLI) follows, so ``--model.pre_processor`` etc. keep their types and help.
 """
 
 from __future__ import annotations
@@ -60,28 +51,21 @@ def _fail(name: str, requirement: str, value: Any, sentence: bool) -> NoReturn: 
 
 
 def check_at_least(name: str, value: float, minimum: float, *, sentence: bool = False) -> None:
-    """Raise ``ValueError("<name> must be >= <minimum>, got <value>")`` unless ``value >= minimum``.
-
-    ``sentence=True`` words it ``"<name> must be at least <minimum>, got <value>."``.
-    """
+    """``ValueError("<name> must be >= <minimum>, got <value>")`` unless ``value >= minimum`` (MemKD's wording,
+    ``sentence=True``: ``"<name> must be at least <minimum>, got <value>."``)."""
     if not value >= minimum:
         _fail(name, f"at least {minimum}" if sentence else f">= {minimum}", value, sentence)
 
 
 def check_positive(name: str, value: float, *, sentence: bool = False) -> None:
-    """Raise ``ValueError("<name> must be > 0, got <value>")`` unless ``value > 0`` (NaN is not).
-
-    ``sentence=True`` words it ``"<name> must be positive, got <value>."``.
-    """
+    """``ValueError("<name> must be > 0, got <value>")`` unless ``value > 0`` (NaN is not; ``sentence=True``:
+    ``"<name> must be positive, got <value>."``)."""
     if not value > 0:
         _fail(name, "positive" if sentence else "> 0", value, sentence)
 
 
 def check_choice(name: str, value: Any, choices: Collection[Any], *, sentence: bool = False) -> None:  # noqa: ANN401
-    """Raise ``ValueError("<name> must be one of <choices>, got <value!r>")`` unless ``value in choices``.
-
-    ``choices`` is shown as a tuple, in its order; ``sentence=True`` ends the message with a full stop.
-    """
+    """``ValueError("<name> must be one of <choices as a tuple>, got <value!r>")`` unless ``value in choices``."""
     if value not in choices:
         _fail(name, f"one of {tuple(choices)}", repr(value), sentence)
 
@@ -104,11 +88,8 @@ PAPER_LR = 0.005
 
 
 def batch_size_warning(model: str, datamodule: Any, lr: float, world_size: int = 1) -> str | None:  # noqa: ANN401
-    """The warning for a global training batch other than the papers' 16 with their lr 0.005, else ``None``.
-
-    Both papers train with batch 16 and lr 0.005. The lr is never rescaled for another batch (no rule in either
-    paper); a user who chose another lr is not warned. ``world_size`` ranks each load ``train_batch_size`` images.
-    """
+    """The warning for a global training batch other than the papers' 16 with their lr 0.005, else ``None`` (the lr
+    is never rescaled: no rule in either paper; another lr is the user's choice and not warned)."""
     batch_size = getattr(datamodule, "train_batch_size", None)
     if not isinstance(batch_size, int) or lr != PAPER_LR:
         return None
@@ -130,10 +111,8 @@ def batch_size_warning(model: str, datamodule: Any, lr: float, world_size: int =
 
 # ------------------------------------------------------------------ the Lightning base
 class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
-    """Lightning boilerplate shared by ``Aand`` and ``MemKD`` (see the module docstring); a base before AnomalibModule.
-
-    A model sets ``self.model`` (its torch model, from :meth:`build_network`) and defines :attr:`training_epochs`.
-    """
+    """Lightning boilerplate of ``Aand`` and ``MemKD``: a model sets ``self.model`` (from :meth:`build_network`) and
+    defines :attr:`training_epochs`."""
 
     model: nn.Module
     #: set by models whose steps leave registered parameters without gradients (AAND's two stages)
@@ -157,10 +136,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
             post_processor: anomalib post-processor (default: anomalib's one-class post-processor).
             evaluator: anomalib evaluator (default: anomalib's image and pixel metrics).
             visualizer: anomalib visualizer (default: anomalib's image visualizer).
-            **unexpected: refused with Python's ``TypeError``, except while ``load_from_checkpoint`` builds the
-                model: Lightning hands a constructor with ``**kwargs`` every saved hyper-parameter (it filters them
-                only for constructors without one), so the ones the model does not name (another model's, another
-                version's) are dropped here, as Lightning drops them for anomalib's own models.
+            **unexpected: ``TypeError``, except in ``load_from_checkpoint``: Lightning hands a constructor with
+                ``**kwargs`` every saved hyper-parameter, so the ones the model does not take are dropped here.
         """
         if unexpected:
             if not restoring():
@@ -171,10 +148,7 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
                          sorted(unexpected))  # fmt: skip
         install_engine_hook()  # here, not at import: anomalib.engine may still be importing then
         super().__init__(
-            pre_processor=pre_processor,
-            post_processor=post_processor,
-            evaluator=evaluator,
-            visualizer=visualizer,
+            pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         # a pre-processor object (not True / False) is the user's explicit choice of the image size
         self._kd_requested_size = None if isinstance(pre_processor, bool | None) else size_of(pre_processor)
@@ -199,13 +173,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         fast_inference: bool,
         **options: Any,  # noqa: ANN401
     ) -> nn.Module:
-        """The torch model ``network(...)`` at the pre-processor's size (call :meth:`require_input_size` first).
-
-        ``backbone``, ``layers``, ``pre_trained`` and ``backbone_weights`` are the model's constructor arguments of
-        those names: ``network`` hands them to :func:`anomalib_kd_base.weights.build_teacher`, which builds the frozen
-        teacher and its provenance record (``network.teacher_provenance``). ``options`` are the network's own
-        arguments; the opt-in fast eval path is set to ``fast_inference``.
-        """
+        """The torch model ``network(...)`` at the pre-processor's size (call :meth:`require_input_size` first); the
+        teacher arguments go to :func:`anomalib_kd_base.weights.build_teacher`, ``options`` are the network's own."""
         model = network(
             backbone=backbone,
             input_size=tuple(self.input_size),
@@ -219,7 +188,7 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
 
     # ------------------------------------------------------------------ callbacks and data
     def configure_callbacks(self) -> list[Callback]:
-        """The base's callbacks (see the module docstring), then anomalib's component callbacks."""
+        """The base's callbacks (:mod:`.distributed`, :mod:`.resume`), then anomalib's component callbacks."""
         components = super().configure_callbacks()
         components = [components] if isinstance(components, Callback) else list(components)
         return [*self._kd_callbacks, *components]
@@ -271,11 +240,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         checkpoint[MODEL_KEY] = model_record(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse the other model's checkpoint; restore anomalib's components and the teacher's record; re-size.
-
-        ``load_from_checkpoint`` builds the module with the default 256 px pre-processor before anomalib restores the
-        saved one, so the anomaly map is re-sized to it; a pre-processor the user passed loses, with a warning.
-        """
+        """Refuse the other model's checkpoint; restore anomalib's components and the teacher's record; re-size the
+        anomaly map to the restored pre-processor (the module was built at the default or the user's size)."""
         refuse_other_model(self, checkpoint)
         if self.kd_guards.keep_trained_model(self, checkpoint):
             return
@@ -305,22 +271,14 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
 
     @property
     def trainer_arguments(self) -> dict[str, Any]:
-        """No gradient clipping, no sanity validation, :attr:`training_epochs` epochs.
-
-        anomalib's ``Engine`` gives a model's trainer arguments precedence over the user's, so the schedule is set by
-        the model's own arguments (see :func:`anomalib_kd_base.upstream.install_engine_hook`).
-        """
+        """No gradient clipping, no sanity validation, :attr:`training_epochs` epochs (these win over the user's
+        in anomalib's ``Engine``: see :func:`anomalib_kd_base.upstream.install_engine_hook`)."""
         return {"gradient_clip_val": 0, "num_sanity_val_steps": 0, "max_epochs": self.training_epochs}
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
-        """The papers' test metrics: anomalib's defaults plus pixel AUPRO (FPR limit 0.3) and image / pixel AUPR.
-
-        anomalib's default evaluator has image / pixel AUROC and F1. Both papers report PRO (AAND Tab. I-III,
-        MemKD Tab. 1-2, integrated up to a false-positive rate of 0.3 as in Bergmann et al.), and MemKD also
-        reports image and pixel AP, which anomalib's ``AUPR`` computes. Test time grows with them: see
-        docs/training.md ("Test metrics") for the measured cost at 256 px.
-        """
+        """The papers' test metrics: anomalib's image / pixel AUROC and F1, plus pixel AUPRO (FPR limit 0.3: both
+        papers' PRO) and image / pixel AUPR (MemKD's AP). Their test-time cost: docs/training.md ("Test metrics")."""
         test_metrics = [
             AUROC(fields=["pred_score", "gt_label"], prefix="image_"),
             F1Score(fields=["pred_label", "gt_label"], prefix="image_"),

@@ -1,28 +1,11 @@
-"""INT8 post-training quantization (NNCF) that keeps anomaly maps meaningful.
+"""INT8 post-training quantization (NNCF) that keeps anomaly maps meaningful (figures: docs/export.md).
 
-anomalib 2.7's ``CompressionType.INT8_PTQ`` calls ``nncf.quantize`` on the whole exported graph, calibrated on the
-datamodule's *validation* loader. For feature-discrepancy models (RD, AAND, MemKD) that breaks twice:
-
-* the anomaly-map head (per-level ``1 - cos``, up-sampling, Gaussian blur) and anomalib's post-processor
-  (normalisation, thresholds) get activation quantizers: the map is a small difference of two large feature maps, so
-  8-bit steps wipe it out (measured on a tiny trained AAND/MemKD: anomaly-map error 104-117 % of the map's range,
-  every image label flipped). Quantizing only the networks and keeping the head in floating point brings the error
-  down to a few percent of the range with identical labels (see docs/export.md for the figures);
-* the validation split of anomalib's MVTec datamodules is the test split by default, and it holds anomalous images:
-  calibrating on it uses test data and non-normal statistics. Here the calibration set is the training split
-  (normal images only), resized to the exported graph's static input size.
-
-The float scopes are found by module scope in the ONNX graph, but NNCF quantizes the *OpenVINO* graph, where some of
-those ops have other names: OpenVINO names an op after the graph output it produces (the map head's Gaussian blur
-becomes ``anomaly_map``) and rebuilds folded ops under generated names (the head's sum of up-sampled levels becomes
-``Add_<n>``). Matched by ONNX node name only, those ops got 8-bit quantizers: the per-level maps were summed and blurred
-in 8 bits, with ranges calibrated on normal images, so anomalous peaks were clipped. :func:`float_op_names` maps the
-scopes onto the OpenVINO graph: ONNX node names, ops that produce a scope's ONNX tensors, and ops unknown to the ONNX
-graph whose every non-constant input comes from a float op.
-
-:class:`AnomalyMapPTQMixin` routes ``to_openvino(..., compression_type=INT8_PTQ)`` through :func:`quantize_model`;
-every other export goes to anomalib unchanged. The functions also work on any anomalib model's ONNX file (the edge
-benchmark uses them for ReverseDistillation and Patchcore so all models get the same recipe).
+anomalib 2.7's ``INT8_PTQ`` quantizes the whole graph, calibrated on the validation split (the test split by default):
+the anomaly map, a small difference of two large feature maps, is wiped out by 8-bit steps (error 104-117 % of its
+range). Here only the networks are quantized; the map head and post-processor (:data:`FLOAT_SCOPES`) stay in float,
+and the calibration set is the training split (normal images). :class:`AnomalyMapPTQMixin` routes
+``to_openvino(..., compression_type=INT8_PTQ)`` through :func:`quantize_model`; the functions work on any anomalib
+model's ONNX file (the edge benchmark uses them for ReverseDistillation and Patchcore).
 """
 
 from __future__ import annotations
@@ -51,11 +34,8 @@ _SCOPE_KEY = "pkg.torch.onnx.name_scopes"
 
 
 def float_node_names(onnx_path: str | Path, scopes: Sequence[str] = FLOAT_SCOPES) -> list[str]:
-    """Names of the ONNX nodes that belong to any of the sub-modules ``scopes`` (kept out of INT8).
-
-    The dynamo exporter records each node's module path (e.g. ``['', 'model', 'model.anomaly_map_generator', 'sub_3']``);
-    OpenVINO keeps the node names as friendly names, so these names can go straight into ``nncf.IgnoredScope``.
-    """
+    """Names of the ONNX nodes that belong to any of the sub-modules ``scopes``, from the module path the dynamo
+    exporter records on each node (e.g. ``['', 'model', 'model.anomaly_map_generator', 'sub_3']``)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph
@@ -94,17 +74,12 @@ def float_op_names(
 ) -> list[str]:
     """Friendly names of the ops of the OpenVINO ``model`` (converted from ``onnx_path``) kept in floating point.
 
-    An op is kept when
-
-    * its name is the name of an ONNX node of ``scopes`` or ``tail_scopes``, or it produces one of their output tensors;
-    * or every input of it that is not a constant comes from a kept op (ops visited in topological order), and either
-      its name is no ONNX node name (OpenVINO built or renamed it: the head's blur named ``anomaly_map``, its sum of
-      levels ``Add_<n>``) or it is computed from a ``tail_scopes`` op (the tail of the graph: the image score, the
-      maximum of the map, is computed in the torch model's ``forward``, outside the head's module, from the head's
-      output).
-
-    ``tail_scopes`` must be sub-modules at the end of the graph (the map head and the post-processor); an interior
-    scope in ``scopes`` (e.g. a gate) keeps its own ops and what OpenVINO rebuilt inside it, nothing downstream.
+    NNCF quantizes the OpenVINO graph, where OpenVINO renamed some scope ops (the head's blur is named after the output,
+    ``anomaly_map``; its sum of levels is rebuilt as ``Add_<n>``): matched by ONNX name only, those got 8-bit
+    quantizers and anomalous peaks were clipped. Kept: ops named like an ONNX node of ``scopes`` / ``tail_scopes`` or
+    producing one of their tensors; and ops whose every non-constant input is kept and that either have no ONNX name
+    or are computed from a ``tail_scopes`` op (``tail_scopes``: sub-modules at the end of the graph, so the image
+    score computed from the map stays float too; an interior scope keeps only its own ops).
     """
     selected, tensors, onnx_names = _scope_nodes(onnx_path, (*scopes, *tail_scopes))
     tail_selected, _, _ = _scope_nodes(onnx_path, tail_scopes)
@@ -128,17 +103,6 @@ def float_op_names(
         ):
             inside.add(name)
     return sorted(inside)
-
-
-def fake_quantize_in_float_ops(model: Any, names: Iterable[str]) -> list[str]:  # noqa: ANN401
-    """FakeQuantize ops of the quantized ``model`` that feed an op of ``names`` (empty when the float scopes held)."""
-    names = set(names)
-    return [
-        op.get_friendly_name()
-        for op in model.get_ops()
-        if op.get_type_name() == "FakeQuantize"
-        and any(target.get_node().get_friendly_name() in names for target in op.output(0).get_target_inputs())
-    ]
 
 
 def calibration_batches(
@@ -183,8 +147,7 @@ def quantize_model(
     **nncf_kwargs: Any,  # noqa: ANN401
 ) -> Any:  # noqa: ANN401 - openvino.Model
     """Convert ``onnx_path`` to OpenVINO and quantize it to INT8, leaving ``float_scopes`` and everything computed
-    from ``tail_scopes`` in floating point (:func:`float_op_names`; Patchcore's scoring: ``("feature_pooler",
-    *FLOAT_SCOPES)``, so only its backbone is quantized, as only the networks of the distillation models are)."""
+    from ``tail_scopes`` in float (:func:`float_op_names`; Patchcore: ``("feature_pooler", *FLOAT_SCOPES)``)."""
     import nncf
     import openvino as ov
 
@@ -209,11 +172,8 @@ def quantize_model(
 
 
 class AnomalyMapPTQMixin:
-    """``to_openvino`` with ``CompressionType.INT8_PTQ`` -> :func:`quantize_model` on the training images.
-
-    Put it before ``AnomalibModule`` in the bases. Other compression types (none, FP16, weight-only INT8, INT8_ACQ)
-    are anomalib's own.
-    """
+    """``to_openvino`` with ``CompressionType.INT8_PTQ`` -> :func:`quantize_model` on the training images (a base
+    before ``AnomalibModule``; other compression types are anomalib's own)."""
 
     def to_openvino(
         self,
@@ -256,7 +216,6 @@ __all__ = [
     "FLOAT_SCOPES",
     "AnomalyMapPTQMixin",
     "calibration_batches",
-    "fake_quantize_in_float_ops",
     "float_node_names",
     "float_op_names",
     "quantize_model",

@@ -1,12 +1,8 @@
 """Run guards of AAND and MemKD: the :class:`RunGuards` callback, checkpoint records and resumable iteration.
 
-:class:`RunGuards`: after a fit resumed from ``ckpt_path`` ran to its end, the next ``test`` / ``validate`` /
-``predict`` with that path (anomalib's ``Engine.train`` passes it on) keeps the model just trained and the callbacks'
-states, with a warning, once per fit; a checkpoint written inside an epoch warns that Lightning skips the rest of
-it; every image decodes (``setup("fit")``; the layout is checked earlier, in the model's ``prepare_data``; both off
-with ``ANOMALIB_KD_DATA_CHECK=0`` or ``model.data_check = False``); a test set without anomalous images reports
-AUROC, AUPR, AUPRO and F1 as NaN (torchmetrics: 0.0), with a warning. The model's checkpoint hooks record which
-model wrote a checkpoint (:data:`MODEL_KEY`) and refuse the other model's (:func:`refuse_other_model`).
+:class:`RunGuards` (why: docs/training.md "Resuming", docs/limitations.md): a resumed fit's own ``ckpt_path`` handed
+on to ``test`` (anomalib's ``Engine.train``) keeps the model just trained; mid-epoch checkpoints warn; the data checks
+run at ``setup("fit")``; a test set without anomalous images reports the two-class metrics as NaN (torchmetrics: 0.0).
 """
 
 from __future__ import annotations
@@ -73,11 +69,8 @@ def _resolved(path: Any) -> Path | None:  # noqa: ANN401
 
 # ---------------------------------------------------------------------------------------------- checkpoint records
 def _known_models() -> dict[str, str]:
-    """``{state-dict prefix: "Class (package.Class)"}`` of the loaded model classes that declare ``state_signature``.
-
-    A model class (a subclass of ``KDModelBase``) names the parameter prefix by which its state dict is recognised
-    in checkpoints written without :data:`MODEL_KEY`, e.g. ``state_signature = "model.raa."``.
-    """
+    """``{state-dict prefix: "Class (package.Class)"}`` of the loaded ``KDModelBase`` subclasses that declare the
+    ``state_signature`` recognising their checkpoints written without :data:`MODEL_KEY` (e.g. ``"model.raa."``)."""
     from .model import KDModelBase
 
     found: dict[str, str] = {}
@@ -127,12 +120,9 @@ def refuse_other_model(model: Any, checkpoint: dict[str, Any]) -> None:  # noqa:
 class ResumableCycle:
     """Endless iteration over a ``DataLoader`` shuffled by ``generator``, with an exact ``state_dict``.
 
-    The state is the generator's state at the start of the current pass plus the number of batches drawn in it;
-    :meth:`load_state_dict` replays the pass to that point (it fetches, and discards, the batches already drawn).
-    ``generator`` must be consumed by the loader's sampler only: give the ``DataLoader`` itself another generator
-    (or none), because every new loader iterator draws its workers' base seed from the loader's generator, and a
-    resumed run starts a new iterator where an uninterrupted one with persistent workers does not.
-    Create it with ``KDModelBase.resumable_cycle`` and the checkpoints resume it exactly.
+    The state is the generator's state at the start of the pass plus the batches drawn in it; loading replays the pass
+    to that point. ``generator`` must feed the loader's sampler only, not the ``DataLoader`` itself (each new iterator
+    draws its workers' base seed from that). Create it with ``KDModelBase.resumable_cycle``.
     """
 
     def __init__(self, loader: Any, generator: torch.Generator | None) -> None:  # noqa: ANN401
@@ -218,11 +208,8 @@ class RunGuards(Callback):
             )  # fmt: skip
 
     def keep_trained_model(self, model: Any, checkpoint: dict[str, Any]) -> bool:  # noqa: ANN401
-        """After a resumed fit ran to its end: make ``checkpoint`` (of the resume path) hold the state in memory.
-
-        Called by the model's ``on_load_checkpoint``, which runs before Lightning loads the weights. The callbacks'
-        states are kept too: anomalib's post-processor is a callback (thresholds, normalisation bounds).
-        """
+        """After a resumed fit ran to its end: make ``checkpoint`` (of the resume path) hold the state in memory, the
+        callbacks' too (anomalib's thresholds); the model's ``on_load_checkpoint`` calls it before Lightning loads."""
         trainer, finished = attached_trainer(model), self._finished_resume
         if trainer is None or finished is None or trainer.training:
             return False

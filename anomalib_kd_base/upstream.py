@@ -1,8 +1,7 @@
 """The workarounds that rely on anomalib / Lightning internals, all of them: no public API does what they do.
 
 Each says why it exists and the version it was written against (:data:`WRITTEN_AGAINST`);
-``tests/base/test_upstream.py`` fails with a message naming the workaround when an internal it relies on changes,
-and docs/limitations.md lists them. Everything else in the package uses public API only.
+``tests/base/test_upstream.py`` names the workaround whose internal changed; docs/limitations.md lists them.
 """
 
 from __future__ import annotations

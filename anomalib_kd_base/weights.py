@@ -1,10 +1,7 @@
 """Teacher weights of AAND and MemKD: explicit timm tag, local weight files, provenance, offline use.
 
-:func:`build_teacher` builds both models' frozen teacher: from timm's hub / cache (no network when the weights are
-cached, a bounded probe when they are not), from a local file (timm's loader, no network), or randomly initialised;
-each with a provenance record (:data:`PROVENANCE_KEYS`) that checkpoints and exports carry. Details, the offline
-behaviour and the record's fields: ``docs/offline_weights.md``. The ``anomalib-kd-weights`` command that writes and
-checks weights files is a tool: :mod:`anomalib_kd_tools.weights`.
+:func:`build_teacher` builds the frozen teacher from timm's hub / cache, a local file or random init, with the
+provenance record (:data:`PROVENANCE_KEYS`) that checkpoints and exports carry (details: ``docs/offline_weights.md``).
 """
 
 from __future__ import annotations
@@ -45,11 +42,8 @@ _RESTORING = contextvars.ContextVar("anomalib_kd_restoring_teacher", default=Fal
 
 @contextlib.contextmanager
 def restoring_from_checkpoint() -> Iterator[None]:
-    """Inside this context :func:`build_teacher` neither downloads nor reads a weights file.
-
-    Used by ``load_from_checkpoint``: the checkpoint's state dict holds the teacher's weights, so the model is built
-    with a randomly initialised teacher that the checkpoint then overwrites (no network, no ``backbone_weights`` file).
-    """
+    """Inside it :func:`build_teacher` neither downloads nor reads a weights file (``load_from_checkpoint``: the
+    checkpoint's state dict overwrites the randomly initialised teacher)."""
     token = _RESTORING.set(True)
     try:
         yield
@@ -72,11 +66,8 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """SHA-256 over tensors sorted by name; each contributes its name, dtype, shape and raw (CPU) bytes.
-
-    Hand-written: the hash must be the same for the same weights from the hub, a ``.safetensors`` or a ``.pth`` file,
-    whose bytes (format, metadata, order) differ; no library hashes tensors like this.
-    """
+    """SHA-256 over tensors sorted by name (each: name, dtype, shape, raw CPU bytes). Hand-written: equal for the same
+    weights from the hub, a ``.safetensors`` or a ``.pth`` file, whose bytes differ; no library hashes tensors so."""
     digest = hashlib.sha256()
     for name in sorted(state_dict):
         tensor = state_dict[name].detach().to("cpu").contiguous().reshape(-1)
@@ -100,11 +91,7 @@ def resolve_weights_tag(backbone: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- weight files
 def read_weights_file(path: str | os.PathLike[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A file's tensors and its safetensors header metadata (``{}`` for ``.pth``/``.pt``).
-
-    timm's ``load_state_dict`` reads the file (``.safetensors``, else ``torch.load(weights_only=True)``), unwraps
-    ``state_dict`` / ``model`` and strips ``module.`` / ``_orig_mod.``.
-    """
+    """A file's tensors (read by timm's ``load_state_dict``) and its safetensors header metadata (``{}`` for .pth)."""
     path = Path(path)
     safetensors = str(path).endswith(".safetensors")  # timm's test
     try:
@@ -167,12 +154,8 @@ def match_state_dict(
     expected: Mapping[str, torch.Tensor], tensors: Mapping[str, torch.Tensor], source: str, backbone: str
 ) -> dict[str, torch.Tensor]:
     """Map a file's ``tensors`` onto the teacher's state dict ``expected``; ``ValueError`` names the first missing
-    or mis-shaped tensor in module order (``source``: the file's name, ``backbone``: the teacher's, for messages).
-
-    Hand-written: timm's ``clean_state_dict`` strips only DDP / compile wrappers, not a Lightning ``model.`` or
-    ``feature_extractor.`` prefix; timm's ``features_only`` nets rename ``stem.0`` to ``stem_0``; and
-    ``load_state_dict(strict=True)`` lists every key without shapes instead of naming the first problem.
-    """
+    or mis-shaped tensor. Hand-written: timm's ``clean_state_dict`` strips no Lightning ``model.`` prefix, its
+    ``features_only`` nets rename ``stem.0`` to ``stem_0``, and ``load_state_dict(strict=True)`` names no shapes."""
     if not expected:
         msg = f"teacher {backbone!r} has no tensors to load"
         raise ValueError(msg)
@@ -205,11 +188,8 @@ _NETWORK_MODULES = ("huggingface_hub", "httpx", "httpcore", "requests", "urllib3
 
 
 def is_download_failure(error: BaseException | None) -> bool:
-    """Whether ``error`` or one of its causes is an ``OSError`` or comes from a network / hub library.
-
-    Hand-written: timm passes on whatever failed (huggingface_hub's ``LocalEntryNotFoundError`` or
-    ``OfflineModeIsEnabled``, torch.hub's ``URLError``, an HTTP client's error), with no common type to catch.
-    """
+    """Whether ``error`` or one of its causes is an ``OSError`` or comes from a network / hub library (timm passes
+    on whatever failed: huggingface_hub's, torch.hub's or an HTTP client's error, with no common type to catch)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
@@ -238,13 +218,11 @@ def cached_weights(tag: str) -> str | None:
 
 
 def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1_in1k") -> bool:
-    """Whether the hub (``HF_ENDPOINT``) answers a ``HEAD`` of ``repo_id``'s model API within ``timeout`` s.
+    """Whether the hub (``HF_ENDPOINT``) answers a ``HEAD`` of ``repo_id``'s model API with success within ``timeout``.
 
-    Hand-written around huggingface_hub's own HTTP session (its proxies, certificates and endpoint): without it,
-    ``pre_trained=True`` without network and without ``HF_HUB_OFFLINE=1`` waits for huggingface_hub's download
-    retries (20 s to over 2 minutes). A TCP connection is not enough (proxies and captive portals accept those): the
-    hub must answer with a success status. No HTTP timeout bounds a hanging DNS lookup, hence the daemon thread. One
-    request only: ``HfApi.model_info`` would first fetch huggingface_hub's agent registry for its user agent.
+    Hand-written around huggingface_hub's session: without it, no network and no ``HF_HUB_OFFLINE=1`` waits for its
+    download retries (20 s to over 2 minutes); no HTTP timeout bounds a hanging DNS lookup, hence the daemon thread;
+    ``HfApi.model_info`` would first fetch huggingface_hub's agent registry.
     """
     if timeout is None:
         try:
@@ -266,10 +244,8 @@ def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1
 
 @contextlib.contextmanager
 def _hub_offline() -> Iterator[None]:
-    """huggingface_hub in offline mode (cache only) for the block: the flag its HTTP session checks on each call.
-
-    Hand-written: huggingface_hub reads ``HF_HUB_OFFLINE`` once, at import, and has no scoped switch.
-    """
+    """huggingface_hub in offline mode (cache only) for the block (it reads ``HF_HUB_OFFLINE`` once, at import, and has
+    no scoped switch; its HTTP session checks this flag on each call)."""
     saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
     try:
         yield
@@ -307,27 +283,12 @@ def build_teacher(
     pre_trained: bool = True,
     backbone_weights: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, str]]:
-    """Build the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its provenance record.
+    """``(extractor, provenance)``: the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its record.
 
-    Args:
-        backbone: timm name with optional tag (default teacher ``wide_resnet50_2.tv_in1k``, torchvision's ImageNet-V1
-            weights that RD, AAND and MemKD used; a bare ``wide_resnet50_2`` is timm's ``racm_in1k``).
-        layers: teacher layers to extract.
-        pre_trained: without a file, load the tag's weights through timm: from the Hugging Face cache with no network
-            when ``try_to_load_from_cache`` finds them, else (no ``HF_HUB_OFFLINE=1``) after :func:`hub_reachable`.
-        backbone_weights: a weights file (:func:`read_weights_file`, :func:`match_state_dict`), loaded whatever
-            ``pre_trained`` says; timm is asked for no pretrained weights (no network access).
-
-    Returns:
-        ``(extractor, provenance)``; provenance (``str -> str``): ``backbone``, ``weights_source`` (``timm`` / ``file``
-        / ``random-init``), ``weights_tag`` (resolved timm tag; for a file the tag in its header, else its name),
-        ``weights_file`` (name or ``""``), ``weights_sha256`` (of the file's bytes, else ``teacher_sha256``;
-        ``weights_sha256_of`` says which), ``teacher_sha256`` (:func:`state_dict_sha256` of the teacher as loaded).
-
-    Raises:
-        FileNotFoundError: ``backbone_weights`` does not exist.
-        ValueError: the file lacks a teacher tensor or has one of another shape (named in the message).
-        RuntimeError: ``pre_trained=True``, no file, and the weights could not be downloaded / found in the cache.
+    ``backbone_weights`` (a file) is loaded whatever ``pre_trained`` says, with no network; else ``pre_trained`` loads
+    the tag's weights through timm (from the cache with no network when there, else after :func:`hub_reachable`).
+    Raises ``FileNotFoundError`` (no such file), ``ValueError`` (a tensor missing or mis-shaped) and ``RuntimeError``
+    (weights neither downloadable nor cached). The record's fields: docs/offline_weights.md.
     """
     from anomalib.models.components import TimmFeatureExtractor
 
@@ -339,7 +300,7 @@ def build_teacher(
         file_hash, file_name, of = (file_sha256(path), path.name, "file") if path else (teacher_hash, "", "state_dict")
         return dict(zip(PROVENANCE_KEYS, (backbone, source, tag, file_name, file_hash, of, teacher_hash), strict=True))
 
-    if _RESTORING.get():  # the checkpoint's state dict overwrites the teacher, its provenance this placeholder
+    if restoring():  # the checkpoint's state dict overwrites the teacher, its provenance this placeholder
         placeholder = {**dict.fromkeys(PROVENANCE_KEYS, ""), "backbone": backbone, "weights_source": "checkpoint"}
         return teacher(False), placeholder
     if backbone_weights is not None and str(backbone_weights) != "":
