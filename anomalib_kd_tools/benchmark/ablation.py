@@ -1,22 +1,16 @@
-"""Ablation mode of ``anomalib-kd-benchmark quality``: which mechanism of AAND / MemKD moves which number.
+"""``quality --ablation aand|memkd|all``: which mechanism of AAND / MemKD moves which number.
 
-``--ablation aand|memkd|all`` trains the variants of :data:`ABLATIONS` (a model name plus constructor keyword
-overrides, the interface agreed with the model code) instead of ``--models``, on the same data and seeds (0 1 2 by
-default), and reports image AUROC, pixel AUROC and AUPRO as mean ± std over seeds with the model's mechanism figures
-on the test images (:func:`anomalib_kd_tools.mechanisms.mechanism_report`, any flat ``{name: float}``). Cells are
-(variant, category, seed); ``results.csv`` adds ``variant``, ``overrides`` and ``mechanism`` (a JSON object) and
-resumes like the benchmark's. A variant whose keyword the installed constructor lacks is skipped and listed, never
-run with the keyword dropped. ``--texture-dir`` / a generated DTD-like folder, ``--proxy-teacher``
-(:func:`anomalib_kd_tools.proxy.calibrate_proxy_teacher`), ``--aand-foreground`` and ``--defects``: see
-docs/benchmarks.md ("Ablations").
-
-This module holds the options, the variants and what runs inside a cell (:func:`mechanism_figures`);
-``results.md`` / ``results.png`` of an ablation run are :mod:`.ablation_report`'s.
+The variants of :data:`ABLATIONS` (a model plus constructor keyword overrides, the interface agreed with the model
+code) run instead of ``--models``, with the model's mechanism figures on the test images (:func:`mechanism_figures`);
+a variant whose keyword the installed constructor lacks is skipped and listed, never run without it. The options
+(textures, ``--proxy-teacher``, ``--aand-foreground``, ``--defects``, ``--product``): docs/benchmarks.md
+("Ablations"); the tables: :mod:`.ablation_report`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import inspect
 import json
 import traceback
@@ -73,19 +67,10 @@ def ablation_of(variant: str) -> str:
     return next(name for name, variants in ABLATIONS.items() if any(v.name == variant for v in variants))
 
 
-# ---------------------------------------------------------------------------------------------- planning
 def model_class(model: str) -> type:
-    if model == "Aand":
-        from anomalib_aand import Aand
-
-        return Aand
-    if model == "MemKD":
-        from anomalib_memkd import MemKD
-
-        return MemKD
-    import anomalib.models
-
-    return getattr(anomalib.models, model)
+    """The class of a benchmark model: ``Aand`` / ``MemKD`` from their packages, the others from anomalib's."""
+    package = f"anomalib_{model.lower()}" if model in ("Aand", "MemKD") else "anomalib.models"
+    return getattr(importlib.import_module(package), model)
 
 
 def accepted_kwargs(cls: type) -> set[str] | None:
@@ -111,21 +96,13 @@ def accepted_kwargs(cls: type) -> set[str] | None:
 def missing_kwargs(variant: Variant, cls: type | None = None) -> list[str]:
     """The override keywords the installed model's constructor does not accept (see :func:`accepted_kwargs`)."""
     accepted = accepted_kwargs(cls or model_class(variant.model))
-    if accepted is None:
-        return []
-    return [k for k in variant.overrides if k not in accepted]
+    return [] if accepted is None else [k for k in variant.overrides if k not in accepted]
 
 
 def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str, list[str]]]:
     """``(runnable variants, {skipped variant: missing keywords})``."""
-    runnable, skipped = [], {}
-    for variant in variants:
-        missing = missing_kwargs(variant)
-        if missing:
-            skipped[variant.name] = missing
-        else:
-            runnable.append(variant)
-    return runnable, skipped
+    missing = {variant.name: missing_kwargs(variant) for variant in variants}
+    return [v for v in variants if not missing[v.name]], {name: keys for name, keys in missing.items() if keys}
 
 
 def available_defects() -> tuple[str, ...]:
@@ -250,12 +227,7 @@ def plan(args: argparse.Namespace, output: Path) -> tuple[list[Variant], dict[st
 
 def generated_extras(args: argparse.Namespace) -> dict[str, Any]:
     """Generator options beyond the benchmark's original ones (only when given, so old run configs still match)."""
-    extras: dict[str, Any] = {}
-    if args.defects:
-        extras["defects"] = list(args.defects)
-    if args.product:
-        extras["products"] = list(args.product)
-    return extras
+    return {key: list(value) for key, value in (("defects", args.defects), ("products", args.product)) if value}
 
 
 def write_textures(config: dict[str, Any]) -> None:
@@ -278,7 +250,6 @@ def teacher_label(config: dict[str, Any]) -> str:
     return "ImageNet (pre-trained)" if config.get("pre_trained") else "random init (no pre-trained weights)"
 
 
-# ---------------------------------------------------------------------------------------------- in the cell
 def mechanism_figures(model: Any, dataloader: Any, report: Any = None) -> tuple[dict[str, float], str]:  # noqa: ANN401
     """``(figures, status)`` of ``report(model, dataloader)`` (default:
     :func:`anomalib_kd_tools.mechanisms.mechanism_report`) in eval mode under ``no_grad``.
@@ -310,12 +281,4 @@ def mechanism_figures(model: Any, dataloader: Any, report: Any = None) -> tuple[
     return figures, "ok"
 
 
-__all__ = [
-    "ABLATIONS",
-    "PROXY_TEACHER",
-    "Variant",
-    "ablation_of",
-    "mechanism_figures",
-    "teacher_label",
-    "variants_of",
-]
+__all__ = ["ABLATIONS", "PROXY_TEACHER", "Variant", "ablation_of", "mechanism_figures", "teacher_label", "variants_of"]

@@ -1,18 +1,10 @@
-"""``anomalib-kd-benchmark edge``: CPU latency / throughput and image AUROC per precision, four models side by side.
+"""``anomalib-kd-benchmark edge``: CPU latency, throughput, size and AUROC per precision, four models side by side.
 
-Aand, MemKD, ReverseDistillation and Patchcore (same backbone, generated data and seed) are trained briefly, the
-*whole* AnomalibModule is exported to ONNX / OpenVINO, and each back-end - ``torch`` (eager fp32), ``ov-fp32``
-(``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR, f32 compute), ``ov-int8`` (NNCF PTQ with the map
-head in float, :func:`anomalib_kd_base.quantization.quantize_model`) and ``ov-default`` (OpenVINO's default hint:
-bf16 where the CPU has it) - gets latency at batch 1 (p50 / p95 over ``--runs`` calls), throughput at
-``--throughput-batch`` and image AUROC (:func:`.job.image_auroc`, as ``quality``), with the ratios to RD and to
-``ov-fp32``. Written through :mod:`.report` into ``--output``: ``edge.md``, ``edge.csv``, ``edge.png`` and
-``edge.json``. Generated data and random-init backbones measure speed and numerical agreement, not quality.
-
-Examples::
-
-    anomalib-kd-benchmark edge                                  # 256 px, wide_resnet50_2, random init
-    anomalib-kd-benchmark edge --quick --output /tmp/edge       # tiny smoke run (resnet18, 64 px)
+The models are trained briefly on generated data, the *whole* AnomalibModule is exported, and each back-end -
+``torch`` (eager fp32), ``ov-fp32`` (``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR),
+``ov-int8`` (NNCF PTQ, scoring in float: :func:`anomalib_kd_base.quantization.quantize_model`) and ``ov-default``
+(bf16 where the CPU has it) - is timed and scored (:func:`.job.image_auroc`, as ``quality``) into ``edge.md`` /
+``.csv`` / ``.png`` / ``.json``; docs/benchmarks.md ("Edge benchmark") has the measured tables.
 """
 
 from __future__ import annotations
@@ -38,7 +30,9 @@ MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
 BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-DESCRIPTION = "Edge benchmark: CPU latency / throughput, size, image and pixel AUROC per precision, four models side by side."
+DESCRIPTION = (
+    "Edge benchmark: CPU latency / throughput, size, image and pixel AUROC per precision, four models side by side."
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-test-per-defect", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3, help="RD and MemKD epochs; AAND gets 1 + (epochs - 1)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument(
+        "--int8-float-scopes",
+        nargs="+",
+        default=[],
+        metavar="SCOPE",
+        help="sub-modules kept in float under INT8 besides the scoring (e.g. raa: Aand's amplification)",
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed bs1 calls per back-end")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--throughput-batch", type=int, default=16)
@@ -79,28 +80,21 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def build_model(name: str, args: argparse.Namespace):
+    """The model (one pre-processor for all four) and its extra Engine arguments."""
     from anomalib.pre_processing import PreProcessor
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
-    size = (args.image_size, args.image_size)
-    pre_processor = PreProcessor(transform=Compose([Resize(size, antialias=True), Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    from anomalib_kd_tools.benchmark.ablation import model_class
+
+    resize = Resize((args.image_size, args.image_size), antialias=True)
+    pre_processor = PreProcessor(transform=Compose([resize, Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
     common = {"backbone": args.backbone, "pre_trained": args.pre_trained, "pre_processor": pre_processor}
-    if name == "Aand":
-        from anomalib_aand import Aand
-
-        return Aand(**common, stage1_epochs=1, stage2_epochs=max(1, args.epochs - 1)), {}
-    if name == "MemKD":
-        from anomalib_memkd import MemKD
-
-        return MemKD(**common, epochs=args.epochs, num_exemplars=min(16, args.n_train)), {}
-    if name == "ReverseDistillation":
-        from anomalib.models import ReverseDistillation
-
-        return ReverseDistillation(**common), {"max_epochs": args.epochs}
-    from anomalib.models import Patchcore
-
-    layers = ("layer2", "layer3")
-    return Patchcore(**common, layers=layers, coreset_sampling_ratio=0.1), {}
+    kwargs = {
+        "Aand": {"stage1_epochs": 1, "stage2_epochs": max(1, args.epochs - 1)},
+        "MemKD": {"epochs": args.epochs, "num_exemplars": min(16, args.n_train)},
+        "Patchcore": {"layers": ("layer2", "layer3"), "coreset_sampling_ratio": 0.1},
+    }.get(name, {})
+    return model_class(name)(**common, **kwargs), {"max_epochs": args.epochs} if name == "ReverseDistillation" else {}
 
 
 def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,7 +103,7 @@ def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.nd
     from PIL import Image
 
     paths = sorted((root / category / split).rglob("*.png"))
-    images = np.stack([np.asarray(Image.open(p).convert("RGB"), dtype=np.float32).transpose(2, 0, 1) / 255 for p in paths])
+    images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in paths])
     labels = np.array([p.parent.name != "good" for p in paths])
     masks = np.zeros((len(paths), *images.shape[-2:]), dtype=bool)
     for i, p in enumerate(paths):
@@ -228,7 +222,8 @@ def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: 
                     # the networks in INT8, the scoring in float: the distillation models' map head; Patchcore's
                     # nearest-neighbour search against its memory bank, everything after the feature pooling
                     tail = ("feature_pooler", *FLOAT_SCOPES) if name == "Patchcore" else FLOAT_SCOPES
-                    variants["int8"] = quantize_model(onnx_path, calibration, tail_scopes=tail)
+                    scopes = (*FLOAT_SCOPES, *args.int8_float_scopes)
+                    variants["int8"] = quantize_model(onnx_path, calibration, scopes, tail_scopes=tail)
                 except Exception as error:  # noqa: BLE001 - reported as a failed row
                     print(f"  {name:<20} INT8 quantization FAILED: {type(error).__name__}: {str(error)[:300]}")
                     ov_backends = [b for b in ov_backends if b != "ov-int8"]
@@ -259,9 +254,19 @@ class OpenVINOCall:
             batch_dim = model.input(0).get_partial_shape()[0]
             if batch_dim.is_static and batch_dim.get_length() != size:
                 model = model.clone()
-                model.reshape({model.input(0).any_name: list(batch.shape)})
-            self.compiled[size] = self.core.compile_model(model, "CPU", self.config)
+                try:
+                    model.reshape({model.input(0).any_name: list(batch.shape)})
+                except RuntimeError:  # Patchcore's export at 256 px: its shapes do not re-infer for another batch
+                    self.compiled[size] = None  # the batch runs as consecutive calls of the static batch size
+            if self.compiled.get(size, False) is not None:
+                self.compiled[size] = self.core.compile_model(model, "CPU", self.config)
         compiled = self.compiled[size]
+        if compiled is None:
+            import numpy as np
+
+            step = self.model.input(0).get_partial_shape()[0].get_length()
+            parts = [self(batch[i : i + step]) for i in range(0, size, step)]
+            return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
         result = compiled(batch)
         return {output.any_name: result[output] for output in compiled.outputs}
 
@@ -330,15 +335,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     args.output.mkdir(parents=True, exist_ok=True)
     data_root = args.output / "data"
     if not (data_root / "widget").exists():
-        make_mvtec_like_dataset(
-            data_root,
-            category="widget",
-            image_size=args.image_size,
-            n_train=args.n_train,
-            n_test_good=args.n_test_good,
-            n_test_per_defect=args.n_test_per_defect,
-            seed=args.seed,
-        )
+        sizes = {key: getattr(args, key) for key in ("image_size", "n_train", "n_test_good", "n_test_per_defect")}
+        make_mvtec_like_dataset(data_root, category="widget", seed=args.seed, **sizes)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as work:
         for name in args.models:

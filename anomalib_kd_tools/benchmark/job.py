@@ -1,16 +1,9 @@
-"""One cell of the ``quality`` benchmark, run in its own child process: build, train, validate, test and time.
+"""One cell of ``quality`` in its own child process (:func:`cell_entry`): build, train, validate, test and time.
 
-:func:`run_cell` turns a cell's spec (a JSON-able dict written by :mod:`.quality`) into its ``results.csv`` row;
-:func:`cell_entry` is the child process's entry (``python -m anomalib_kd_tools.benchmark --run-cell SPEC RESULT``,
-started by :class:`.runner.CellProcess`).
-
-What it reuses from anomalib: ``Engine`` (fit / validate / test), the ``MVTecAD`` datamodule and its validation
-split, the models' own ``configure_pre_processor``, the metrics (``AUROC``, ``AUPRO``, ``F1Score`` through an
-``Evaluator``) and ``to_openvino``. anomalib's ``BenchmarkJob`` is not used: it fits and tests in a temporary
-folder with the Engine's defaults (validation during fit, checkpoint selection, anomalib's normalised metrics) and
-returns the test metrics only, while a cell here fits without validation or checkpoint selection, computes AUROC /
-AUPRO on the raw scores before the post-processor, and measures latency, throughput, memory and parameters of the
-same model (the protocol is in :mod:`.quality`).
+anomalib's ``Engine``, ``MVTecAD`` datamodule, pre-processors, metrics and ``to_openvino`` do the work. Not its
+``BenchmarkJob``: that fits with the Engine's defaults (validation during fit, checkpoint selection, normalised
+metrics) and returns the test metrics only, while a cell fits without validation or checkpoint selection, computes
+AUROC / AUPRO on the raw scores before the post-processor, and times and measures the same model.
 """
 
 from __future__ import annotations
@@ -28,6 +21,7 @@ from typing import Any
 from anomalib_kd_tools.benchmark.report import cpu_name
 from anomalib_kd_tools.benchmark.schema import MODELS
 from anomalib_kd_tools.benchmark.timing import time_calls
+from anomalib_kd_tools.proxy import PROXY_TEACHER
 
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
 PAPER_EPOCHS = {"ReverseDistillation": 200, "MemKD": 100}
@@ -39,7 +33,7 @@ DEFAULT_BACKBONE = {
     "MemKD": "wide_resnet50_2.tv_in1k",
 }
 
-# ---------------------------------------------------------------------------------------------- one cell (child)
+
 def weights_tag(backbone: str, pre_trained: bool, model: Any = None) -> str:  # noqa: ANN401
     """The timm tag the teacher's weights come from, or ``random-init``."""
     provenance = getattr(getattr(model, "model", None), "teacher_provenance", None)
@@ -64,44 +58,35 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     """
     from anomalib.metrics import Evaluator, F1Score
 
+    from anomalib_kd_tools.benchmark.ablation import model_class
+
     name = spec["model"]
-    size = (spec["image_size"], spec["image_size"])
-    backbone = spec["backbone"] or DEFAULT_BACKBONE[name]
-    evaluator = Evaluator(test_metrics=[F1Score(fields=["pred_label", "gt_label"], prefix="image_")])
-    common = {"backbone": backbone, "pre_trained": spec["pre_trained"], "evaluator": evaluator, "visualizer": False}
-    overrides = dict(spec.get("overrides") or {})
+    if name not in MODELS:
+        msg = f"unknown model {name!r}; choose from {MODELS}"
+        raise ValueError(msg)
+    epochs = spec["epochs"] or scaled(PAPER_EPOCHS.get(name, 1), spec)
     if name == "Patchcore":
-        from anomalib.models import Patchcore
-
-        kwargs = {"coreset_sampling_ratio": spec["coreset_ratio"], **overrides}
-        model = Patchcore(**common, **kwargs, pre_processor=Patchcore.configure_pre_processor(image_size=size))
-        return model, {}, backbone, f"1 pass (coreset {kwargs['coreset_sampling_ratio']:g})"
-    if name == "ReverseDistillation":
-        from anomalib.models import ReverseDistillation
-
-        epochs = spec["epochs"] or scaled(PAPER_EPOCHS[name], spec)
-        pre_processor = ReverseDistillation.configure_pre_processor(image_size=size)
-        model = ReverseDistillation(**common, **overrides, pre_processor=pre_processor)
-        # RD's trainer_arguments do not pin max_epochs, so the Engine's value is the schedule.
-        return model, {"max_epochs": epochs}, backbone, _epochs(epochs)
-    if name == "Aand":
-        from anomalib_aand import Aand
-
-        stage1, stage2 = spec["aand_stage_epochs"] or [scaled(epochs, spec) for epochs in PAPER_AAND_STAGES]
-        kwargs = {"stage1_epochs": stage1, "stage2_epochs": stage2}
+        kwargs = {"coreset_sampling_ratio": spec["coreset_ratio"]}
+    elif name == "Aand":
+        stages = spec["aand_stage_epochs"] or [scaled(paper, spec) for paper in PAPER_AAND_STAGES]
+        kwargs = dict(zip(("stage1_epochs", "stage2_epochs"), stages, strict=True))
         if spec.get("texture_dir"):
             kwargs["anomaly_source_path"] = spec["texture_dir"]
-        kwargs.update(overrides)
-        model = Aand(**common, **kwargs, pre_processor=Aand.configure_pre_processor(image_size=size))
-        return model, {}, backbone, f"{kwargs['stage1_epochs']}+{kwargs['stage2_epochs']} epochs"
-    if name == "MemKD":
-        from anomalib_memkd import MemKD
-
-        kwargs = {"epochs": spec["epochs"] or scaled(PAPER_EPOCHS[name], spec), **overrides}
-        model = MemKD(**common, **kwargs, pre_processor=MemKD.configure_pre_processor(image_size=size))
-        return model, {}, backbone, _epochs(kwargs["epochs"])
-    msg = f"unknown model {name!r}; choose from {MODELS}"
-    raise ValueError(msg)
+    else:  # RD's trainer_arguments do not pin max_epochs, so the Engine's value is its schedule
+        kwargs = {"epochs": epochs} if name == "MemKD" else {}
+    kwargs.update(spec.get("overrides") or {})
+    cls, backbone = model_class(name), spec["backbone"] or DEFAULT_BACKBONE[name]
+    evaluator = Evaluator(test_metrics=[F1Score(fields=["pred_label", "gt_label"], prefix="image_")])
+    pre_processor = cls.configure_pre_processor(image_size=(spec["image_size"], spec["image_size"]))
+    common = {"backbone": backbone, "pre_trained": spec["pre_trained"], "evaluator": evaluator, "visualizer": False}
+    model = cls(**common, **kwargs, pre_processor=pre_processor)
+    if name == "Patchcore":
+        schedule = f"1 pass (coreset {kwargs['coreset_sampling_ratio']:g})"
+    elif name == "Aand":
+        schedule = f"{kwargs['stage1_epochs']}+{kwargs['stage2_epochs']} epochs"
+    else:
+        schedule = _epochs(kwargs.get("epochs", epochs))
+    return model, {"max_epochs": epochs} if name == "ReverseDistillation" else {}, backbone, schedule
 
 
 def scaled(epochs: int, spec: dict[str, Any]) -> int:
@@ -114,9 +99,8 @@ def _epochs(n: int) -> str:
 
 
 def image_auroc(scores: Any, labels: Any) -> float:  # noqa: ANN401
-    """Image AUROC of ``scores`` (higher = more anomalous) against the 0/1 ``labels`` with anomalib's ``AUROC``
-    (fields ``pred_score`` / ``gt_label``), the metric the quality cells use: ``edge`` calls this, so every
-    subcommand computes AUROC the same way. Arrays or tensors of any shape with one value per image."""
+    """anomalib's image AUROC of ``scores`` (higher = more anomalous; one per image) against the 0/1 ``labels``: the
+    quality cells' metric, which ``edge`` calls too."""
     import torch
     from anomalib.metrics import AUROC
 
@@ -163,11 +147,7 @@ def _raw_metrics_callback():  # noqa: ANN202
                 metric.update(raw)
 
         def results(self) -> dict[str, float]:
-            return {
-                "image_auroc": float(self.image_auroc.compute()),
-                "pixel_auroc": float(self.pixel_auroc.compute()),
-                "aupro": float(self.aupro.compute()),
-            }
+            return {name: float(getattr(self, name).compute()) for name in ("image_auroc", "pixel_auroc", "aupro")}
 
     return RawTestMetrics()
 
@@ -288,7 +268,6 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             save_heatmaps(model, datamodule.test_data, spec["heatmaps"], path, spec["category"])
         if spec.get("variant"):  # ablation cell: the model's own mechanism figures on the test images
             from anomalib_kd_tools.benchmark.ablation import mechanism_figures
-            from anomalib_kd_tools.proxy import PROXY_TEACHER
 
             figures, status = mechanism_figures(model.to(device), datamodule.test_dataloader())
             row.update(variant=spec["variant"], overrides=json.dumps(spec.get("overrides") or {}))
@@ -301,13 +280,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             peak_mb, memory_kind = torch.cuda.max_memory_allocated() / 2**20, "cuda_max_allocated"
         else:
             peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
+        row.update({key: spec[key] for key in ("dataset_kind", "category", "model", "seed", "image_size", "device")})
         row.update(
             {
-                "dataset_kind": spec["dataset_kind"],
                 "dataset": spec["dataset_label"],
-                "category": spec["category"],
-                "model": spec["model"],
-                "seed": spec["seed"],
                 "peak_memory_mb": peak_mb,
                 "memory_kind": memory_kind,
                 "params_m": sum(p.numel() for p in params) / 1e6,
@@ -317,14 +293,12 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
                 "throughput_batch": spec["throughput_batch"],
                 "threads": torch.get_num_threads(),
                 "backbone": backbone,
-                "weights_tag": _proxy_label() if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
-                "image_size": spec["image_size"],
+                "weights_tag": PROXY_TEACHER if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
                 "schedule": schedule,
                 "val_split": f"{spec['val_split']}:{spec['val_split_ratio']:g}",
                 "n_train": len(datamodule.train_data),
                 "n_val": len(datamodule.val_data),
                 "n_test": len(datamodule.test_data),
-                "device": spec["device"],
                 "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
                 "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             },
@@ -372,20 +346,10 @@ def save_heatmaps(model: Any, dataset: Any, count: int, path: Path, category: st
     )
 
 
-def _proxy_label() -> str:
-    from anomalib_kd_tools.proxy import PROXY_TEACHER
-
-    return PROXY_TEACHER
-
-
 def _trainable_params(optimizers: Sequence[Any]) -> int:
-    """Parameters the training optimisers updated (0 for Patchcore, which has none)."""
-    seen: dict[int, int] = {}
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                seen[id(p)] = p.numel()
-    return sum(seen.values())
+    """Parameters the training optimisers updated, each once (0 for Patchcore, which has none)."""
+    groups = [group for optimizer in optimizers for group in optimizer.param_groups]
+    return sum({id(p): p.numel() for group in groups for p in group["params"]}.values())
 
 
 def _openvino_speed(model: Any, one: Any, many: Any, spec: dict[str, Any], work: Path) -> dict[str, float]:  # noqa: ANN401

@@ -13,7 +13,7 @@ import json
 import math
 import os
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,12 @@ def markdown(frame: pd.DataFrame) -> list[str]:
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     """The lines of a markdown table of ``rows`` under ``columns``."""
     return markdown(pd.DataFrame(list(rows), columns=list(columns)))
+
+
+def formatted(rows: Iterable[Mapping[str, Any]], columns: Mapping[str, tuple[str, str]]) -> list[str]:
+    """The lines of a markdown table of ``rows``: under each header of ``columns`` a row's ``key`` as ``format``
+    gives it (``{header: (key, format)}``), an empty cell where the row has no ``key``."""
+    return table(columns, [[spec.format(row[k]) if k in row else "" for k, spec in columns.values()] for row in rows])
 
 
 def write_text(path: Path, lines: Sequence[str]) -> str:
@@ -179,6 +185,6 @@ def write_png(
 
 
 __all__ = [
-    "INTERRUPTED", "Bars", "Scatter", "hardware", "header", "markdown", "table", "today", "write_json", "write_png",
-    "write_text",
+    "INTERRUPTED", "Bars", "Scatter", "formatted", "hardware", "header", "markdown", "table", "today", "write_json",
+    "write_png", "write_text",
 ]  # fmt: skip

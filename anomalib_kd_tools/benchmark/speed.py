@@ -1,24 +1,16 @@
 """``anomalib-kd-benchmark speed``: speed and memory of AAND and MemKD relative to anomalib's RD, in one run.
 
-Training, one child process per configuration (``--configs``; so that each peak-memory figure is its own): ``rd``,
-``aand-s1`` (exact ``L_A``), ``aand-s1-sub`` (``amplification_pairs="subsample"``), ``aand-s2`` and ``memkd``
-(exemplar teacher forward included). Per configuration the median step time over ``--steps`` steps after one warm-up
-step and the peak memory (CUDA ``max_memory_allocated``; on the CPU the peak RSS increase during the steps), the
-share of an AAND stage-1 step spent in synthesis and exact vs subsampled ``L_A`` on the same features; then the
-ratios to RD that the speed issue targets (:func:`derive`).
-
-Inference of RD, AAND and MemKD (eval, the torch model between pre- and post-processing) at bs1 and ``--batch-size``:
-eager float32 in alternating rounds (:func:`interleaved_eager_times`: the ratios to RD hold on a loaded machine),
-with GFLOP per image and, on the CPU, minor page faults per call; the models' opt-in fast path (``fast_inference``,
-timed whenever a model has it, with its anomaly-map error); OpenVINO FP32 on the CPU.
-
-Written through :mod:`.report` into ``--output``: ``speed.md``, ``speed_train.csv`` / ``speed_inference.csv``,
-``speed.png`` and ``speed.json``; the measured tables and their reading are in docs/benchmarks.md.
+Training: one child process per ``--configs`` entry (each peak-memory figure its own), the median step time and peak
+memory, then the ratios to RD (:func:`derive`). Inference of RD, AAND and MemKD at bs1 and ``--batch-size``: eager
+float32 in alternating rounds (:func:`interleaved_eager_times`), the models' fast path, OpenVINO FP32 on the CPU.
+Written into ``speed.md`` / ``_train.csv`` / ``_inference.csv`` / ``.png`` / ``.json``; what each configuration and
+column is, and the measured tables: docs/benchmarks.md ("Speed and memory").
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,6 +31,18 @@ from anomalib_kd_tools.benchmark.timing import CallTimer, time_calls
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
 INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
 DESCRIPTION = "Speed and memory of AAND and MemKD relative to anomalib's Reverse Distillation, measured in one run."
+RATIO_TARGETS = {  # derive()'s ratios: title, target
+    "aand_s1_peak_vs_rd": ("AAND stage-1 (exact L_A) peak memory / RD", 1.5),
+    "aand_schedule_vs_rd_200": ("AAND 100+120 epochs / RD 200 epochs (from step times)", 1.3),
+    "memkd_epoch_vs_rd": ("MemKD epoch / RD epoch", 1.5),
+}
+INFERENCE_COLUMNS = {  # header: (row key, format) of the inference table
+    "inference": ("model", "{}"), "variant": ("variant", "{}"), "batch": ("batch", "{}"),
+    "ms / batch": ("ms", "{:.1f}"), "img/s": ("img_per_s", "{:.1f}"), "/ RD eager": ("vs_rd_eager", "{:.3f}"),
+    "/ RD eager (paired rounds)": ("vs_rd_eager_paired", "{:.3f}"), "GFLOP / image": ("gflop_per_image", "{:.1f}"),
+    "/ RD GFLOP": ("flop_ratio", "{:.3f}"), "page faults / call": ("minor_faults_per_call", "{:.0f}"),
+    "map error vs fp32 (of range)": ("map_err_vs_fp32", "{:.1e}"),
+}  # fmt: skip
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,12 +81,10 @@ def hardware(device: str) -> str:
 
 
 def rss_bytes() -> int:
-    try:
+    with contextlib.suppress(OSError):
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
-        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -90,80 +92,62 @@ def pre_processor(cls, size: int):
     return cls.configure_pre_processor(image_size=(size, size))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------------- training (child)
 def build_step(config: str, args: argparse.Namespace, device: torch.device):
     """Return ``(step, extra)`` where ``step(images)`` runs one optimisation step."""
-    common = {"backbone": args.backbone, "pre_trained": False}
+    from anomalib_kd_tools.benchmark.ablation import model_class
+
+    name = {"rd": "ReverseDistillation", "memkd": "MemKD"}.get(config, "Aand")
+    kwargs = {"Aand": {"amplification_pairs": "subsample" if config == "aand-s1-sub" else "exact"},
+              "MemKD": {"num_exemplars": args.exemplars}}.get(name, {})  # fmt: skip
+    cls = model_class(name)
+    module = cls(backbone=args.backbone, pre_trained=False, **kwargs, pre_processor=pre_processor(cls, args.image_size))
+    module.to(device).train()
+    extra: dict = {}
+
+    def decoder() -> list:
+        return [*module.model.bottleneck.parameters(), *module.model.decoder.parameters()]
+
     if config == "rd":
-        from anomalib.models import ReverseDistillation
         from anomalib.models.image.reverse_distillation.loss import ReverseDistillationLoss
 
-        module = ReverseDistillation(**common, pre_processor=pre_processor(ReverseDistillation, args.image_size))
-        module.to(device).train()
         loss_fn = ReverseDistillationLoss()
-        optimizer = torch.optim.Adam(
-            [*module.model.bottleneck.parameters(), *module.model.decoder.parameters()], lr=0.005, betas=(0.5, 0.999)
-        )
+        optimizer = torch.optim.Adam(decoder(), lr=0.005, betas=(0.5, 0.999))
 
-        def step(images: torch.Tensor) -> None:
-            loss = loss_fn(*module.model(images))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            return loss_fn(*module.model(images))
 
-        return step, {}
-
-    if config.startswith("aand"):
-        from anomalib_aand import Aand
-
-        pairs = "subsample" if config == "aand-s1-sub" else "exact"
-        module = Aand(**common, amplification_pairs=pairs, pre_processor=pre_processor(Aand, args.image_size))
-        module.to(device).train()
+    elif name == "Aand":
         module.model.encoder.eval()
         stage = 1 if config.startswith("aand-s1") else 2
         module._set_trainable(stage)  # noqa: SLF001 - what the Lightning hook does at the stage's first epoch
-        params = module.model.raa.parameters() if stage == 1 else [
-            *module.model.bottleneck.parameters(), *module.model.decoder.parameters()
-        ]  # fmt: skip
+        params = module.model.raa.parameters() if stage == 1 else decoder()
         optimizer = torch.optim.Adam(params, lr=0.005, betas=(0.5, 0.999))
-        losses_of = module.stage1_losses if stage == 1 else module.stage2_losses
-        extra: dict = {"synthesis_s": []}
+        extra = {"synthesis_s": [], "module": module}
 
-        def step(images: torch.Tensor) -> None:
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
             if stage == 1:
                 mean, std = module._normalisation(images)  # noqa: SLF001
                 raw = (images * std + mean).clamp(0, 1)
                 extra["synthesis_s"].append(CallTimer(lambda: module.synthesizer(raw), device.type == "cuda").once())
-            losses = losses_of(images)
-            optimizer.zero_grad(set_to_none=True)
-            losses["loss"].backward()
-            optimizer.step()
+            return (module.stage1_losses if stage == 1 else module.stage2_losses)(images)["loss"]
 
-        extra["module"] = module
-        return step, extra
+    else:
+        optimizer = module.configure_optimizers()
+        exemplars = torch.randn(args.exemplars, 3, args.image_size, args.image_size, device=device)
 
-    from anomalib_memkd import MemKD
-
-    module = MemKD(**common, num_exemplars=args.exemplars, pre_processor=pre_processor(MemKD, args.image_size))
-    module.to(device).train()
-    optimizer = module.configure_optimizers()
-    exemplars = torch.randn(args.exemplars, 3, args.image_size, args.image_size, device=device)
+        def loss_of(images: torch.Tensor) -> torch.Tensor:
+            out = module.model(images, exemplars)
+            features = (out.teacher_features, out.student_features, module.model.memories, out.exemplar_features)
+            return module.loss(*features).loss
 
     def step(images: torch.Tensor) -> None:
-        outputs = module.model(images, exemplars)
-        losses = module.loss(
-            outputs.teacher_features, outputs.student_features, module.model.memories, outputs.exemplar_features
-        )
+        loss = loss_of(images)
         optimizer.zero_grad(set_to_none=True)
-        losses.loss.backward()
+        loss.backward()
         optimizer.step()
 
-    return step, {}
+    return step, extra
 
 
 def run_child(config: str, args: argparse.Namespace) -> dict:
@@ -176,8 +160,8 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
         mean, std = module._normalisation(images)  # noqa: SLF001
         images = (images - mean) / std
     step(images)  # warm-up (allocator, oneDNN / cuDNN kernels)
-    sync(device)
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
     baseline = rss_bytes()
     times = CallTimer(lambda: step(images), device.type == "cuda").calls(args.steps)
@@ -233,21 +217,14 @@ def derive(results: Sequence[dict]) -> dict:
 def inference_table(args: argparse.Namespace, rows: list[dict] | None = None) -> list[dict]:
     """The inference rows, appended to ``rows`` as they are measured; the ratios to RD are filled in also when the
     run is interrupted (``nan`` where RD's row is missing)."""
-    from anomalib.models import ReverseDistillation
-
-    from anomalib_aand import Aand
-    from anomalib_memkd import MemKD
+    from anomalib_kd_tools.benchmark.ablation import model_class
 
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
-    common = {"backbone": args.backbone, "pre_trained": False}
-    classes = {"ReverseDistillation": ReverseDistillation, "Aand": Aand, "MemKD": MemKD}
     wanted = {"ReverseDistillation", *getattr(args, "models", INFERENCE_MODELS)}
-    modules = {
-        name: cls(**common, pre_processor=pre_processor(cls, args.image_size))
-        for name, cls in classes.items()
-        if name in wanted
-    }
+    classes = {name: model_class(name) for name in INFERENCE_MODELS if name in wanted}
+    modules = {name: cls(backbone=args.backbone, pre_trained=False, pre_processor=pre_processor(cls, args.image_size))
+               for name, cls in classes.items()}  # fmt: skip
     rows = [] if rows is None else rows
     # eager fp32 latency: every model timed in the same rounds, alternating (see interleaved_eager_times)
     eager: dict[tuple[str, int], list[float]] = {}
@@ -277,13 +254,10 @@ def _measure_inference(
         model = module.model.to(device).eval()
         for batch_size in (1, args.batch_size):
             images = torch.randn(batch_size, 3, args.image_size, args.image_size, device=device)
-            variants = [("eager-fp32", False)]
-            if hasattr(model, "set_fast_inference"):
-                variants.append(("fast", True))
-            reference = None
-            for label, fast in variants:
-                if hasattr(model, "set_fast_inference"):
-                    model.set_fast_inference(fast)
+            fast_path, reference = hasattr(model, "set_fast_inference"), None
+            for label in ("eager-fp32", "fast") if fast_path else ("eager-fp32",):
+                if fast_path:
+                    model.set_fast_inference(label == "fast")
                 with torch.inference_mode():
                     out = model(images)  # warm-up; its map is the one compared with float32
                     if label == "eager-fp32":  # timed in the interleaved rounds
@@ -399,28 +373,13 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
     )
     if train:
         unit = "peak GPU memory (GB)" if args.device.startswith("cuda") else "step peak RSS increase (GB)"
-        lines += report.table(
-            ["training", "step s", unit, "synthesis share"],
-            (
-                [row["config"], f"{row['step_s']:.3f}", f"{row['peak_bytes'] / 1e9:.2f}",
-                 f"{row['synthesis_s'] / row['step_s']:.0%}" if "synthesis_s" in row else ""]  # fmt: skip
-                for row in train
-            ),
-        )
-        lines.append("")
-        targets = {
-            "aand_s1_peak_vs_rd": ("AAND stage-1 (exact L_A) peak memory / RD", 1.5),
-            "aand_schedule_vs_rd_200": ("AAND 100+120 epochs / RD 200 epochs (from step times)", 1.3),
-            "memkd_epoch_vs_rd": ("MemKD epoch / RD epoch", 1.5),
-        }
-        lines += report.table(
-            ["ratio", "measured", "target", "met"],
-            (
-                [title, f"{derived[key]:.2f}", f"<= {target}", "yes" if derived[key] <= target else "NO"]
-                for key, (title, target) in targets.items()
-                if key in derived
-            ),
-        )
+        shares = [{"share": row["synthesis_s"] / row["step_s"]} if "synthesis_s" in row else {} for row in train]
+        rows = [{**row, "gb": row["peak_bytes"] / 1e9, **share} for row, share in zip(train, shares, strict=True)]
+        columns = {"training": ("config", "{}"), "step s": ("step_s", "{:.3f}"), unit: ("gb", "{:.2f}")}
+        lines += [*report.formatted(rows, {**columns, "synthesis share": ("share", "{:.0%}")}), ""]
+        ratios = [[title, f"{derived[key]:.2f}", f"<= {target}", "yes" if derived[key] <= target else "NO"]
+                  for key, (title, target) in RATIO_TARGETS.items() if key in derived]  # fmt: skip
+        lines += report.table(["ratio", "measured", "target", "met"], ratios)
         exact = next((r for r in train if "l_a_exact" in r), None)
         if exact:
             lines += ["", (f"L_A on one stage-1 batch ({exact['anomalous_patches']} anomalous patches over 3 levels): "
@@ -428,23 +387,11 @@ def markdown(train: list[dict], derived: dict, inference: list[dict], args: argp
                            f"± {exact['l_a_subsample_std']:.4f} (5 draws)")]  # fmt: skip
         lines.append("")
     if inference:
-        rd_flops = next((r["gflop_per_image"] for r in inference if r["model"] == "ReverseDistillation"
-                         and "gflop_per_image" in r), None)  # fmt: skip
-
-        def cells(row: dict) -> list[str]:
-            err = f"{row['map_err_vs_fp32']:.1e}" if "map_err_vs_fp32" in row else ""
-            flops = f"{row['gflop_per_image']:.1f}" if "gflop_per_image" in row else ""
-            flop_ratio = f"{row['gflop_per_image'] / rd_flops:.3f}" if "gflop_per_image" in row and rd_flops else ""
-            paired = f"{row['vs_rd_eager_paired']:.3f}" if "vs_rd_eager_paired" in row else ""
-            faults = f"{row['minor_faults_per_call']:.0f}" if "minor_faults_per_call" in row else ""
-            return [row["model"], row["variant"], row["batch"], f"{row['ms']:.1f}", f"{row['img_per_s']:.1f}",
-                    f"{row['vs_rd_eager']:.3f}", paired, flops, flop_ratio, faults, err]  # fmt: skip
-
-        lines += report.table(
-            ["inference", "variant", "batch", "ms / batch", "img/s", "/ RD eager", "/ RD eager (paired rounds)",
-             "GFLOP / image", "/ RD GFLOP", "page faults / call", "map error vs fp32 (of range)"],  # fmt: skip
-            (cells(row) for row in inference),
-        )
+        rd = [r for r in inference if r["model"] == "ReverseDistillation" and "gflop_per_image" in r]
+        rd_flops = rd[0]["gflop_per_image"] if rd else None
+        rows = [{**r, "flop_ratio": r["gflop_per_image"] / rd_flops} if "gflop_per_image" in r and rd_flops else r
+                for r in inference]  # fmt: skip
+        lines += report.formatted(rows, INFERENCE_COLUMNS)
     return lines
 
 
