@@ -1,31 +1,13 @@
 """Published numbers of the AAND and MemKD papers, and of their RD baseline, beside the benchmark's measured ones.
 
-``anomalib-kd-benchmark quality`` on MVTec AD or VisA adds a section "Paper numbers beside measured ones" to
-``results.md`` and writes ``paper_comparison.csv``: for Aand, MemKD and ReverseDistillation, each number the papers
-publish for a metric the benchmark measures (image AUROC, pixel AUROC, AUPRO), the measured mean over seeds, and
-``delta = measured - paper``.
-
-What the papers publish is transcribed in the packaged ``data/papers.csv`` (:func:`papers`), one number per line,
-each block under a comment naming its table, with the transcription notes (the papers, what is not used, the MemKD
-text's known inconsistencies). Per-category numbers are published only for VisA image AUROC (AAND Table III: Aand,
-RD); everything else is compared on the dataset mean (AAND Table II, MemKD Table 1), shown with a delta only when the
-measured rows cover every category of the dataset (for every seed): a mean over a subset is not the paper's mean.
-
-RD has two published sources (both are kept, labelled): AAND Table II / III and MemKD Table 1. They disagree,
-most on VisA (AAND: 96.2 / 98.6 / 93.4, MemKD: 96.0 / 90.1 / 70.9 for I-AUC / P-AUC / PRO).
-
-Units: the papers print percentages with one decimal; the benchmark measures fractions in [0, 1]. Every number is
-stored as printed (percent) and converted once by :func:`percent_to_fraction`; the report shows fractions, so a
-|delta| below 0.0005 is within the papers' rounding. The file also holds the numbers other tables repeat and the
-gains over RD the texts state (``kind`` ``repeat`` / ``gain``), which only the consistency tests read.
-
-Metrics: the papers' "PRO" (both cite Bergmann et al., "Uninformed Students", CVPR 2020) is the area under the
-per-region-overlap curve up to a false-positive rate of 0.3, normalised - the benchmark's ``aupro`` (anomalib
-``AUPRO(fpr_limit=0.3)``). The papers' AP columns (I-AP, P-AP) are transcribed but not compared: the benchmark does
-not measure them.
-
-The measured side follows the benchmark's protocol, not necessarily the paper's: :func:`protocol_differences` lists
-what differs (teacher weights, image size, scaled schedules, the validation images held out of the test set).
+The papers' numbers are the packaged ``data/papers.csv`` (:func:`papers`; one number per line, in percent as
+printed, with the transcription notes), converted once to the benchmark's fractions (:func:`percent_to_fraction`).
+For Aand, MemKD and RD, each published image AUROC, pixel AUROC or AUPRO (the papers' PRO: FPR <= 0.3, as anomalib's
+``AUPRO(fpr_limit=0.3)``) stands beside the measured mean over seeds with Δ = measured - paper (:func:`compare`).
+Per-category numbers exist only for VisA image AUROC; a dataset mean gets a Δ only when every category ran for
+every seed. RD's two published sources (AAND Table II / III, MemKD Table 1) disagree and both are kept, labelled;
+:func:`protocol_differences` names what in the run differs from the papers' protocol. docs/benchmarks.md ("Paper
+numbers beside measured ones") has the rest.
 """
 
 from __future__ import annotations
