@@ -109,3 +109,38 @@ def test_texture_diagnosis_tables_are_the_csv() -> None:
             assert [_number(v) for v in cell.split("/")] == pytest.approx(list(sel[f"gate_tpr_l{k}"]), abs=6e-3), row
         fpr = [sel[f"gate_fpr_l{k}"].max() for k in (1, 2, 3)]
         assert [_number(v) for v in row[4].split("/")] == pytest.approx(fpr, abs=6e-4), row
+
+
+#: the ablation tables' first cells -> the CSV's ``variant`` (docs/aand.md, docs/memkd.md)
+ABLATION_ROWS = {
+    "aand": {
+        "AAND (as configured)": "AAND",
+        "`stage1_epochs=0`": "AAND stage1=0",
+        "no L_A": "AAND no L_A",
+        "no foreground mask": "AAND no fg mask",
+        "no textures": "AAND no textures",
+    },
+    "memkd": {
+        "MemKD (defaults: τ = 1, L_NM sum)": "MemKD",
+        "no memory (`use_memory=False`)": "MemKD no memory",
+        "no NEL (`lambda_nm=0`)": "MemKD no NEL",
+        "τ = 0.1": "MemKD tau=0.1",
+        "L_NM sum (= default)": "MemKD L_NM sum",
+        "L_NM mean": "MemKD L_NM mean",
+    },
+}
+
+
+@pytest.mark.parametrize("model", ["aand", "memkd"])
+def test_ablation_table_is_the_csv(model: str) -> None:
+    """Each ablation row's image / pixel AUROC and AUPRO (mean ± sample std over the seeds) from the CSV."""
+    table = pd.read_csv(RESULTS / f"{model}_ablation.csv")
+    rows = _doc_rows(f"docs/{model}.md", "## Ablation" if model == "memkd" else "**AAND ablation**")
+    assert [row[0] for row in rows] == list(ABLATION_ROWS[model])
+    assert set(ABLATION_ROWS[model].values()) == set(table["variant"]), "every variant of the CSV is in the table"
+    for row in rows:
+        sel = table[table["variant"] == ABLATION_ROWS[model][row[0]]]
+        assert sel["seed"].nunique() == 3, row
+        for cell, column in zip(row[1:4], ("image_auroc", "pixel_auroc", "aupro"), strict=True):
+            shown = _mean_std(cell.replace("*", ""))
+            assert shown == pytest.approx((sel[column].mean(), sel[column].std()), abs=6e-4), (row, column)

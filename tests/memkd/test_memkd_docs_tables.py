@@ -75,16 +75,14 @@ def test_docs_addressing_table_is_the_csv(table: pd.DataFrame) -> None:
                 assert cell == "–", row
 
 
-def test_readme_addressing_table_is_the_csv(table: pd.DataFrame) -> None:
-    rows = _rows((REPO / "README.md").read_text(), "### MemKD's memory")
-    assert len(rows) == 2
-    for row in rows:
-        match = CONFIG.search(row[0])
-        assert match, row
-        tau, reduction = float(match["tau"]), match["reduction"]
-        phases = [part.strip() for part in row[1].split("·")]
-        assert len(phases) == 3
-        for cell, phase in zip(phases, ("random", "before", "after"), strict=True):
-            _check(cell, [_mean(table, tau, reduction, phase, f"peak_over_uniform_m{m}") for m in range(3)])
-        for cell, metric in zip(row[2:4], ("image_AUROC", "pixel_AUROC"), strict=True):
-            _check(cell, [_mean(table, tau, reduction, "after", metric), _std(table, tau, reduction, metric)])
+def test_readme_addressing_claim_is_what_the_csv_shows(table: pd.DataFrame) -> None:
+    """The README's one-line claim (trained recall addresses like random keys, at both τ) holds in the rows."""
+    readme = (REPO / "README.md").read_text()
+    line = readme.split("**MemKD's memory**", 1)[1].split("\n- ", 1)[0]
+    assert "like random keys" in line and "docs/memkd.md#addressing-evidence" in line, line
+    assert "## Addressing evidence" in (REPO / "docs" / "memkd.md").read_text()
+    for tau, reduction in ((1.0, "sum"), (0.1, "mean")):
+        for m in range(3):
+            after = _mean(table, tau, reduction, "after", f"peak_over_uniform_m{m}")
+            random = _mean(table, tau, reduction, "random", f"peak_over_uniform_m{m}")
+            assert abs(after - random) <= 0.15 * random, (tau, reduction, m, after, random)

@@ -52,3 +52,54 @@ def test_cli_edge_subcommand(tmp_path: Path) -> None:
     assert "- Command: `anomalib-kd-benchmark edge --quick" in table
     png = (tmp_path / "edge.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_a_static_batch_that_cannot_be_reshaped_runs_as_consecutive_calls() -> None:
+    """anomalib 2.7's Patchcore export at 256 px has a static batch OpenVINO cannot re-infer for another size: a batch
+    of 6 then runs as three calls of the static batch of 2, in order, instead of failing every OpenVINO row."""
+    import numpy as np
+
+    from anomalib_kd_tools.benchmark.edge import OpenVINOCall
+
+    class Dim:
+        is_static = True
+
+        def get_length(self) -> int:
+            return 2
+
+    class Input:
+        any_name = "input"
+
+        def get_partial_shape(self) -> list:
+            return [Dim()]
+
+    class Model:
+        def input(self, index: int) -> Input:
+            return Input()
+
+        def clone(self) -> "Model":
+            return self
+
+        def reshape(self, shapes: dict) -> None:
+            raise RuntimeError("Check 'TRShape::merge_into(output_shape, in_copy)' failed")
+
+    class Output:
+        any_name = "pred_score"
+
+    class Compiled:
+        outputs = [Output()]
+        calls: list[int] = []
+
+        def __call__(self, batch: np.ndarray) -> dict:
+            assert len(batch) == 2
+            self.calls.append(len(batch))
+            return {self.outputs[0]: batch.reshape(len(batch), -1).sum(axis=1)}
+
+    class Core:
+        def compile_model(self, model: Model, device: str, config: dict) -> Compiled:
+            return Compiled()
+
+    call = OpenVINOCall(Core(), Model(), {})
+    batch = np.random.default_rng(0).random((6, 3, 4, 4)).astype(np.float32)
+    np.testing.assert_allclose(call(batch)["pred_score"], batch.reshape(6, -1).sum(axis=1), rtol=1e-6)
+    assert Compiled.calls == [2, 2, 2]
