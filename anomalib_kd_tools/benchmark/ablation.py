@@ -74,12 +74,8 @@ def model_class(model: str) -> type:
 
 
 def accepted_kwargs(cls: type) -> set[str] | None:
-    """The keywords ``cls(...)`` accepts, ``None`` for any.
-
-    A constructor's ``**kwargs`` is followed up the MRO to the next ``__init__`` (``Aand`` / ``MemKD`` pass
-    ``**components`` to :class:`~anomalib_kd_base.model.KDModelBase`), so a misspelt override is still caught; a
-    ``**kwargs`` that reaches no named parameter list accepts anything.
-    """
+    """The keywords ``cls(...)`` accepts, ``None`` for any: a ``**kwargs`` is followed up the MRO to the next
+    ``__init__`` (``Aand`` / ``MemKD`` pass ``**components`` to ``KDModelBase``), so a misspelt override is caught."""
     named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     names: set[str] = set()
     for klass in getattr(cls, "__mro__", (cls,)):
@@ -251,12 +247,8 @@ def teacher_label(config: dict[str, Any]) -> str:
 
 
 def mechanism_figures(model: Any, dataloader: Any, report: Any = None) -> tuple[dict[str, float], str]:  # noqa: ANN401
-    """``(figures, status)`` of ``report(model, dataloader)`` (default:
-    :func:`anomalib_kd_tools.mechanisms.mechanism_report`) in eval mode under ``no_grad``.
-
-    ``status`` is ``ok``, ``absent`` (no report for this model) or ``error: ...`` (the traceback goes to the
-    cell's log; the cell's metrics are kept). Non-numeric values are dropped.
-    """
+    """``(figures, status)`` of ``report(model, dataloader)`` (default: ``mechanisms.mechanism_report``) under
+    ``no_grad``, non-numeric values dropped; ``status``: ``ok``, ``absent`` or ``error: ...`` (traceback in the log)."""
     import torch
 
     from anomalib_kd_tools import mechanisms

@@ -169,9 +169,11 @@ def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, AN
     return stacked[:1].contiguous(), big
 
 
-def _time(call: Callable[[], Any], runs: int, warmup: int, cuda: bool = False) -> float:
-    """Median seconds of a call (:func:`.timing.time_calls`)."""
-    return statistics.median(time_calls(call, runs, warmup, cuda))
+def _speed(call: Callable[[Any], Any], one: Any, many: Any, spec: dict, cuda: bool = False, prefix: str = "") -> dict:  # noqa: ANN401
+    """``{prefix}latency_bs1_ms`` (median) and ``{prefix}throughput_ips`` of ``call`` on the two timing batches."""
+    latency = statistics.median(time_calls(lambda: call(one), spec["timing_runs"], spec["warmup"], cuda))
+    batch_time = statistics.median(time_calls(lambda: call(many), max(3, spec["timing_runs"] // 4), 1, cuda))
+    return {f"{prefix}latency_bs1_ms": 1000 * latency, f"{prefix}throughput_ips": spec["throughput_batch"] / batch_time}
 
 
 def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
@@ -252,15 +254,8 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         one, many = _timing_batches(datamodule, spec["image_size"], spec["throughput_batch"])
         one, many = one.to(device), many.to(device)
         with torch.inference_mode():
-            latency = _time(lambda: model(one), spec["timing_runs"], spec["warmup"], cuda)
-            batch_time = _time(lambda: model(many), max(3, spec["timing_runs"] // 4), 1, cuda)
-        row: dict[str, Any] = {
-            **metrics,
-            "latency_bs1_ms": 1000 * latency,
-            "throughput_ips": spec["throughput_batch"] / batch_time,
-            "ov_latency_bs1_ms": math.nan,
-            "ov_throughput_ips": math.nan,
-        }
+            row: dict[str, Any] = {**metrics, **_speed(model, one, many, spec, cuda)}
+        row.update(ov_latency_bs1_ms=math.nan, ov_throughput_ips=math.nan)
         if spec["openvino"]:
             row.update(_openvino_speed(model, one.cpu(), many.cpu(), spec, work))
         if spec.get("heatmaps"):
@@ -366,11 +361,8 @@ def _openvino_speed(model: Any, one: Any, many: Any, spec: dict[str, Any], work:
     if spec.get("threads"):
         config["INFERENCE_NUM_THREADS"] = spec["threads"]
     compiled = ov.Core().compile_model(str(xml), "CPU", config)
-    one_np, many_np = one.numpy(), many.numpy()
     with torch.inference_mode():
-        latency = _time(lambda: compiled(one_np), spec["timing_runs"], spec["warmup"])
-        batch_time = _time(lambda: compiled(many_np), max(3, spec["timing_runs"] // 4), 1)
-    return {"ov_latency_bs1_ms": 1000 * latency, "ov_throughput_ips": spec["throughput_batch"] / batch_time}
+        return _speed(compiled, one.numpy(), many.numpy(), spec, prefix="ov_")
 
 
 def cell_entry(spec_path: str, result_path: str) -> int:

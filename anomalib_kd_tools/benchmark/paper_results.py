@@ -165,22 +165,9 @@ def compare(rows: pd.DataFrame, config: dict[str, Any]) -> pd.DataFrame:
             note = f"measured over {covered} of {len(all_categories)} categories: not the paper's mean, no Δ"
         elif not complete:
             note = f"not every seed covers all {len(all_categories)} categories: no Δ"
-        out.append(
-            {
-                "dataset": dataset,
-                "model": entry.model,
-                "category": entry.category,
-                "metric": entry.metric,
-                "measured": mean,
-                "measured_std": std,
-                "n_seeds": int(n_seeds),
-                "n_categories": covered,
-                "paper": entry.value,
-                "delta": mean - entry.value if complete else math.nan,
-                "source": entry.source,
-                "note": note,
-            },
-        )
+        stats = {"measured": mean, "measured_std": std, "n_seeds": int(n_seeds), "n_categories": covered}
+        delta = mean - entry.value if complete else math.nan
+        out.append({**entry._asdict(), **stats, "paper": entry.value, "delta": delta, "note": note})  # CSV_COLUMNS
     records = pd.DataFrame(out, columns=list(CSV_COLUMNS))
     key = {  # the papers' models, per-category numbers before the means (in the dataset's order), then the metrics
         "model": lambda c: c.map(lambda m: schema.rank(m, MODEL_ORDER)),

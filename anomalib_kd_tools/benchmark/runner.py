@@ -57,11 +57,8 @@ def run_schedule(
     on_finish: Callable[[Cell, str, Any], None] | None = None,
     poll_interval: float = 0.2,
 ) -> None:
-    """Run ``cells`` with at most one cell per device at a time, in order, until all are done.
-
-    ``start(cell, device)`` launches a cell and returns a handle whose ``poll()`` returns ``None`` while the
-    cell runs and its outcome when it has ended; ``on_finish(cell, device, outcome)`` gets that outcome.
-    """
+    """Run ``cells`` with at most one cell per device at a time, in order, until all are done: ``start(cell,
+    device)`` returns a handle whose ``poll()`` is ``None`` while it runs, then the outcome ``on_finish`` gets."""
     pending = deque(cells)
     running: dict[str, tuple[Cell, Any]] = {}
     while pending or running:

@@ -69,9 +69,8 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
     if args.device is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.quick:
-        args.backbone, args.image_size, args.batch_size, args.exemplars, args.steps, args.runs = (
-            "resnet18", 64, 4, 4, 1, 3
-        )
+        args.backbone, args.image_size, args.batch_size = "resnet18", 64, 4
+        args.exemplars, args.steps, args.runs = 4, 1, 3
 
 
 def hardware(device: str) -> str:
@@ -166,10 +165,8 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
     baseline = rss_bytes()
     times = CallTimer(lambda: step(images), device.type == "cuda").calls(args.steps)
     result = {"config": config, "step_s": statistics.median(times)}
-    if device.type == "cuda":
-        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-    else:
-        result["peak_bytes"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline)  # KiB -> B
+    cpu_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline  # ru_maxrss is in KiB
+    result["peak_bytes"] = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else max(0, cpu_peak)
     if extra.get("synthesis_s"):
         result["synthesis_s"] = statistics.median(extra["synthesis_s"][1:] or extra["synthesis_s"])
     if config == "aand-s1" and module is not None:
@@ -179,22 +176,21 @@ def run_child(config: str, args: argparse.Namespace) -> dict:
     return result
 
 
-def train_table(args: argparse.Namespace, results: list[dict] | None = None) -> tuple[list[dict], dict]:
+def train_table(args: argparse.Namespace, results: list[dict] | None = None) -> list[dict]:
     """One child process per configuration; each finished configuration is appended to ``results`` at once (an
-    interrupted run keeps those). Returns ``(results, derived ratios)``."""
+    interrupted run keeps those)."""
     results = [] if results is None else results
+    options = ("backbone", "image_size", "batch_size", "exemplars", "steps", "device", "seed")  # what a child needs
     for config in args.configs:
-        command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config,
-                   "--backbone", args.backbone, "--image-size", str(args.image_size), "--batch-size",
-                   str(args.batch_size), "--exemplars", str(args.exemplars), "--steps", str(args.steps),
-                   "--device", args.device, "--seed", str(args.seed)]  # fmt: skip
+        command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "speed", "--child", config]
+        command += [word for key in options for word in (f"--{key.replace('_', '-')}", str(getattr(args, key)))]
         print(f"[train] {config} ...", flush=True)
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(done.stdout[-2000:], done.stderr[-4000:], file=sys.stderr)
             raise SystemExit(f"training benchmark {config} failed")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    return results, derive(results)
+    return results
 
 
 def derive(results: Sequence[dict]) -> dict:
@@ -235,13 +231,8 @@ def inference_table(args: argparse.Namespace, rows: list[dict] | None = None) ->
     return rows
 
 
-def _measure_inference(
-    modules: dict,
-    eager: dict[tuple[str, int], list[float]],
-    rows: list[dict],
-    args: argparse.Namespace,
-    device: torch.device,
-) -> None:
+def _measure_inference(modules: dict, eager: dict, rows: list[dict], args: argparse.Namespace, device: torch.device):
+    """Time every module (``eager`` receives the interleaved rounds' times) and append its rows to ``rows``."""
     networks = {name: module.model.to(device).eval() for name, module in modules.items()}
     faults: dict[tuple[str, int], list[int]] = {}
     for batch_size in (1, args.batch_size):
@@ -301,12 +292,9 @@ def interleaved_eager_times(
 ) -> dict[str, list[float]]:
     """Eager fp32 latency (seconds) of every network on ``images``, ``runs`` rounds of one call per network.
 
-    The calls alternate between the networks, in an order rotated every round, so that a change of load on a shared
-    machine hits every network alike; the latency ratios to RD (``vs_rd_eager`` from the medians, and
-    ``vs_rd_eager_paired``, the median of the per-round ratios) are therefore measured in the same run, side by side.
-    ``faults``, when given, receives each network's minor page faults per call (``getrusage`` of this process): at
-    large batches a fresh large tensor is a fresh mapping of the allocator, and its page faults can cost more
-    than the arithmetic (MemKD's extra similarity maps did, see docs/benchmarks.md).
+    The calls alternate, in an order rotated every round, so that a change of load on a shared machine hits every
+    network alike and the ratios to RD hold. ``faults`` receives each network's minor page faults per call: a fresh
+    large tensor is a fresh mapping, whose faults can cost more than the arithmetic (docs/benchmarks.md).
     """
     names = list(networks)
     times: dict[str, list[float]] = {name: [] for name in names}
