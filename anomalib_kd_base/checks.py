@@ -1,8 +1,8 @@
 """Data checks at fit start: bad data is named before any training time is spent (docs/training.md).
 
-:func:`check_mvtec_layout` runs in the model's ``prepare_data``, before anomalib's ``MVTecAD`` fails on a missing mask
-with pandas' ``Must have equal len keys and value``; :func:`check_datasets` in ``setup("fit")``: every image and mask
-decodes (a truncated PNG otherwise raises ``OSError`` without a file name, a bad test image only after training).
+:func:`check_datamodule_layout` runs in the model's ``prepare_data``, before anomalib's ``MVTecAD`` fails on a missing
+mask with pandas' ``Must have equal len keys and value``; :func:`check_datasets` in ``setup("fit")``: every image and
+mask decodes (a truncated PNG otherwise raises ``OSError`` without a file name, a bad test image only after training).
 """
 
 from __future__ import annotations
@@ -23,16 +23,6 @@ _SHOWN = 5  # bad files named in a message
 
 class DataCheckError(ValueError):
     """A dataset problem found before training (the message names the files / folders)."""
-
-
-def data_check_enabled(default: bool = True) -> bool:
-    """``False`` when ``ANOMALIB_KD_DATA_CHECK`` is ``0`` / ``false`` / ``no`` / ``off``."""
-    value = os.environ.get(DATA_CHECK_ENV, "").strip().lower()
-    if value in {"0", "false", "no", "off"}:
-        return False
-    if value in {"1", "true", "yes", "on"}:
-        return True
-    return default
 
 
 def _listing(paths: Sequence[Any]) -> str:
@@ -70,10 +60,16 @@ def undecodable(paths: Iterable[str | os.PathLike[str]], workers: int | None = N
 
 
 # ---------------------------------------------------------------------------------------------- MVTec layout
-def check_mvtec_layout(root: str | os.PathLike[str], category: str) -> None:
-    """Raise :class:`DataCheckError` when an anomalous test image ``<root>/<category>/test/<defect>/<name>.png`` has no
-    mask ``ground_truth/<defect>/<name>_mask.png`` (or ``<name>.png``); a missing folder is left to the datamodule."""
-    base = Path(root) / category
+def check_datamodule_layout(datamodule: Any) -> None:  # noqa: ANN401
+    """Before ``datamodule.setup``, for anomalib's ``MVTecAD``: raise :class:`DataCheckError` when an anomalous test
+    image ``<root>/<category>/test/<defect>/<name>.png`` has no mask ``ground_truth/<defect>/<name>_mask.png`` (or
+    ``<name>.png``); a missing folder is left to the datamodule."""
+    from anomalib.data import MVTecAD
+
+    root, category = getattr(datamodule, "root", None), getattr(datamodule, "category", None)
+    if not isinstance(datamodule, MVTecAD) or root is None or not category:
+        return
+    base = Path(root) / str(category)
     test = base / "test"
     if not test.is_dir():
         return
@@ -102,9 +98,7 @@ def check_mvtec_layout(root: str | os.PathLike[str], category: str) -> None:
     missing: list[str] = []
     for name, files in anomalous.items():
         masks = {f.stem for f in (ground_truth / name).iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS}
-        missing.extend(
-            str(f.relative_to(base)) for f in files if f.stem not in masks and f"{f.stem}_mask" not in masks
-        )
+        missing.extend(str(f.relative_to(base)) for f in files if f.stem not in masks and f"{f.stem}_mask" not in masks)
     if missing:
         msg = (
             f"{len(missing)} anomalous test image(s) have no mask under {ground_truth}: {_listing(missing)}. "
@@ -112,16 +106,6 @@ def check_mvtec_layout(root: str | os.PathLike[str], category: str) -> None:
             "'ValueError: Must have equal len keys and value')."
         )
         raise DataCheckError(msg)
-
-
-def check_datamodule_layout(datamodule: Any) -> None:  # noqa: ANN401
-    """Layout checks that must run before ``datamodule.setup`` (today: MVTec-layout folders)."""
-    from anomalib.data import MVTecAD
-
-    if isinstance(datamodule, MVTecAD):
-        root, category = getattr(datamodule, "root", None), getattr(datamodule, "category", None)
-        if root is not None and category:
-            check_mvtec_layout(root, str(category))
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -153,8 +137,7 @@ def check_datasets(datamodule: Any, check_eval: bool = True) -> None:  # noqa: A
         if "mask_path" in samples.columns:
             paths += [p for p in samples.mask_path if isinstance(p, str | os.PathLike) and str(p) and str(p) not in seen]
         seen.update(str(p) for p in paths)
-        bad = undecodable(paths)
-        problems.extend(f"{split} {path}: {problem}" for path, problem in bad)
+        problems.extend(f"{split} {path}: {problem}" for path, problem in undecodable(paths))
     if problems:
         msg = (
             f"{len(problems)} file(s) of the dataset cannot be read; fix or remove them before training "
@@ -168,8 +151,7 @@ def check_datasets(datamodule: Any, check_eval: bool = True) -> None:  # noqa: A
 def warn_if_no_anomalous(datamodule: Any) -> None:  # noqa: ANN401
     """Warn when the validation / test set holds no anomalous image (AUROC / F1 undefined there)."""
     for split in ("val_data", "test_data"):
-        count = anomalous_count(getattr(datamodule, split, None))
-        if count == 0:
+        if anomalous_count(getattr(datamodule, split, None)) == 0:
             logger.warning(
                 "The %s set has no anomalous images: image and pixel AUROC, AUPR and F1 are undefined on it and are "
                 "reported as NaN (not 0.0); thresholds set on it are not meaningful.",
@@ -183,8 +165,6 @@ __all__ = [
     "anomalous_count",
     "check_datamodule_layout",
     "check_datasets",
-    "check_mvtec_layout",
-    "data_check_enabled",
     "decode_error",
     "undecodable",
     "warn_if_no_anomalous",

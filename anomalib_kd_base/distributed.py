@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .resume import ResumableCycle
+from .resume import ResumableCycle, one_loader
 from .upstream import checkpoint_position, set_default_root_dir
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,6 @@ _SEED_MODULUS = 2**63
 
 
 # ---------------------------------------------------------------------------------------------- random streams
-def draw_base_seed() -> int:
-    """A base seed drawn from the global torch RNG (identical on all ranks after ``seed_everything``)."""
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def _hash_seed(*entropy: int) -> int:
     state = np.random.SeedSequence([int(value) for value in entropy]).generate_state(2, dtype=np.uint32)
     return (int(state[0]) << 32 | int(state[1])) % _SEED_MODULUS
@@ -140,8 +135,7 @@ class RankRandomness(Callback):
     def cycle(self, loader: DataLoader, generator: torch.Generator | None, name: str = "default") -> ResumableCycle:
         """A :class:`ResumableCycle` whose position is saved in checkpoints (restored if one was loaded)."""
         cycle = ResumableCycle(loader, generator)
-        pending = self.pending_cycles.pop(name, None)
-        if pending is not None:
+        if (pending := self.pending_cycles.pop(name, None)) is not None:
             cycle.load_state_dict(pending)
         self.cycles[name] = cycle
         return cycle
@@ -172,7 +166,7 @@ class RankRandomness(Callback):
     # ------------------------------------------------------------------ the fit
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
         self._rank, self._world = trainer.global_rank, trainer.world_size
-        self.base_seed = draw_base_seed()
+        self.base_seed = int(torch.randint(0, 2**62, (1,)).item())  # the same on all ranks after seed_everything
         self.start(rank_seed(self.base_seed, self._rank))
         self.pending_cycles, self._final, self._reseeded_epoch = {}, {}, None
         resume, self._resume = self._resume, None
@@ -260,30 +254,14 @@ class DistributedTraining(Callback):
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
         wrapped = getattr(trainer.strategy, "model", None)
-        if (
-            pl_module.ddp_find_unused_parameters
-            and isinstance(wrapped, DistributedDataParallel)
-            and not wrapped.find_unused_parameters
-        ):
+        strict = isinstance(wrapped, DistributedDataParallel) and not wrapped.find_unused_parameters
+        if pl_module.ddp_find_unused_parameters and strict:
             msg = (
                 f"{type(pl_module).__name__} trains only a part of the model in each step, so DDP must find the unused "
                 "parameters: pass --trainer.strategy ddp_find_unused_parameters_true (Python: "
                 "strategy='ddp_find_unused_parameters_true' or DDPStrategy(find_unused_parameters=True))."
             )
             raise ValueError(msg)
-
-
-def configure_trainable_parameters(model: nn.Module) -> None:
-    """The frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad (in
-    ``setup("fit")``: DDP would wait for the gradients of every parameter that requires grad)."""
-    encoder = getattr(model, "encoder", None)
-    if isinstance(encoder, nn.Module):
-        encoder.requires_grad_(False)
-    bottleneck = getattr(model, "bottleneck", None)
-    for name in ("conv4", "bn4"):
-        unused = getattr(bottleneck, name, None)
-        if isinstance(unused, nn.Module):
-            unused.requires_grad_(False)
 
 
 # ---------------------------------------------------------------------------------------------- exact evaluation
@@ -364,11 +342,6 @@ class DistributedEvaluation(Callback):
 
     def on_validation_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int,  # noqa: ANN401
                                   dataloader_idx: int = 0) -> None:  # fmt: skip
-        self.drop_padded_samples(trainer, batch, dataloader_idx)
-
-    on_test_batch_start = on_validation_batch_start
-
-    def drop_padded_samples(self, trainer: Any, batch: Any, dataloader_idx: int = 0) -> None:  # noqa: ANN401
         """Remove, in place, the samples ``DistributedSampler`` repeated to even out the ranks."""
         image = getattr(batch, "image", None)
         if trainer.world_size <= 1 or not is_dataclass(batch) or not isinstance(image, torch.Tensor) or not image.dim():
@@ -376,19 +349,13 @@ class DistributedEvaluation(Callback):
         size = int(image.shape[0])
         start = self._seen.get(dataloader_idx, 0)
         self._seen[dataloader_idx] = start + size
-        loaders = trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders  # the running loop's
-        loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-        if isinstance(loaders, list | tuple):
-            loaders = loaders[dataloader_idx] if dataloader_idx < len(loaders) else None
-        sampler = getattr(loaders, "sampler", None)
-        if (
-            not isinstance(sampler, DistributedSampler)
-            or isinstance(sampler, UnrepeatedDistributedSampler)
-            or sampler.drop_last
-        ):
+        loader = one_loader(trainer.test_dataloaders if trainer.testing else trainer.val_dataloaders, dataloader_idx)
+        sampler = getattr(loader, "sampler", None)
+        pads = isinstance(sampler, DistributedSampler) and not isinstance(sampler, UnrepeatedDistributedSampler)
+        if not pads or sampler.drop_last:
             return
         replicas = sampler.num_replicas
-        key = (len(sampler.dataset), replicas, getattr(getattr(loaders, "batch_sampler", None), "batch_size", None))
+        key = (len(sampler.dataset), replicas, getattr(getattr(loader, "batch_sampler", None), "batch_size", None))
         if self._drop[0] != key:
             self._drop = (key, padded_positions_to_drop(*key))
         drop = self._drop[1]
@@ -406,6 +373,8 @@ class DistributedEvaluation(Callback):
             return
         select_batch_(batch, keep)
 
+    on_test_batch_start = on_validation_batch_start
+
 
 __all__ = [
     "RNG_CHECKPOINT_KEY",
@@ -415,8 +384,6 @@ __all__ = [
     "RankRandomness",
     "align_workspace",
     "broadcast_buffers",
-    "configure_trainable_parameters",
-    "draw_base_seed",
     "epoch_seed",
     "padded_positions_to_drop",
     "rank_seed",

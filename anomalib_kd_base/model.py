@@ -3,9 +3,7 @@
 ``class Aand(KDModelBase, AnomalibModule)``: ``AnomalibModule`` stays a direct base (anomalib's model lookup walks
 its ``__subclasses__()``). Run-time behaviours are the callbacks ``configure_callbacks`` adds (the same instances in
 every ``fit`` / ``test`` / ...: Lightning restores their state by ``state_key``); the base's own hooks are model state
-or must run earlier than any callback hook (``prepare_data``: the layout check before the datamodule's ``setup``).
-``__init__`` declares anomalib's four components once; the models pass them on as ``**components``, which
-jsonargparse (the anomalib CLI) follows, so ``--model.pre_processor`` etc. keep their types and help.
+or must run before any callback hook (``prepare_data``). The four components: docs/development.md.
 """
 
 from __future__ import annotations
@@ -29,15 +27,7 @@ from . import distributed
 from .checks import check_datamodule_layout
 from .export import ProvenanceExportMixin
 from .quantization import AnomalyMapPTQMixin
-from .resume import (
-    MODEL_KEY,
-    RunGuards,
-    attached_trainer,
-    data_checks_on,
-    model_record,
-    refuse_other_model,
-    size_of,
-)
+from .resume import MODEL_KEY, RunGuards, attached_trainer, data_checks_on, model_record, refuse_other_model, size_of
 from .upstream import install_engine_hook
 from .weights import restoring
 
@@ -46,20 +36,19 @@ logger = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------ argument checks
 def _fail(name: str, requirement: str, value: Any, sentence: bool) -> NoReturn:  # noqa: ANN401
+    """``sentence``: MemKD's wording (``"at least"`` / ``"positive"`` and a full stop)."""
     msg = f"{name} must be {requirement}, got {value}{'.' if sentence else ''}"
     raise ValueError(msg)
 
 
 def check_at_least(name: str, value: float, minimum: float, *, sentence: bool = False) -> None:
-    """``ValueError("<name> must be >= <minimum>, got <value>")`` unless ``value >= minimum`` (MemKD's wording,
-    ``sentence=True``: ``"<name> must be at least <minimum>, got <value>."``)."""
+    """``ValueError("<name> must be >= <minimum>, got <value>")`` unless ``value >= minimum`` (``sentence``: _fail)."""
     if not value >= minimum:
         _fail(name, f"at least {minimum}" if sentence else f">= {minimum}", value, sentence)
 
 
 def check_positive(name: str, value: float, *, sentence: bool = False) -> None:
-    """``ValueError("<name> must be > 0, got <value>")`` unless ``value > 0`` (NaN is not; ``sentence=True``:
-    ``"<name> must be positive, got <value>."``)."""
+    """``ValueError("<name> must be > 0, got <value>")`` unless ``value > 0`` (NaN is not; ``sentence``: MemKD's)."""
     if not value > 0:
         _fail(name, "positive" if sentence else "> 0", value, sentence)
 
@@ -97,11 +86,9 @@ def batch_size_warning(model: str, datamodule: Any, lr: float, world_size: int =
     if batch_size * world_size == PAPER_BATCH_SIZE:
         return None
     per_rank = f" ({batch_size} per rank x {world_size} ranks)" if world_size > 1 else ""
-    advice = (
-        f"--data.train_batch_size {PAPER_BATCH_SIZE}"
-        if world_size == 1
-        else f"--data.train_batch_size {max(1, PAPER_BATCH_SIZE // world_size)} (per rank, {world_size} ranks)"
-    )
+    advice = f"--data.train_batch_size {PAPER_BATCH_SIZE}"
+    if world_size > 1:
+        advice = f"--data.train_batch_size {max(1, PAPER_BATCH_SIZE // world_size)} (per rank, {world_size} ranks)"
     return (
         f"{model}: training batch size {batch_size * world_size}{per_rank} with the paper's lr {PAPER_LR}, which the "
         f"paper uses with batch {PAPER_BATCH_SIZE}; the lr is not scaled. Pass {advice} to train as in the paper, or "
@@ -175,14 +162,8 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
     ) -> nn.Module:
         """The torch model ``network(...)`` at the pre-processor's size (call :meth:`require_input_size` first); the
         teacher arguments go to :func:`anomalib_kd_base.weights.build_teacher`, ``options`` are the network's own."""
-        model = network(
-            backbone=backbone,
-            input_size=tuple(self.input_size),
-            layers=layers,
-            pre_trained=pre_trained,
-            backbone_weights=backbone_weights,
-            **options,
-        )
+        teacher = dict(backbone=backbone, layers=layers, pre_trained=pre_trained, backbone_weights=backbone_weights)
+        model = network(input_size=tuple(self.input_size), **teacher, **options)
         model.set_fast_inference(fast_inference)
         return model
 
@@ -216,8 +197,13 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         return self.kd_random.cycle(loader, generator, name)
 
     def configure_trainable_parameters(self) -> None:
-        """In ``setup("fit")``, before DDP wraps the module: what never trains stops requiring grad."""
-        distributed.configure_trainable_parameters(self.model)
+        """In ``setup("fit")``, before DDP wraps the module (it waits for the gradient of every parameter that requires
+        one): the frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad."""
+        bottleneck = getattr(self.model, "bottleneck", None)
+        frozen = [getattr(self.model, "encoder", None), *(getattr(bottleneck, name, None) for name in ("conv4", "bn4"))]
+        for module in frozen:
+            if isinstance(module, nn.Module):
+                module.requires_grad_(False)
 
     # ------------------------------------------------------------------ exports: rank 0 only under DDP
     def to_torch(self, *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401

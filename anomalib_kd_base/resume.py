@@ -10,13 +10,14 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch import Callback
 
-from .checks import anomalous_count, check_datasets, data_check_enabled, warn_if_no_anomalous
+from .checks import DATA_CHECK_ENV, anomalous_count, check_datasets, warn_if_no_anomalous
 from .upstream import checkpoint_position
 
 logger = logging.getLogger(__name__)
@@ -24,11 +25,13 @@ logger = logging.getLogger(__name__)
 MODEL_KEY = "anomalib_kd_model"
 #: metrics that need both normal and anomalous samples
 _TWO_CLASS_METRICS = ("AUROC", "AUPR", "AUPRO", "F1Score", "F1Max")
+_END = object()  # a ResumableCycle's pass ended
 
 
 def data_checks_on(model: Any) -> bool:  # noqa: ANN401
-    """Whether the fit-start data checks run (``model.data_check`` and ``ANOMALIB_KD_DATA_CHECK``)."""
-    return bool(getattr(model, "data_check", True)) and data_check_enabled()
+    """Whether the fit-start data checks run: ``model.data_check`` and ``ANOMALIB_KD_DATA_CHECK`` not 0/false/no/off."""
+    switch = os.environ.get(DATA_CHECK_ENV, "").strip().lower()
+    return bool(getattr(model, "data_check", True)) and switch not in {"0", "false", "no", "off"}
 
 
 def attached_trainer(module: Any) -> Any:  # noqa: ANN401
@@ -58,6 +61,14 @@ def schedule_flags(cls: type) -> list[str]:
     return [f"--model.{name}" for name in parameters if name.endswith("epochs")]
 
 
+def one_loader(loaders: Any, index: int = 0) -> Any:  # noqa: ANN401
+    """Loader ``index`` of a trainer's ``val_dataloaders`` / ``test_dataloaders`` (one loader, a list or a dict)."""
+    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
+    if isinstance(loaders, list | tuple):
+        return loaders[index] if index < len(loaders) else None
+    return loaders
+
+
 def _resolved(path: Any) -> Path | None:  # noqa: ANN401
     if path is None or str(path) in {"", "last", "best", "hpc", "registry"}:
         return None
@@ -78,8 +89,7 @@ def _known_models() -> dict[str, str]:
     while stack:
         cls = stack.pop()
         stack.extend(cls.__subclasses__())
-        prefix = cls.__dict__.get("state_signature")
-        if prefix:
+        if prefix := cls.__dict__.get("state_signature"):
             found[prefix] = f"{cls.__name__} ({cls.__module__.split('.')[0]}.{cls.__name__})"
     return found
 
@@ -91,20 +101,15 @@ def model_record(model: Any) -> str:  # noqa: ANN401
 
 def checkpoint_holds(checkpoint: dict[str, Any]) -> str | None:
     """Which model class wrote ``checkpoint`` (``"module.Class"``), from its record or its state-dict keys."""
-    recorded = checkpoint.get(MODEL_KEY)
-    if recorded:
+    if recorded := checkpoint.get(MODEL_KEY):
         return str(recorded)
     keys = list((checkpoint.get("state_dict") or {}).keys())
-    for prefix, name in _known_models().items():
-        if any(key.startswith(prefix) for key in keys):
-            return name
-    return None
+    return next((name for prefix, name in _known_models().items() if any(k.startswith(prefix) for k in keys)), None)
 
 
 def refuse_other_model(model: Any, checkpoint: dict[str, Any]) -> None:  # noqa: ANN401
     """``ValueError`` naming the model a checkpoint holds when it is the other KD model (not the raw missing keys)."""
-    holds = checkpoint_holds(checkpoint)
-    if holds is None:
+    if (holds := checkpoint_holds(checkpoint)) is None:
         return
     mine, held = type(model).__name__, holds.split(" ")[0].split(".")[-1]
     if held == mine or held not in {name.split(" ")[0] for name in _known_models().values()}:
@@ -141,24 +146,19 @@ class ResumableCycle:
         self._drawn = 0
 
     def __next__(self) -> Any:  # noqa: ANN401
-        if self._iterator is None:
+        batch = _END if self._iterator is None else next(self._iterator, _END)
+        if batch is _END:  # the first pass, or the last one ended
             self._start_pass()
-        try:
-            batch = next(self._iterator)
-        except StopIteration:
-            self._start_pass()
-            try:
-                batch = next(self._iterator)
-            except StopIteration:
-                msg = "The data loader of a ResumableCycle is empty."
-                raise RuntimeError(msg) from None
+            batch = next(self._iterator, _END)
+        if batch is _END:
+            msg = "The data loader of a ResumableCycle is empty."
+            raise RuntimeError(msg)
         self._drawn += 1
         return batch
 
     def state_dict(self) -> dict[str, Any]:
         if self._iterator is None:  # no pass started: the next one starts from the generator's current state
-            state = self.generator.get_state() if self.generator is not None else None
-            return {"pass_state": state, "drawn": 0}
+            return {"pass_state": None if self.generator is None else self.generator.get_state(), "drawn": 0}
         return {"pass_state": None if self._pass_state is None else self._pass_state.clone(), "drawn": self._drawn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -264,10 +264,7 @@ class RunGuards(Callback):
 
 
 def _test_dataset(trainer: Any) -> Any:  # noqa: ANN401
-    loaders = getattr(trainer, "test_dataloaders", None)
-    loaders = list(loaders.values()) if isinstance(loaders, dict) else loaders
-    loader = loaders[0] if isinstance(loaders, list | tuple) and loaders else loaders
-    dataset = getattr(loader, "dataset", None)
+    dataset = getattr(one_loader(getattr(trainer, "test_dataloaders", None)), "dataset", None)
     return dataset if dataset is not None else getattr(getattr(trainer, "datamodule", None), "test_data", None)
 
 
@@ -279,6 +276,7 @@ __all__ = [
     "checkpoint_holds",
     "data_checks_on",
     "model_record",
+    "one_loader",
     "refuse_other_model",
     "schedule_flags",
     "size_of",
