@@ -15,11 +15,13 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import timm
 import torch
 from huggingface_hub import constants as hub_constants
 from huggingface_hub import get_session, try_to_load_from_cache
+from huggingface_hub.utils.sha import sha_fileobj
 from safetensors import safe_open
 
 logger = logging.getLogger(__name__)
@@ -58,11 +60,8 @@ def restoring() -> bool:
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """SHA-256 of a file's bytes (what ``sha256sum`` prints; ``hashlib.file_digest`` needs Python 3.11)."""
-    digest = hashlib.sha256()
     with Path(path).open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha_fileobj(handle).hex()  # read in 1 MiB chunks
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
@@ -242,17 +241,6 @@ def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1
     return any(answered)
 
 
-@contextlib.contextmanager
-def _hub_offline() -> Iterator[None]:
-    """huggingface_hub in offline mode (cache only) for the block (it reads ``HF_HUB_OFFLINE`` once, at import, and has
-    no scoped switch; its HTTP session checks this flag on each call)."""
-    saved, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
-    try:
-        yield
-    finally:
-        hub_constants.HF_HUB_OFFLINE = saved
-
-
 def offline_message(backbone: str, tag: str, error: BaseException, probed: bool = False) -> str:
     """The message of the :class:`RuntimeError` raised when pretrained weights cannot be obtained."""
     where = "the Hugging Face hub or its cache"
@@ -285,10 +273,9 @@ def build_teacher(
 ) -> tuple[torch.nn.Module, dict[str, str]]:
     """``(extractor, provenance)``: the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its record.
 
-    ``backbone_weights`` (a file) is loaded whatever ``pre_trained`` says, with no network; else ``pre_trained`` loads
-    the tag's weights through timm (from the cache with no network when there, else after :func:`hub_reachable`).
-    Raises ``FileNotFoundError`` (no such file), ``ValueError`` (a tensor missing or mis-shaped) and ``RuntimeError``
-    (weights neither downloadable nor cached). The record's fields: docs/offline_weights.md.
+    A ``backbone_weights`` file wins over ``pre_trained`` (no network); ``pre_trained`` loads the tag's weights through
+    timm, from the cache with no network when there, else after :func:`hub_reachable`. Raises ``FileNotFoundError``,
+    ``ValueError`` (a tensor missing or mis-shaped), ``RuntimeError`` (no weights). Record: docs/offline_weights.md.
     """
     from anomalib.models.components import TimmFeatureExtractor
 
@@ -327,12 +314,13 @@ def build_teacher(
     if probed_offline:
         logger.warning(
             "The Hugging Face hub did not answer within %s s: loading %s from the local cache only "
-            "(set HF_HUB_OFFLINE=1 to skip this probe).",
-            os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT),
-            tag,
-        )
+            "(set HF_HUB_OFFLINE=1 to skip this probe).", os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT), tag,
+        )  # fmt: skip
+    # cache only: huggingface_hub reads HF_HUB_OFFLINE once, at import, with no scoped switch; its session checks the
+    # module flag on each call, so it is set for the block
+    cache_only = patch.object(hub_constants, "HF_HUB_OFFLINE", True)
     try:
-        with _hub_offline() if cached or probed_offline else contextlib.nullcontext():
+        with cache_only if cached or probed_offline else contextlib.nullcontext():
             extractor = teacher(pre_trained)
     except Exception as error:
         if pre_trained and (is_download_failure(error) or probed_offline):
