@@ -34,8 +34,7 @@ class ProvenanceExportMixin:
     @property
     def teacher_provenance(self) -> dict[str, str]:
         """The teacher's provenance record, with ``teacher_sha256`` of the teacher as it is now."""
-        record = dict.fromkeys(PROVENANCE_KEYS, "")
-        record.update(getattr(self.model, "teacher_provenance", None) or {})
+        record = {**dict.fromkeys(PROVENANCE_KEYS, ""), **(getattr(self.model, "teacher_provenance", None) or {})}
         encoder = getattr(self.model, "encoder", None)
         if encoder is not None and hasattr(encoder, "feature_extractor"):
             record["teacher_sha256"] = state_dict_sha256(encoder.feature_extractor.state_dict())
@@ -56,13 +55,11 @@ class ProvenanceExportMixin:
         state = checkpoint.get("state_dict") or {}
         size = len(TEACHER_STATE_PREFIX)
         teacher = {key[size:]: value for key, value in state.items() if key.startswith(TEACHER_STATE_PREFIX)}
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        if saved:
+        if saved := checkpoint.get(CHECKPOINT_KEY):
             record = {str(key): str(value) for key, value in saved.items()}
         else:  # a checkpoint written before provenance was recorded
-            hparams = checkpoint.get("hyper_parameters") or {}
-            record = dict.fromkeys(PROVENANCE_KEYS, "")
-            record.update(backbone=str(hparams.get("backbone", "")), weights_source="checkpoint")
+            backbone = str((checkpoint.get("hyper_parameters") or {}).get("backbone", ""))
+            record = {**dict.fromkeys(PROVENANCE_KEYS, ""), "backbone": backbone, "weights_source": "checkpoint"}
             if teacher:
                 record["teacher_sha256"] = state_dict_sha256(teacher)
         if not teacher:
@@ -98,21 +95,15 @@ class ProvenanceExportMixin:
         dynamic_spatial: bool = True,
         **kwargs: Any,
     ) -> Path:
-        """anomalib's ONNX export with a dynamic input height and width, then the provenance in ``metadata_props``.
-
-        The graph starts with the pre-processor's resize, so it takes any ``B x H x W`` (anomalib makes ``H`` / ``W``
-        static whenever ``input_size`` is given). Static with ``dynamic_spatial=False``, the caller's own
-        ``dynamic_axes`` / ``dynamic_shapes``, or no resize.
-        """
+        """anomalib's ONNX export, its input ``H`` / ``W`` dynamic even with ``input_size`` (the graph starts with the
+        pre-processor's resize), then the provenance in ``metadata_props``. Static with ``dynamic_spatial=False``, the
+        caller's own ``dynamic_axes`` / ``dynamic_shapes``, or no resize (docs/export.md)."""
         if dynamic_spatial and "dynamic_axes" not in kwargs and "dynamic_shapes" not in kwargs:
             if export_resizes_input(self):
                 input_size = None  # anomalib's path for a dynamic (batch, H, W) input
             elif input_size is not None:
-                logger.warning(
-                    "%s: the pre-processor has no resize, so the export keeps the static input size %s.",
-                    type(self).__name__,
-                    tuple(input_size),
-                )
+                logger.warning("%s: the pre-processor has no resize, so the export keeps the static input size %s.",
+                               type(self).__name__, tuple(input_size))  # fmt: skip
         onnx_path = super().to_onnx(export_root, model_file_name, input_size, **kwargs)
         write_onnx_metadata(onnx_path, self.export_metadata())
         return onnx_path
@@ -146,10 +137,7 @@ def write_onnx_metadata(onnx_path: str | os.PathLike[str], metadata: dict[str, s
 
     onnx_path = Path(onnx_path)
     model = onnx.load(str(onnx_path), load_external_data=False)
-    existing = {prop.key: prop for prop in model.metadata_props}
-    for key, value in metadata.items():
-        prop = existing.get(key) or model.metadata_props.add()
-        prop.key, prop.value = key, value
+    onnx.helper.set_model_props(model, {**{prop.key: prop.value for prop in model.metadata_props}, **metadata})
     onnx.save(model, str(onnx_path))
 
 
@@ -190,9 +178,7 @@ def read_openvino_metadata(xml_path: str | os.PathLike[str]) -> dict[str, str]:
         return {}
     section = model.get_rt_info([METADATA_NAMESPACE])
     keys = section.astype(dict).keys() if hasattr(section, "astype") else []
-    return {
-        f"{METADATA_NAMESPACE}.{key}": model.get_rt_info([METADATA_NAMESPACE, key]).astype(str) for key in keys
-    }
+    return {f"{METADATA_NAMESPACE}.{key}": model.get_rt_info([METADATA_NAMESPACE, key]).astype(str) for key in keys}
 
 
 def read_torch_metadata(pt_path: str | os.PathLike[str]) -> dict[str, str]:

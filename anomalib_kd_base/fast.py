@@ -14,8 +14,7 @@ from torch import nn
 
 
 def _exporting() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and getattr(compiler, "is_exporting", None) is not None and compiler.is_exporting():
+    if (is_exporting := getattr(getattr(torch, "compiler", None), "is_exporting", None)) is not None and is_exporting():
         return True
     return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
 

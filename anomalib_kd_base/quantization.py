@@ -1,11 +1,9 @@
-"""INT8 post-training quantization (NNCF) that keeps anomaly maps meaningful (figures: docs/export.md).
+"""INT8 post-training quantization (NNCF) that keeps anomaly maps meaningful (why and figures: docs/export.md).
 
-anomalib 2.7's ``INT8_PTQ`` quantizes the whole graph, calibrated on the validation split (the test split by default):
-the anomaly map, a small difference of two large feature maps, is wiped out by 8-bit steps (error 104-117 % of its
-range). Here only the networks are quantized; the map head and post-processor (:data:`FLOAT_SCOPES`) stay in float,
-and the calibration set is the training split (normal images). :class:`AnomalyMapPTQMixin` routes
-``to_openvino(..., compression_type=INT8_PTQ)`` through :func:`quantize_model`; the functions work on any anomalib
-model's ONNX file (the edge benchmark uses them for ReverseDistillation and Patchcore).
+anomalib 2.7's ``INT8_PTQ`` quantizes the whole graph (the anomaly map, a small difference of two large feature maps,
+is wiped out) and calibrates on the validation split. Here the map head and post-processor (:data:`FLOAT_SCOPES`) stay
+in float, and the training split calibrates. :class:`AnomalyMapPTQMixin` routes ``INT8_PTQ`` exports through
+:func:`quantize_model`, which works on any anomalib model's ONNX file (the edge benchmark: RD and Patchcore too).
 """
 
 from __future__ import annotations
@@ -56,16 +54,6 @@ def float_node_names(onnx_path: str | Path, scopes: Sequence[str] = FLOAT_SCOPES
     return names
 
 
-def _scope_nodes(onnx_path: str | Path, scopes: Sequence[str]) -> tuple[set[str], set[str], set[str]]:
-    """``(names of the scopes' nodes, their output tensors, the names of all nodes)`` of the ONNX graph."""
-    import onnx
-
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
-    selected = set(float_node_names(onnx_path, scopes)) if scopes else set()
-    outputs = {tensor for node in graph.node if node.name in selected for tensor in node.output if tensor}
-    return selected, outputs, {node.name for node in graph.node}
-
-
 def float_op_names(
     model: Any,  # noqa: ANN401 - openvino.Model
     onnx_path: str | Path,
@@ -74,41 +62,37 @@ def float_op_names(
 ) -> list[str]:
     """Friendly names of the ops of the OpenVINO ``model`` (converted from ``onnx_path``) kept in floating point.
 
-    NNCF quantizes the OpenVINO graph, where OpenVINO renamed some scope ops (the head's blur is named after the output,
-    ``anomaly_map``; its sum of levels is rebuilt as ``Add_<n>``): matched by ONNX name only, those got 8-bit
-    quantizers and anomalous peaks were clipped. Kept: ops named like an ONNX node of ``scopes`` / ``tail_scopes`` or
-    producing one of their tensors; and ops whose every non-constant input is kept and that either have no ONNX name
-    or are computed from a ``tail_scopes`` op (``tail_scopes``: sub-modules at the end of the graph, so the image
-    score computed from the map stays float too; an interior scope keeps only its own ops).
+    Not by ONNX name alone: OpenVINO renames some scope ops (docs/export.md). Kept: ops named like an ONNX node of
+    ``scopes`` / ``tail_scopes`` or producing one of their tensors; ops whose every non-constant input is kept and that
+    have no ONNX name or are computed from a ``tail_scopes`` op (the graph's end: the image score stays float too).
     """
-    selected, tensors, onnx_names = _scope_nodes(onnx_path, (*scopes, *tail_scopes))
-    tail_selected, _, _ = _scope_nodes(onnx_path, tail_scopes)
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    onnx_names = {node.name for node in graph.node}
+    selected = set(float_node_names(onnx_path, (*scopes, *tail_scopes)))
+    tail_selected = set(float_node_names(onnx_path, tail_scopes))
+    tensors = {tensor for node in graph.node if node.name in selected for tensor in node.output if tensor}
     inside: set[str] = set()
     after_tail: set[str] = set()
     for op in model.get_ordered_ops():
         name = op.get_friendly_name()
         if op.get_type_name() in {"Constant", "Parameter"}:
             continue
-        sources = [
-            port.get_source_output().get_node()
-            for port in op.inputs()
-            if port.get_source_output().get_node().get_type_name() != "Constant"
-        ]
+        sources = [port.get_source_output().get_node() for port in op.inputs()]
+        sources = [source for source in sources if source.get_type_name() != "Constant"]
         if name in tail_selected or any(source.get_friendly_name() in after_tail for source in sources):
             after_tail.add(name)
+        fed = bool(sources) and all(source.get_friendly_name() in inside for source in sources)
         if name in selected or any(tensors & output.get_names() for output in op.outputs()):
             inside.add(name)
-        elif (name not in onnx_names or name in after_tail) and sources and all(
-            source.get_friendly_name() in inside for source in sources
-        ):
+        elif fed and (name not in onnx_names or name in after_tail):
             inside.add(name)
     return sorted(inside)
 
 
 def calibration_batches(
-    images: Iterable[torch.Tensor],
-    input_size: tuple[int, int],
-    max_images: int = 300,
+    images: Iterable[torch.Tensor], input_size: tuple[int, int], max_images: int = 300
 ) -> list[np.ndarray]:
     """Single-image ``float32`` NCHW arrays in [0, 1], resized to the exported graph's static ``input_size``."""
     batches: list[np.ndarray] = []
