@@ -101,11 +101,9 @@ class RNGStream:
 
 
 class RankRandomness(Callback):
-    """This rank's random stream during ``fit`` and its exact resume.
-
-    ``state_dict``: ``{"base_seed", "world_size", "ranks": [{"stream", "cycles": {name: position}}, ...]}`` (all
-    ranks', gathered): live during a fit, as it ended after it, empty before the first fit.
-    """
+    """This rank's random stream during ``fit`` and its exact resume. ``state_dict``: ``{"base_seed", "world_size",
+    "ranks": [{"stream", "cycles": {name: position}}, ...]}`` (all ranks', gathered): live during a fit, as it ended
+    after it, empty before the first fit."""
 
     def __init__(self) -> None:
         self.base_seed: int | None = None
@@ -267,11 +265,9 @@ class DistributedTraining(Callback):
 # ---------------------------------------------------------------------------------------------- exact evaluation
 def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: int | None) -> frozenset[int]:
     """Positions of ``DistributedSampler(drop_last=False)``'s padded index list to leave out, keeping each sample once.
-
     Position ``g >= num_samples`` repeats ``g % num_samples``; rank ``r`` iterates ``r, r + R, ...`` in batches of
     ``batch_size``. The repeats are dropped, unless that empties a batch: then the original copy is, if its own batch
-    keeps a sample. ``batch_size=None`` (batches unknown): always the repeats.
-    """
+    keeps a sample. ``batch_size=None`` (batches unknown): always the repeats."""
     total = num_replicas * math.ceil(num_samples / num_replicas) if num_samples else 0
     dropped = set(range(num_samples, total))
     if not dropped or batch_size is None:

@@ -60,12 +60,10 @@ def float_op_names(
     scopes: Sequence[str] = FLOAT_SCOPES,
     tail_scopes: Sequence[str] = FLOAT_SCOPES,
 ) -> list[str]:
-    """Friendly names of the ops of the OpenVINO ``model`` (converted from ``onnx_path``) kept in floating point.
-
-    Not by ONNX name alone: OpenVINO renames some scope ops (docs/export.md). Kept: ops named like an ONNX node of
-    ``scopes`` / ``tail_scopes`` or producing one of their tensors; ops whose every non-constant input is kept and that
-    have no ONNX name or are computed from a ``tail_scopes`` op (the graph's end: the image score stays float too).
-    """
+    """Friendly names of the ops of the OpenVINO ``model`` (converted from ``onnx_path``) kept in floating point. Not by
+    ONNX name alone: OpenVINO renames some scope ops (docs/export.md). Kept: ops named like an ONNX node of ``scopes`` /
+    ``tail_scopes`` or producing one of their tensors; ops whose every non-constant input is kept and that have no ONNX
+    name or are computed from a ``tail_scopes`` op (the graph's end: the image score stays float too)."""
     import onnx
 
     graph = onnx.load(str(onnx_path), load_external_data=False).graph

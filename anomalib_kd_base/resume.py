@@ -123,12 +123,10 @@ def refuse_other_model(model: Any, checkpoint: dict[str, Any]) -> None:  # noqa:
 
 # ---------------------------------------------------------------------------------------------- resumable iteration
 class ResumableCycle:
-    """Endless iteration over a ``DataLoader`` shuffled by ``generator``, with an exact ``state_dict``.
-
-    The state is the generator's state at the start of the pass plus the batches drawn in it; loading replays the pass
-    to that point. ``generator`` must feed the loader's sampler only, not the ``DataLoader`` itself (each new iterator
-    draws its workers' base seed from that). Create it with ``KDModelBase.resumable_cycle``.
-    """
+    """Endless iteration over a ``DataLoader`` shuffled by ``generator``, with an exact ``state_dict``. The state is the
+    generator's state at the start of the pass plus the batches drawn in it; loading replays the pass to that point.
+    ``generator`` must feed the loader's sampler only, not the ``DataLoader`` itself (each new iterator draws its
+    workers' base seed from that). Create it with ``KDModelBase.resumable_cycle``."""
 
     def __init__(self, loader: Any, generator: torch.Generator | None) -> None:  # noqa: ANN401
         self.loader = loader

@@ -218,11 +218,9 @@ def cached_weights(tag: str) -> str | None:
 
 def hub_reachable(timeout: float | None = None, repo_id: str = "timm/resnet18.a1_in1k") -> bool:
     """Whether the hub (``HF_ENDPOINT``) answers a ``HEAD`` of ``repo_id``'s model API with success within ``timeout``.
-
     Hand-written around huggingface_hub's session: without it, no network and no ``HF_HUB_OFFLINE=1`` waits for its
     download retries (20 s to over 2 minutes); no HTTP timeout bounds a hanging DNS lookup, hence the daemon thread;
-    ``HfApi.model_info`` would first fetch huggingface_hub's agent registry.
-    """
+    ``HfApi.model_info`` would first fetch huggingface_hub's agent registry."""
     if timeout is None:
         try:
             timeout = float(os.environ.get(HUB_TIMEOUT_ENV, DEFAULT_HUB_TIMEOUT))
@@ -271,12 +269,10 @@ def build_teacher(
     pre_trained: bool = True,
     backbone_weights: str | os.PathLike[str] | None = None,
 ) -> tuple[torch.nn.Module, dict[str, str]]:
-    """``(extractor, provenance)``: the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its record.
-
-    A ``backbone_weights`` file wins over ``pre_trained`` (no network); ``pre_trained`` loads the tag's weights through
+    """``(extractor, provenance)``: the frozen teacher (anomalib's ``TimmFeatureExtractor``) and its record. A
+    ``backbone_weights`` file wins over ``pre_trained`` (no network); ``pre_trained`` loads the tag's weights through
     timm, from the cache with no network when there, else after :func:`hub_reachable`. Raises ``FileNotFoundError``,
-    ``ValueError`` (a tensor missing or mis-shaped), ``RuntimeError`` (no weights). Record: docs/offline_weights.md.
-    """
+    ``ValueError`` (a tensor missing or mis-shaped), ``RuntimeError`` (no weights). Record: docs/offline_weights.md."""
     from anomalib.models.components import TimmFeatureExtractor
 
     def teacher(pretrained: bool) -> TimmFeatureExtractor:
