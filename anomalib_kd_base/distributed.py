@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import fields, is_dataclass
@@ -276,12 +277,9 @@ def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: in
     def batch_of(position: int) -> tuple[int, int]:
         return position % num_replicas, (position // num_replicas) // batch_size
 
-    kept_per_batch: dict[tuple[int, int], int] = {}
-    for position in range(total):
-        key = batch_of(position)
-        kept_per_batch[key] = kept_per_batch.get(key, 0) + (position not in dropped)
+    kept_per_batch = Counter(batch_of(position) for position in range(total) if position not in dropped)
     kept_copy = {original: original for original in range(min(num_samples, total))}
-    for key in sorted(kept_per_batch):
+    for key in sorted({batch_of(position) for position in dropped}):  # only batches of repeats can keep none
         if kept_per_batch[key]:
             continue
         for position in sorted(p for p in dropped if batch_of(p) == key):
