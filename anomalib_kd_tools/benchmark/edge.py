@@ -40,25 +40,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
     parser.add_argument("--backbone", default="wide_resnet50_2", help="same architecture for all four models")
     parser.add_argument("--pre-trained", action="store_true", help="ImageNet weights (needs them locally or network)")
-    parser.add_argument(
-        "--proxy-teacher",
-        action="store_true",
-        help="random-init teachers whose BatchNorm statistics are calibrated on the training images before each fit "
-        "(anomalib_kd_tools.proxy; never ImageNet)",
-    )
+    parser.add_argument("--proxy-teacher", action="store_true", help="random-init teachers whose BatchNorm "
+                        "statistics are calibrated on the training images before each fit (anomalib_kd_tools.proxy; "
+                        "never ImageNet)")
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--n-train", type=int, default=24)
     parser.add_argument("--n-test-good", type=int, default=10)
     parser.add_argument("--n-test-per-defect", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=3, help="RD and MemKD epochs; AAND gets 1 + (epochs - 1)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument(
-        "--int8-float-scopes",
-        nargs="+",
-        default=[],
-        metavar="SCOPE",
-        help="sub-modules kept in float under INT8 besides the scoring (e.g. raa: Aand's amplification)",
-    )
+    parser.add_argument("--int8-float-scopes", nargs="+", default=[], metavar="SCOPE", help="sub-modules kept in "
+                        "float under INT8 besides the scoring (e.g. raa: Aand's amplification)")
     parser.add_argument("--runs", type=int, default=20, help="timed bs1 calls per back-end")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--throughput-batch", type=int, default=16)
@@ -282,29 +274,15 @@ def add_ratios(rows: list[dict]) -> None:
         row["pixel_drop_vs_ov_fp32"] = fp32["pixel_auroc"] - row["pixel_auroc"] if fp32 else float("nan")
 
 
-COLUMNS = [
-    ("model", "model", "{}"),
-    ("backend", "back-end", "{}"),
-    ("p50_ms", "bs1 p50 ms", "{:.1f}"),
-    ("p95_ms", "bs1 p95 ms", "{:.1f}"),
-    ("throughput", "img/s (bs{tb})", "{:.1f}"),
-    ("latency_vs_rd", "latency / RD", "{:.2f}"),
-    ("speedup_vs_ov_fp32", "speed-up vs ov-fp32", "{:.2f}"),
-    ("image_auroc", "image AUROC", "{:.3f}"),
-    ("auroc_drop_vs_ov_fp32", "AUROC drop vs ov-fp32", "{:+.3f}"),
-    ("pixel_auroc", "pixel AUROC", "{:.3f}"),
-    ("pixel_drop_vs_ov_fp32", "pixel drop vs ov-fp32", "{:+.3f}"),
-    ("size_mb", "size MB", "{:.1f}"),
-    ("params_M", "params (M)", "{:.1f}"),
-    ("fit_s", "fit s", "{:.0f}"),
-]
-
-
-def markdown(rows: pd.DataFrame, args: argparse.Namespace, header: Sequence[str]) -> list[str]:
-    """The lines of ``edge.md``: ``header``, then the table."""
-    table = pd.DataFrame({title.format(tb=args.throughput_batch): rows[key].map(fmt.format) for key, title, fmt in
-                          COLUMNS})  # fmt: skip
-    return [*header, *report.markdown(table)]
+COLUMNS = {  # header: (row key, format) of edge.md's table
+    "model": ("model", "{}"), "back-end": ("backend", "{}"), "bs1 p50 ms": ("p50_ms", "{:.1f}"),
+    "bs1 p95 ms": ("p95_ms", "{:.1f}"), "img/s (bs{tb})": ("throughput", "{:.1f}"),
+    "latency / RD": ("latency_vs_rd", "{:.2f}"), "speed-up vs ov-fp32": ("speedup_vs_ov_fp32", "{:.2f}"),
+    "image AUROC": ("image_auroc", "{:.3f}"),
+    "AUROC drop vs ov-fp32": ("auroc_drop_vs_ov_fp32", "{:+.3f}"), "pixel AUROC": ("pixel_auroc", "{:.3f}"),
+    "pixel drop vs ov-fp32": ("pixel_drop_vs_ov_fp32", "{:+.3f}"), "size MB": ("size_mb", "{:.1f}"),
+    "params (M)": ("params_M", "{:.1f}"), "fit s": ("fit_s", "{:.0f}"),
+}  # fmt: skip
 
 
 def plot(path: Path, rows: pd.DataFrame, title: str) -> None:
@@ -368,9 +346,9 @@ def write_tables(output: Path, rows: list[dict], args: argparse.Namespace, argv:
         [f"Setting: {setting}"],
         command=" ".join(["anomalib-kd-benchmark", "edge", *argv]),
     )
-    frame = pd.DataFrame(rows)
-    text = report.write_text(output / "edge.md", markdown(frame, args, header))
+    columns = {title.format(tb=args.throughput_batch): spec for title, spec in COLUMNS.items()}
+    text = report.write_text(output / "edge.md", [*header, *report.formatted(rows, columns)])
     schema.write_csv(output / "edge.csv", rows)
-    plot(output / "edge.png", frame, f"{setting} - {hardware}")
+    plot(output / "edge.png", pd.DataFrame(rows), f"{setting} - {hardware}")
     report.write_json(output / "edge.json", {"header": "\n".join(header), "rows": rows})
     return text

@@ -38,37 +38,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset-root", type=Path, help="MVTec-layout folder: <root>/<category>/{train,test,...}")
     data.add_argument("--generated", action="store_true", help="generate a small MVTec-layout dataset (labelled)")
     parser.add_argument("--categories", nargs="+", help="categories under --dataset-root (default: all found)")
-    parser.add_argument(
-        "--dataset-name",
-        choices=("auto", "mvtec", "visa", "none"),
-        default="auto",
-        help="which paper numbers results.md / paper_comparison.csv show beside the measured ones (default auto: "
-        "MVTec AD or VisA when every category is one of its names; none: no comparison)",
-    )
+    parser.add_argument("--dataset-name", choices=("auto", "mvtec", "visa", "none"), default="auto",
+                        help="which paper numbers results.md / paper_comparison.csv show beside the measured ones "
+                        "(default auto: MVTec AD or VisA when every category is one of its names; none: no comparison)")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--seeds", nargs="+", type=int, help="default: 0 (0 1 2 with --ablation)")
-    parser.add_argument(
-        "--backbone",
-        help="one backbone for all four models (default: wide_resnet50_2 for Patchcore/RD, "
-        "wide_resnet50_2.tv_in1k for Aand/MemKD)",
-    )
+    parser.add_argument("--backbone", help="one backbone for all four models (default: wide_resnet50_2 for "
+                        "Patchcore/RD, wide_resnet50_2.tv_in1k for Aand/MemKD)")
     parser.add_argument("--pre-trained", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--epochs", type=int, help="epochs of RD and MemKD (default: 200 and 100, the papers')")
-    parser.add_argument(
-        "--aand-stage-epochs",
-        nargs=2,
-        type=int,
-        metavar=("S1", "S2"),
-        help="Aand's stage lengths (default: 100 120)",
-    )
-    parser.add_argument(
-        "--schedule-scale",
-        type=float,
-        default=1.0,
-        help="one factor for every model's own schedule (papers' epochs x factor, at least 1; e.g. 0.1: RD 20, "
-        "MemKD 10, Aand 10+12 epochs); --epochs / --aand-stage-epochs take precedence",
-    )
+    parser.add_argument("--aand-stage-epochs", nargs=2, type=int, metavar=("S1", "S2"),
+                        help="Aand's stage lengths (default: 100 120)")
+    parser.add_argument("--schedule-scale", type=float, default=1.0, help="one factor for every model's own schedule "
+                        "(papers' epochs x factor, at least 1; e.g. 0.1: RD 20, MemKD 10, Aand 10+12 epochs); "
+                        "--epochs / --aand-stage-epochs take precedence")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--coreset-ratio", type=float, default=0.1, help="Patchcore coreset sampling ratio")
     parser.add_argument("--num-workers", type=int, default=min(8, os.cpu_count() or 1))
@@ -78,21 +62,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", type=Path, default=Path("runs/anomalib-kd-benchmark"))
     parser.add_argument("--devices", default="auto", help="auto | cpu | N (first N GPUs) | i,j (these GPUs)")
     parser.add_argument("--openvino", action=argparse.BooleanOptionalAction, default=None, help="default: if installed")
-    parser.add_argument(
-        "--heatmaps",
-        type=int,
-        default=4,
-        help="anomalous test images in heatmaps.png (rows; the first seed's models as columns); 0: none",
-    )
+    parser.add_argument("--heatmaps", type=int, default=4, help="anomalous test images in heatmaps.png (rows; the "
+                        "first seed's models as columns); 0: none")
     parser.add_argument("--timing-runs", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--throughput-batch", type=int, default=16)
-    parser.add_argument(
-        "--threads",
-        type=int,
-        help="CPU threads per cell (torch and OpenVINO; default: torch's default). On a shared or busy CPU, "
-        "1 avoids thread oversubscription that can inflate latencies many times",
-    )
+    parser.add_argument("--threads", type=int, help="CPU threads per cell (torch and OpenVINO; default: torch's "
+                        "default). On a shared or busy CPU, 1 avoids thread oversubscription that can inflate "
+                        "latencies many times")
     generated = parser.add_argument_group("generated data (--generated)")
     generated.add_argument("--n-train", type=int, default=32)
     generated.add_argument("--n-test-good", type=int, default=8)
@@ -177,10 +154,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
         previous = json.loads(config_path.read_text(encoding="utf-8"))
         changed = [key for key in RUN_CONFIG_KEYS if not _same_setting(key, previous.get(key), config.get(key))]
         if changed:
-            console.print(
-                f"[red]{args.output} holds results made with other settings ({', '.join(changed)}); "
-                "use another --output.[/red]",
-            )
+            console.print(f"[red]{args.output} holds results made with other settings ({', '.join(changed)}); "
+                          "use another --output.[/red]")
             return 2
     config_path.write_text(json.dumps(config, indent=1), encoding="utf-8")
     if args.generated:
@@ -200,30 +175,21 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     for cell in (c for c in cells if c.key in finished):
         console.print(f"skip {cell.name} (already in {csv_path.name})")
     kind = "GENERATED data" if args.generated else f"folder {root}"
-    console.print(
-        f"{len(cells)} cells ({len(todo)} to run) on {', '.join(devices)}; {kind}; "
-        f"{ablation.teacher_label(config)}; logs in {log_dir}",
-    )
+    console.print(f"{len(cells)} cells ({len(todo)} to run) on {', '.join(devices)}; {kind}; "
+                  f"{ablation.teacher_label(config)}; logs in {log_dir}")
 
     def spec_of(cell: Cell, device: str) -> dict[str, Any]:
         variant = by_name[cell.model]
         extra = {"variant": variant.name, "overrides": variant.resolved(config["texture_dir"])}
         return {
-            "model": variant.model,
-            **(extra if args.ablation else {}),
-            "category": cell.category,
-            "seed": cell.seed,
-            "slug": cell.slug,
-            "device": device,
-            "dataset_root": str(root),
-            "dataset_kind": data_config["dataset_kind"],
-            "dataset_label": data_config["dataset"],
-            "work_dir": str(run_dir.resolve()),
+            "model": variant.model, **(extra if args.ablation else {}), "category": cell.category, "seed": cell.seed,
+            "slug": cell.slug, "device": device, "dataset_root": str(root), "dataset_kind": data_config["dataset_kind"],
+            "dataset_label": data_config["dataset"], "work_dir": str(run_dir.resolve()),
             **{k: config[k] for k in RUN_CONFIG_KEYS if k in config and k not in {"dataset_kind", "dataset"}},
             **{key: getattr(args, key) for key in ("num_workers", "timing_runs", "warmup")},
             "heatmaps": 0 if args.ablation or cell.seed != min(args.seeds) else args.heatmaps,
             "heatmap_dir": str((args.output / "heatmaps").resolve()),
-        }
+        }  # fmt: skip
 
     failures: list[str] = []
     running: dict[str, tuple[Cell, Any]] = {}
@@ -266,9 +232,8 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
             interrupted = True
             for _, handle in running.values():
                 handle.terminate()
-            console.print(
-                "[yellow]interrupted; writing the tables of the finished cells (results.csv); re-run to resume[/yellow]",
-            )
+            console.print("[yellow]interrupted; writing the tables of the finished cells (results.csv); "
+                          "re-run to resume[/yellow]")
 
     rows = schema.read_results(csv_path)
     wanted = {c.key for c in cells}
