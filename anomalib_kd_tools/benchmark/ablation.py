@@ -119,41 +119,23 @@ def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[st
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("ablations and the proxy teacher")
-    group.add_argument(
-        "--ablation",
-        choices=ABLATION_CHOICES,
-        help="run the ablation variants of AAND / MemKD (or both) instead of --models; seeds default to 0 1 2",
-    )
+    group.add_argument("--ablation", choices=ABLATION_CHOICES, help="run the ablation variants of AAND / MemKD (or "
+                       "both) instead of --models; seeds default to 0 1 2")
     group.add_argument("--variants", nargs="+", metavar="NAME", help="run only these variants of the ablation")
-    group.add_argument(
-        "--proxy-teacher",
-        action="store_true",
-        help=f"with --no-pre-trained: {PROXY_TEACHER} before fitting (never ImageNet)",
-    )
-    group.add_argument(
-        "--texture-dir",
-        type=Path,
-        help="texture images for AAND's synthesis (anomaly_source_path, e.g. ./datasets/dtd/images); with "
-        "--generated and --ablation a DTD-like folder is generated when not given",
-    )
-    group.add_argument(
-        "--aand-foreground",
-        help="AAND's foreground strategy for every AAND variant but 'no fg mask' (default: the model's default); "
-        "the generated product is a bright disc on a dark background: 'bright'",
-    )
-    group.add_argument(
-        "--defects",
-        nargs="+",
-        help="defect families of the generated test set (default: the generator's; with --ablation families unlike "
-        "AAND's synthesis: foreign/tint when available, else scratch/hole)",
-    )
-    group.add_argument(
-        "--product",
-        nargs="+",
-        metavar="PRODUCT",
-        help="products of the generated data, one category each, named after it (e.g. widget brick grain: an aligned "
-        "object, a regular and an irregular texture); default: the widget, as category 'widget'",
-    )
+    group.add_argument("--proxy-teacher", action="store_true",
+                       help=f"with --no-pre-trained: {PROXY_TEACHER} before fitting (never ImageNet)")
+    group.add_argument("--texture-dir", type=Path, help="texture images for AAND's synthesis (anomaly_source_path, "
+                       "e.g. ./datasets/dtd/images); with --generated and --ablation a DTD-like folder is generated "
+                       "when not given")
+    group.add_argument("--aand-foreground", help="AAND's foreground strategy for every AAND variant but 'no fg mask' "
+                       "(default: the model's default); the generated product is a bright disc on a dark background: "
+                       "'bright'")
+    group.add_argument("--defects", nargs="+", help="defect families of the generated test set (default: the "
+                       "generator's; with --ablation families unlike AAND's synthesis: foreign/tint when available, "
+                       "else scratch/hole)")
+    group.add_argument("--product", nargs="+", metavar="PRODUCT", help="products of the generated data, one category "
+                       "each, named after it (e.g. widget brick grain: an aligned object, a regular and an irregular "
+                       "texture); default: the widget, as category 'widget'")
 
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -207,17 +189,10 @@ def plan(args: argparse.Namespace, output: Path) -> tuple[list[Variant], dict[st
     else:
         variants, skipped = [Variant(m, m) for m in args.models], {}
     if args.aand_foreground:
-        variants = [
-            Variant(v.name, v.model, {"foreground": args.aand_foreground, **v.overrides}) if v.model == "Aand" else v
-            for v in variants
-        ]
-    config = {
-        "ablation": args.ablation,
-        "proxy_teacher": bool(args.proxy_teacher),
-        "texture_dir": texture_dir,
-        "texture_spec": texture_spec,
-        "aand_foreground": args.aand_foreground,
-    }
+        variants = [Variant(v.name, v.model, {"foreground": args.aand_foreground, **v.overrides})
+                    if v.model == "Aand" else v for v in variants]  # fmt: skip
+    config = {"ablation": args.ablation, "proxy_teacher": bool(args.proxy_teacher), "texture_dir": texture_dir,
+              "texture_spec": texture_spec, "aand_foreground": args.aand_foreground}  # fmt: skip
     return variants, skipped, config
 
 

@@ -54,13 +54,8 @@ def _by_ablation(variants: Sequence[Variant], skipped: dict[str, list[str]]) -> 
     return out
 
 
-def write_markdown(
-    path: Path,
-    rows: pd.DataFrame | Sequence[dict[str, Any]],
-    config: dict[str, Any],
-    variants: Sequence[Variant],
-    skipped: dict[str, list[str]],
-) -> str:
+def write_markdown(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config: dict[str, Any],
+                   variants: Sequence[Variant], skipped: dict[str, list[str]]) -> str:  # fmt: skip
     """``results.md`` of an ablation run: per ablation a metrics table and a mechanism-figures table."""
     rows = pd.DataFrame(rows)
     seeds = sorted(set(rows.seed.astype(int)))
@@ -93,10 +88,8 @@ def write_markdown(
         table = stats.join(members.groupby(by).schedule.first(), on=by)
         table.insert(1, "overrides", [_overrides(overrides.get(v, {})) for v in table.variant])
         table = table[["variant", "overrides", "category", *metric_columns, "schedule", "train s"]].astype(object)
-        skipped_rows = [
-            [variant, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7]
-            for variant, missing in skipped_here.items()
-        ]
+        skipped_rows = [[variant, f"skipped: the constructor has no `{'`, `'.join(missing)}`", *[""] * 7]
+                        for variant, missing in skipped_here.items()]  # fmt: skip
         table = pd.concat([table, pd.DataFrame(skipped_rows, columns=table.columns, dtype=object)])
         lines += [f"## {name}: metrics", "", *report.markdown(table)]
         lines += ["", f"## {name}: mechanism figures (`mechanism_report` on the test images)", ""]
@@ -113,21 +106,13 @@ def write_markdown(
     raw_table = pd.concat([raw[["variant", "category", "seed"]], values], axis=1)
     lines += report.markdown(raw_table.assign(mechanism=raw.get("mechanism_status", "")))
     if config.get("dataset_kind") == "generated":
-        lines += [
-            "",
-            f"Generated data and a {teacher_label(config)}: these numbers test whether each mechanism moves the "
-            "metrics on this data; they are not the papers' MVTec AD / VisA results.",
-        ]
+        lines += ["", f"Generated data and a {teacher_label(config)}: these numbers test whether each mechanism "
+                  "moves the metrics on this data; they are not the papers' MVTec AD / VisA results."]
     return report.write_text(path, lines)
 
 
-def write_plot(
-    path: Path,
-    rows: pd.DataFrame | Sequence[dict[str, Any]],
-    config: dict[str, Any],
-    variants: Sequence[Variant],
-    skipped: dict[str, list[str]],
-) -> bool:
+def write_plot(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config: dict[str, Any],
+               variants: Sequence[Variant], skipped: dict[str, list[str]]) -> bool:  # fmt: skip
     """``results.png`` of an ablation run: per ablation, bars of each variant's image AUROC, pixel AUROC and AUPRO
     (mean ± std over seeds of the mean over categories). Writes nothing and returns ``False`` without rows."""
     rows = pd.DataFrame(rows)

@@ -200,16 +200,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
         torch.set_num_threads(spec["threads"])
     seed_everything(spec["seed"], workers=True)
 
-    datamodule = MVTecAD(
-        root=spec["dataset_root"],
-        category=spec["category"],
-        train_batch_size=spec["batch_size"],
-        eval_batch_size=spec["batch_size"],
-        num_workers=spec["num_workers"],
-        val_split_mode=spec["val_split"],
-        val_split_ratio=spec["val_split_ratio"],
-        seed=spec["split_seed"],
-    )
+    datamodule = MVTecAD(root=spec["dataset_root"], category=spec["category"], train_batch_size=spec["batch_size"],
+                         eval_batch_size=spec["batch_size"], num_workers=spec["num_workers"],
+                         val_split_mode=spec["val_split"], val_split_ratio=spec["val_split_ratio"],
+                         seed=spec["split_seed"])  # fmt: skip
     model, fit_kwargs, backbone, schedule = build_model(spec)
     proxy_images = 0
     if spec.get("proxy_teacher"):
@@ -217,18 +211,10 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
 
         datamodule.setup()
         proxy_images = calibrate_proxy_teacher(model, datamodule.train_data, spec["batch_size"])
-    accelerator = "gpu" if cuda else "cpu"
     work = Path(tempfile.mkdtemp(prefix="cell_", dir=spec["work_dir"]))
     try:
-        common = {
-            "accelerator": accelerator,
-            "devices": 1,
-            "default_root_dir": work,
-            "logger": False,
-            "enable_progress_bar": False,
-            "enable_model_summary": False,
-            "deterministic": "warn",
-        }
+        common = {"accelerator": "gpu" if cuda else "cpu", "devices": 1, "default_root_dir": work, "logger": False,
+                  "enable_progress_bar": False, "enable_model_summary": False, "deterministic": "warn"}  # fmt: skip
 
         def no_checkpoints() -> list:
             # anomalib adds a checkpoint callback unless one is given: this one saves nothing (last epoch is used).
@@ -277,27 +263,17 @@ def run_cell(spec: dict[str, Any]) -> dict[str, Any]:
             peak_mb, memory_kind = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "cpu_peak_rss"
         row.update({key: spec[key] for key in ("dataset_kind", "category", "model", "seed", "image_size", "device")})
         row.update(
-            {
-                "dataset": spec["dataset_label"],
-                "peak_memory_mb": peak_mb,
-                "memory_kind": memory_kind,
-                "params_m": sum(p.numel() for p in params) / 1e6,
-                "trainable_params_m": _trainable_params(fit_engine.trainer.optimizers) / 1e6,
-                "state_mb": state_bytes / 2**20,
-                "train_time_s": train_time,
-                "throughput_batch": spec["throughput_batch"],
-                "threads": torch.get_num_threads(),
-                "backbone": backbone,
-                "weights_tag": PROXY_TEACHER if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
-                "schedule": schedule,
-                "val_split": f"{spec['val_split']}:{spec['val_split_ratio']:g}",
-                "n_train": len(datamodule.train_data),
-                "n_val": len(datamodule.val_data),
-                "n_test": len(datamodule.test_data),
-                "device_name": torch.cuda.get_device_name(0) if cuda else cpu_name(),
-                "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            },
-        )
+            dataset=spec["dataset_label"], peak_memory_mb=peak_mb, memory_kind=memory_kind,
+            params_m=sum(p.numel() for p in params) / 1e6,
+            trainable_params_m=_trainable_params(fit_engine.trainer.optimizers) / 1e6, state_mb=state_bytes / 2**20,
+            train_time_s=train_time,
+            throughput_batch=spec["throughput_batch"], threads=torch.get_num_threads(), backbone=backbone,
+            weights_tag=PROXY_TEACHER if proxy_images else weights_tag(backbone, spec["pre_trained"], model),
+            schedule=schedule, val_split=f"{spec['val_split']}:{spec['val_split_ratio']:g}",
+            n_train=len(datamodule.train_data), n_val=len(datamodule.val_data), n_test=len(datamodule.test_data),
+            device_name=torch.cuda.get_device_name(0) if cuda else cpu_name(),
+            finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        )  # fmt: skip
         return row
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -331,14 +307,9 @@ def save_heatmaps(model: Any, dataset: Any, count: int, path: Path, category: st
         maps.append(output.anomaly_map.detach().float().cpu().numpy().reshape(output.anomaly_map.shape[-2:]))
         labels.append(f"{category} / {Path(samples.image_path[i]).parent.name}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(
-        path,
-        images=np.asarray(images, dtype=np.float16),
-        masks=np.asarray(masks),
-        maps=np.asarray(maps, dtype=np.float32),
-        labels=np.asarray(labels),
-        paths=np.asarray([str(samples.image_path[i]) for i in chosen]),
-    )
+    np.savez_compressed(path, images=np.asarray(images, dtype=np.float16), masks=np.asarray(masks),
+                        maps=np.asarray(maps, dtype=np.float32), labels=np.asarray(labels),
+                        paths=np.asarray([str(samples.image_path[i]) for i in chosen]))  # fmt: skip
 
 
 def _trainable_params(optimizers: Sequence[Any]) -> int:

@@ -60,11 +60,9 @@ def _memory_line(rows: pd.DataFrame) -> str:
     if "cuda_max_allocated" in kinds:
         parts.append("GPU cells: `torch.cuda.max_memory_allocated` (tensors only)")
     if "cpu_peak_rss" in kinds:
-        parts.append(
-            "CPU cells: peak resident set size of the cell's process, which includes the Python / torch / anomalib "
-            "runtime (~0.9 GB) and memory the C allocator keeps after it was freed, so it can differ between runs "
-            "of the same cell (seen: Patchcore's coreset loop at 1.2 or 5 GB)",
-        )
+        parts.append("CPU cells: peak resident set size of the cell's process, which includes the Python / torch / "
+                     "anomalib runtime (~0.9 GB) and memory the C allocator keeps after it was freed, so it can differ "
+                     "between runs of the same cell (seen: Patchcore's coreset loop at 1.2 or 5 GB)")
     return "; ".join(parts)
 
 
@@ -112,11 +110,8 @@ def write_markdown(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], co
     raw_table["n train/val/test"] = ["/".join(map(schema.fmt_int, split)) for split in splits]
     lines += report.markdown(raw_table)
     if config.get("dataset_kind") == "generated":
-        lines += [
-            "",
-            "Generated data: these numbers check the pipeline and measure speed; paper numbers need ImageNet "
-            "weights and MVTec AD / VisA (see docs/benchmarks.md).",
-        ]
+        lines += ["", "Generated data: these numbers check the pipeline and measure speed; paper numbers need "
+                  "ImageNet weights and MVTec AD / VisA (see docs/benchmarks.md)."]
     return report.write_text(path, lines)
 
 
@@ -159,10 +154,8 @@ def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count
     masks = [c[0]["masks"][k] for c, k in picks]
     maps = {model: [c[i]["maps"][k] for c, k in picks] for i, model in enumerate(models)}
     kind = "generated data, not MVTec AD" if config.get("dataset_kind") == "generated" else str(config.get("dataset"))
-    title = (
-        f"{ablation.teacher_label(config)}, {kind}, seed {seed}: post-processed maps (validation threshold = 0.5), "
-        "one colour scale per row"
-    )
+    title = (f"{ablation.teacher_label(config)}, {kind}, seed {seed}: post-processed maps (validation threshold = "
+             "0.5), one colour scale per row")
     draw_side_by_side(images, masks, maps, path, row_labels=[str(c[0]["labels"][k]) for c, k in picks], title=title)
     return True
 

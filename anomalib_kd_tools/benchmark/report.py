@@ -58,14 +58,8 @@ def today() -> str:
 INTERRUPTED = "**Interrupted** (Ctrl-C, or a cap's SIGINT / SIGTERM): these tables hold only what finished before"
 
 
-def header(
-    title: str,
-    hardware: str,
-    date: str,
-    facts: Sequence[str] = (),
-    command: str | None = None,
-    interrupted: bool = False,
-) -> list[str]:
+def header(title: str, hardware: str, date: str, facts: Sequence[str] = (), command: str | None = None,
+           interrupted: bool = False) -> list[str]:  # fmt: skip
     """The header of every table: title, hardware, date and versions, then ``facts`` (after :data:`INTERRUPTED` for a
     run that was stopped early) and the command."""
     lines = [f"# {title}", "", f"- Hardware: {hardware}", f"- Date: {date}; versions: {versions()}"]
@@ -161,12 +155,8 @@ def _draw_scatter(ax: Any, panel: Scatter) -> None:  # noqa: ANN401
     ax.grid(alpha=0.3)
 
 
-def write_png(
-    path: Path,
-    panels: Sequence[Bars | Scatter],
-    title: str,
-    panel_size: tuple[float, float] = (6.5, 4.8),
-) -> None:
+def write_png(path: Path, panels: Sequence[Bars | Scatter], title: str,
+              panel_size: tuple[float, float] = (6.5, 4.8)) -> None:  # fmt: skip
     """The panels side by side under ``title`` (the table's hardware / setting line), at 110 dpi."""
     import matplotlib
 

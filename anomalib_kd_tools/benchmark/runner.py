@@ -49,14 +49,10 @@ def resolve_devices(spec: str, cuda_count: int | None = None) -> list[str]:
     return [f"cuda:{i}" for i in indices]
 
 
-def run_schedule(
-    cells: Iterable[Cell],
-    devices: Sequence[str],
-    start: Callable[[Cell, str], Any],
-    on_start: Callable[[Cell, str], None] | None = None,
-    on_finish: Callable[[Cell, str, Any], None] | None = None,
-    poll_interval: float = 0.2,
-) -> None:
+def run_schedule(cells: Iterable[Cell], devices: Sequence[str], start: Callable[[Cell, str], Any],
+                 on_start: Callable[[Cell, str], None] | None = None,
+                 on_finish: Callable[[Cell, str, Any], None] | None = None,
+                 poll_interval: float = 0.2) -> None:  # fmt: skip
     """Run ``cells`` with at most one cell per device at a time, in order, until all are done: ``start(cell,
     device)`` returns a handle whose ``poll()`` is ``None`` while it runs, then the outcome ``on_finish`` gets."""
     pending = deque(cells)
@@ -107,12 +103,8 @@ class CellProcess:
         self.started = time.perf_counter()
         self._log = log_path.open("w", encoding="utf-8")
         command = [sys.executable, "-m", "anomalib_kd_tools.benchmark", "--run-cell", str(self.spec_path)]
-        self.process = subprocess.Popen(  # noqa: S603 - our own module with our own arguments
-            [*command, str(self.result_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        command.append(str(self.result_path))
+        self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, env=env)  # noqa: S603
 
     def poll(self) -> dict[str, Any] | None:
         code = self.process.poll()

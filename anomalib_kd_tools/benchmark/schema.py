@@ -59,12 +59,8 @@ def _cells(rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns: Sequence[s
     return frame.map(lambda value: csv_value(value, digits))
 
 
-def write_csv(
-    path: Path,
-    rows: pd.DataFrame | Iterable[Mapping[str, Any]],
-    columns: Sequence[str] | None = None,
-    digits: int | None = None,
-) -> None:
+def write_csv(path: Path, rows: pd.DataFrame | Iterable[Mapping[str, Any]], columns: Sequence[str] | None = None,
+              digits: int | None = None) -> None:  # fmt: skip
     """The whole table (``columns``: every key, in order of appearance, by default)."""
     _cells(rows, columns, digits).to_csv(path, index=False, lineterminator="\r\n")
 
@@ -112,14 +108,9 @@ def rank(name: str, order: Sequence[str] = MODELS) -> str:
     return f"{order.index(name) if name in order else len(order):03d} {name}"
 
 
-def aggregate(
-    rows: pd.DataFrame,
-    by: Sequence[str] = ("category", "model"),
-    columns: Sequence[str] = NUMERIC,
-    *,
-    over_categories: bool = False,
-    order: Mapping[str, Sequence[str]] | None = None,
-) -> pd.DataFrame:
+def aggregate(rows: pd.DataFrame, by: Sequence[str] = ("category", "model"), columns: Sequence[str] = NUMERIC, *,
+              over_categories: bool = False,
+              order: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:  # fmt: skip
     """Mean, sample std and count of the finite values of ``columns`` over seeds per ``by`` group.
 
     Columns ``(column, "mean" | "std" | "n")`` and ``("seeds", "n")`` (the seeds of the group); ``over_categories``:
@@ -168,15 +159,9 @@ def formatted(stats: pd.DataFrame, digits: Mapping[str, int] | None = None) -> p
     return pd.DataFrame(cells, index=stats.index)
 
 
-def mean_std_table(
-    rows: pd.DataFrame,
-    by: Sequence[str] = ("model",),
-    columns: Sequence[str] = METRICS,
-    *,
-    over_categories: bool = False,
-    labels: Mapping[str, str] | None = None,
-    order: Mapping[str, Sequence[str]] | None = None,
-) -> pd.DataFrame:
+def mean_std_table(rows: pd.DataFrame, by: Sequence[str] = ("model",), columns: Sequence[str] = METRICS, *,
+                   over_categories: bool = False, labels: Mapping[str, str] | None = None,
+                   order: Mapping[str, Sequence[str]] | None = None) -> pd.DataFrame:  # fmt: skip
     """The table of :func:`aggregate`: the ``by`` keys, ``seeds``, then ``mean ± std`` strings under the
     :data:`LABELS` headers (``labels`` overrides some)."""
     stats = aggregate(rows, by, columns, over_categories=over_categories, order=order)

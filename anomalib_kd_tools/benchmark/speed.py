@@ -283,13 +283,8 @@ def _ratios_to_rd(rows: list[dict], eager: dict[tuple[str, int], list[float]]) -
             row["vs_rd_eager_paired"] = statistics.median(t / t_rd for t, t_rd in pairs)
 
 
-def interleaved_eager_times(
-    networks: dict[str, torch.nn.Module],
-    images: torch.Tensor,
-    runs: int,
-    device: torch.device,
-    faults: dict[str, list[int]] | None = None,
-) -> dict[str, list[float]]:
+def interleaved_eager_times(networks: dict[str, torch.nn.Module], images: torch.Tensor, runs: int, device: torch.device,
+                            faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:  # fmt: skip
     """Eager fp32 latency (seconds) of every network on ``images``, ``runs`` rounds of one call per network.
 
     The calls alternate, in an order rotated every round, so that a change of load on a shared machine hits every
@@ -424,15 +419,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     return 130 if interrupted else 0
 
 
-def write_tables(
-    output: Path,
-    train: list[dict],
-    derived: dict,
-    inference: list[dict],
-    args: argparse.Namespace,
-    argv: Sequence[str],
-    interrupted: bool = False,
-) -> str:
+def write_tables(output: Path, train: list[dict], derived: dict, inference: list[dict], args: argparse.Namespace,
+                 argv: Sequence[str], interrupted: bool = False) -> str:  # fmt: skip
     """``speed.md`` (report header + tables), ``speed_train.csv``, ``speed_inference.csv``, ``speed.png`` and
     ``speed.json`` in ``output``; returns the markdown."""
     output.mkdir(parents=True, exist_ok=True)
