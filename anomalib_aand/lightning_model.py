@@ -461,7 +461,7 @@ class Aand(KDModelBase, AnomalibModule):
     def stage1_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Synthesise anomalies on (normalised) ``images`` and return the stage-1 losses."""
         mean, std = self._normalisation(images)
-        with self.rank_random(images.device):  # this rank's synthesis stream during fit
+        with self.kd_random.activate(images.device):  # this rank's synthesis stream during fit
             augmented, mask, foreground = self.synthesizer((images * std + mean).clamp(0, 1))
         vanilla = self.model.teacher_features((augmented - mean) / std)
         sizes = [tuple(features.shape[-2:]) for features in vanilla]
@@ -473,7 +473,7 @@ class Aand(KDModelBase, AnomalibModule):
             # the reference's rule for the labels (pooled share > 0.3) also picks the foreground patches
             in_foreground = candidates & (F.adaptive_avg_pool2d(foreground, size) > self.label_threshold)
             normal.append(in_foreground if in_foreground.any() else candidates)
-        with self.rank_random(images.device):  # "subsample" pair draws
+        with self.kd_random.activate(images.device):  # "subsample" pair draws
             total, focal, l_a = self.amplification_loss(advanced, vanilla, logits, anomalous, normal)
         return {"loss": total, "focal": focal, "amplification": l_a}
 

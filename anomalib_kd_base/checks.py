@@ -51,8 +51,6 @@ def decode_error(path: str | os.PathLike[str]) -> str | None:
 def undecodable(paths: Iterable[str | os.PathLike[str]], workers: int | None = None) -> list[tuple[str, str]]:
     """``[(path, problem)]`` of the files that do not decode (PIL decodes in threads, releasing the GIL)."""
     paths = [str(path) for path in paths if path is not None and str(path) != ""]
-    if not paths:
-        return []
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         problems = list(pool.map(decode_error, paths))
@@ -157,15 +155,3 @@ def warn_if_no_anomalous(datamodule: Any) -> None:  # noqa: ANN401
                 "reported as NaN (not 0.0); thresholds set on it are not meaningful.",
                 split.removesuffix("_data").replace("val", "validation"),
             )
-
-
-__all__ = [
-    "DATA_CHECK_ENV",
-    "DataCheckError",
-    "anomalous_count",
-    "check_datamodule_layout",
-    "check_datasets",
-    "decode_error",
-    "undecodable",
-    "warn_if_no_anomalous",
-]

@@ -8,6 +8,7 @@ padded repeats dropped from evaluation batches, rank 0's BatchNorm buffers broad
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -75,9 +76,6 @@ class RNGStream:
         self._cpu_state = None if cpu is None else cpu.clone().to(torch.uint8)
         self._device_states = {key: value.clone().to(torch.uint8) for key, value in (state.get("devices") or {}).items()}
 
-    def _initial_state(self, device: torch.device) -> torch.Tensor:
-        return torch.Generator(device=device).manual_seed(self.seed).get_state()
-
     @contextmanager
     def activate(self, device: torch.device | str | None = None) -> Iterator[None]:
         """The block continues this stream (CPU generator, plus ``device``'s for an accelerator); on exit the global
@@ -89,11 +87,11 @@ class RNGStream:
         forked = [device.index] if accelerator is not None else []
         with torch.random.fork_rng(devices=forked, device_type=device.type if forked else "cpu"):
             if self._cpu_state is None:
-                self._cpu_state = self._initial_state(torch.device("cpu"))
+                self._cpu_state = torch.Generator().manual_seed(self.seed).get_state()
             torch.set_rng_state(self._cpu_state)
             if accelerator is not None:
                 if str(device) not in self._device_states:
-                    self._device_states[str(device)] = self._initial_state(device)
+                    self._device_states[str(device)] = torch.Generator(device).manual_seed(self.seed).get_state()
                 accelerator.set_rng_state(self._device_states[str(device)], device.index)
             yield
             self._cpu_state = torch.get_rng_state()
@@ -264,6 +262,7 @@ class DistributedTraining(Callback):
 
 
 # ---------------------------------------------------------------------------------------------- exact evaluation
+@functools.cache  # one answer per (dataset size, replicas, batch size): computed once per evaluation loader
 def padded_positions_to_drop(num_samples: int, num_replicas: int, batch_size: int | None) -> frozenset[int]:
     """Positions of ``DistributedSampler(drop_last=False)``'s padded index list to leave out, keeping each sample once.
     Position ``g >= num_samples`` repeats ``g % num_samples``; rank ``r`` iterates ``r, r + R, ...`` in batches of
@@ -322,7 +321,6 @@ class DistributedEvaluation(Callback):
 
     def __init__(self) -> None:
         self._seen: dict[int, int] = {}
-        self._drop: tuple[Any, frozenset[int]] = (None, frozenset())
 
     def on_validation_epoch_start(self, trainer: Any, pl_module: Any) -> None:  # noqa: ANN401
         broadcast_buffers(trainer, pl_module.model)  # DDP does not sync buffers in no-grad forwards
@@ -349,10 +347,8 @@ class DistributedEvaluation(Callback):
         if not pads or sampler.drop_last:
             return
         replicas = sampler.num_replicas
-        key = (len(sampler.dataset), replicas, getattr(getattr(loader, "batch_sampler", None), "batch_size", None))
-        if self._drop[0] != key:
-            self._drop = (key, padded_positions_to_drop(*key))
-        drop = self._drop[1]
+        batch_size = getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        drop = padded_positions_to_drop(len(sampler.dataset), replicas, batch_size)
         if not drop:
             return
         keep = torch.tensor([sampler.rank + (start + i) * replicas not in drop for i in range(size)], dtype=torch.bool)
@@ -368,19 +364,3 @@ class DistributedEvaluation(Callback):
         select_batch_(batch, keep)
 
     on_test_batch_start = on_validation_batch_start
-
-
-__all__ = [
-    "RNG_CHECKPOINT_KEY",
-    "DistributedEvaluation",
-    "DistributedTraining",
-    "RNGStream",
-    "RankRandomness",
-    "align_workspace",
-    "broadcast_buffers",
-    "epoch_seed",
-    "padded_positions_to_drop",
-    "rank_seed",
-    "run_on_rank_zero",
-    "select_batch_",
-]

@@ -46,10 +46,6 @@ class ProvenanceExportMixin:
         return {f"{METADATA_NAMESPACE}.{key}": value for key, value in record.items()}
 
     # ------------------------------------------------------------------ checkpoints (called by the model's hooks)
-    def save_teacher_record(self, checkpoint: dict[str, Any]) -> None:
-        """Store the teacher's record in a Lightning checkpoint."""
-        checkpoint[CHECKPOINT_KEY] = self.teacher_provenance
-
     def restore_teacher_record(self, checkpoint: dict[str, Any]) -> None:
         """Set ``model.teacher_provenance`` from a checkpoint (rebuilt from its hyper-parameters when it has none)."""
         state = checkpoint.get("state_dict") or {}
@@ -184,16 +180,3 @@ def read_openvino_metadata(xml_path: str | os.PathLike[str]) -> dict[str, str]:
 def read_torch_metadata(pt_path: str | os.PathLike[str]) -> dict[str, str]:
     """The ``"metadata"`` dict of a ``to_torch`` export (unpickles the file: only for files you trust)."""
     return dict(torch.load(pt_path, map_location="cpu", weights_only=False).get("metadata") or {})
-
-
-__all__ = [
-    "CHECKPOINT_KEY",
-    "METADATA_NAMESPACE",
-    "ProvenanceExportMixin",
-    "export_resizes_input",
-    "read_onnx_metadata",
-    "read_openvino_metadata",
-    "read_torch_metadata",
-    "write_onnx_metadata",
-    "write_openvino_metadata",
-]

@@ -34,6 +34,3 @@ def inference_autocast(enabled: bool, device: torch.device) -> contextlib.Abstra
 def set_channels_last(module: nn.Module, enabled: bool) -> None:
     """Convolution weights in channels-last (NHWC) layout for the fast path, back to contiguous otherwise."""
     module.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-
-
-__all__ = ["fast_dtype", "inference_autocast", "set_channels_last"]

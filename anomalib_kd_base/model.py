@@ -21,13 +21,12 @@ from anomalib.visualization import Visualizer
 from lightning.pytorch import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
-from torch.utils.data import DataLoader
 
 from . import distributed
 from .checks import check_datamodule_layout
-from .export import ProvenanceExportMixin
+from .export import CHECKPOINT_KEY, ProvenanceExportMixin
 from .quantization import AnomalyMapPTQMixin
-from .resume import MODEL_KEY, RunGuards, attached_trainer, data_checks_on, model_record, refuse_other_model, size_of
+from .resume import MODEL_KEY, RunGuards, attached_trainer, data_checks_on, model_record, refuse_other_model
 from .upstream import install_engine_hook
 from .weights import restoring
 
@@ -138,7 +137,7 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
         # a pre-processor object (not True / False) is the user's explicit choice of the image size
-        self._kd_requested_size = None if isinstance(pre_processor, bool | None) else size_of(pre_processor)
+        self._kd_requested_size = None if isinstance(pre_processor, bool | None) else self.input_size
         self.kd_random = distributed.RankRandomness()
         self.kd_guards = RunGuards()
         self._kd_callbacks = (self.kd_random, distributed.DistributedTraining(), distributed.DistributedEvaluation(),
@@ -182,20 +181,6 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         if trainer is not None and trainer.state.fn == "fit" and datamodule is not None and data_checks_on(self):
             check_datamodule_layout(datamodule)
 
-    # ------------------------------------------------------------------ random streams of a fit
-    @property
-    def rank_stream_seed(self) -> int | None:
-        """This rank's stream seed during ``fit`` (``rank_seed(base, global_rank)``), else ``None``."""
-        return self.kd_random.seed
-
-    def rank_random(self, device: Any = None) -> Any:  # noqa: ANN401
-        """Context manager: this rank's private stream during ``fit``, the global RNG otherwise."""
-        return self.kd_random.activate(device)
-
-    def resumable_cycle(self, loader: DataLoader, generator: Any, name: str = "default") -> Any:  # noqa: ANN401
-        """An endless iterator over ``loader`` (shuffled by ``generator``: see ``ResumableCycle``), resumed exactly."""
-        return self.kd_random.cycle(loader, generator, name)
-
     def configure_trainable_parameters(self) -> None:
         """In ``setup("fit")``, before DDP wraps the module (it waits for the gradient of every parameter that requires
         one): the frozen teacher and the RD bottleneck's never-called ``conv4`` / ``bn4`` stop requiring grad."""
@@ -222,7 +207,7 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """anomalib's components, the teacher's record and which model wrote the checkpoint."""
         super().on_save_checkpoint(checkpoint)
-        self.save_teacher_record(checkpoint)
+        checkpoint[CHECKPOINT_KEY] = self.teacher_provenance
         checkpoint[MODEL_KEY] = model_record(self)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -281,21 +266,7 @@ class KDModelBase(ProvenanceExportMixin, AnomalyMapPTQMixin):
         """Both models learn from normal images only."""
         return LearningType.ONE_CLASS
 
-    def validation_step(self, batch: Batch, *args, **kwargs) -> STEP_OUTPUT:
+    def validation_step(self, batch: Batch, *_args, **_kwargs) -> STEP_OUTPUT:
         """Anomaly maps and scores of a validation batch (the torch model's eval predictions)."""
-        del args, kwargs  # These variables are not used.
         predictions = self.model(batch.image)
         return batch.update(**predictions._asdict())
-
-
-__all__ = [
-    "PAPER_BATCH_SIZE",
-    "PAPER_LR",
-    "SIZE_MULTIPLE",
-    "KDModelBase",
-    "batch_size_warning",
-    "check_at_least",
-    "check_choice",
-    "check_positive",
-    "check_size_multiple",
-]

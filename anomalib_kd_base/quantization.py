@@ -107,19 +107,6 @@ def calibration_batches(
     return batches
 
 
-def training_images(datamodule: AnomalibDataModule) -> Iterable[torch.Tensor]:
-    """Images of the datamodule's training split (normal images only, never the test split)."""
-    datamodule.setup("fit")
-    if getattr(datamodule, "train_data", None) is None or len(datamodule.train_data) == 0:
-        msg = (
-            "INT8 post-training quantization calibrates on the datamodule's training images (normal images), "
-            "but its training split is empty."
-        )
-        raise ValueError(msg)
-    for batch in datamodule.train_dataloader():
-        yield batch.image
-
-
 def quantize_model(
     onnx_path: str | Path,
     calibration: Sequence[np.ndarray],
@@ -184,7 +171,14 @@ class AnomalyMapPTQMixin:
             msg = "INT8_PTQ needs a static input size: pass input_size=(H, W) (CLI: --input_size '[256,256]')."
             raise ValueError(msg)
         onnx_kwargs = kwargs.get("onnx_kwargs") or {}
-        calibration = calibration_batches(training_images(datamodule), size)
+        datamodule.setup("fit")  # calibration on the training split (normal images only), never the test split
+        if getattr(datamodule, "train_data", None) is None or len(datamodule.train_data) == 0:
+            msg = (
+                "INT8 post-training quantization calibrates on the datamodule's training images (normal images), "
+                "but its training split is empty."
+            )
+            raise ValueError(msg)
+        calibration = calibration_batches((batch.image for batch in datamodule.train_dataloader()), size)
         with TemporaryDirectory() as onnx_directory:
             onnx_path = self.to_onnx(onnx_directory, model_file_name, size, **onnx_kwargs)  # type: ignore[attr-defined]
             model = quantize_model(onnx_path, calibration, ov_kwargs=kwargs.get("ov_kwargs"))
@@ -192,13 +186,3 @@ class AnomalyMapPTQMixin:
         xml_path = root / f"{model_file_name}.xml"
         ov.save_model(model, xml_path, compress_to_fp16=False)
         return xml_path
-
-
-__all__ = [
-    "FLOAT_SCOPES",
-    "AnomalyMapPTQMixin",
-    "calibration_batches",
-    "float_node_names",
-    "float_op_names",
-    "quantize_model",
-]

@@ -42,16 +42,6 @@ def attached_trainer(module: Any) -> Any:  # noqa: ANN401
         return None
 
 
-def size_of(pre_processor: Any) -> tuple[int, int] | None:  # noqa: ANN401
-    """The ``(H, W)`` a pre-processor's transform resizes to (``None`` without a transform)."""
-    transform = getattr(pre_processor, "transform", None)
-    if transform is None:
-        return None
-    with torch.no_grad():
-        out = transform(torch.zeros(1, 3, 4, 4))
-    return tuple(int(v) for v in out.shape[-2:])  # type: ignore[return-value]
-
-
 def schedule_flags(cls: type) -> list[str]:
     """``--model.<name>`` of the constructor arguments that set a model's number of epochs."""
     try:
@@ -126,7 +116,7 @@ class ResumableCycle:
     """Endless iteration over a ``DataLoader`` shuffled by ``generator``, with an exact ``state_dict``. The state is the
     generator's state at the start of the pass plus the batches drawn in it; loading replays the pass to that point.
     ``generator`` must feed the loader's sampler only, not the ``DataLoader`` itself (each new iterator draws its
-    workers' base seed from that). Create it with ``KDModelBase.resumable_cycle``."""
+    workers' base seed from that). Create it with ``RankRandomness.cycle`` (``model.kd_random``)."""
 
     def __init__(self, loader: Any, generator: torch.Generator | None) -> None:  # noqa: ANN401
         self.loader = loader
@@ -264,18 +254,3 @@ class RunGuards(Callback):
 def _test_dataset(trainer: Any) -> Any:  # noqa: ANN401
     dataset = getattr(one_loader(getattr(trainer, "test_dataloaders", None)), "dataset", None)
     return dataset if dataset is not None else getattr(getattr(trainer, "datamodule", None), "test_data", None)
-
-
-__all__ = [
-    "MODEL_KEY",
-    "ResumableCycle",
-    "attached_trainer",
-    "RunGuards",
-    "checkpoint_holds",
-    "data_checks_on",
-    "model_record",
-    "one_loader",
-    "refuse_other_model",
-    "schedule_flags",
-    "size_of",
-]

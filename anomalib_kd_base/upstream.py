@@ -7,8 +7,8 @@ Each says why it exists and the version it was written against (:data:`WRITTEN_A
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -35,13 +35,10 @@ def install_engine_hook() -> None:
       Other routes (a ``DDPStrategy`` object, a bare Lightning Trainer) are checked at fit start
       (:class:`anomalib_kd_base.distributed.DistributedTraining`).
     """
-    engine_module = sys.modules.get("anomalib.engine.engine")
-    if engine_module is None:
-        try:
-            from anomalib.engine import engine as engine_module
-        except ImportError:  # pragma: no cover - anomalib.engine is still importing: the next model retries
-            return
-    engine_class = getattr(engine_module, "Engine", None)  # None while anomalib.engine is still importing
+    try:  # a module that is still importing comes back as it stands (no Engine yet: the next model retries)
+        engine_class = getattr(importlib.import_module("anomalib.engine.engine"), "Engine", None)
+    except ImportError:  # pragma: no cover - anomalib.engine is still importing
+        return
     original = getattr(engine_class, "_setup_trainer", None)
     if original is None or getattr(original, "_anomalib_kd", False):
         return
@@ -103,12 +100,3 @@ def checkpoint_position(checkpoint: dict[str, Any]) -> tuple[int, tuple[int, int
         return epoch, None
     started = current.get("started")
     return epoch, (int(started) - 1 if started else int(checkpoint.get("epoch", 0)), done)
-
-
-__all__ = [
-    "DDP_STRATEGY_NAMES",
-    "WRITTEN_AGAINST",
-    "checkpoint_position",
-    "install_engine_hook",
-    "set_default_root_dir",
-]

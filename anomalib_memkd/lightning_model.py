@@ -269,12 +269,12 @@ class MemKD(KDModelBase, AnomalibModule):
         self._exemplars_per_step = num_exemplars
         workers = int(getattr(datamodule, "num_workers", 0) or 0)
         collate_fn = getattr(datamodule, "external_collate_fn", None) or dataset.collate_fn
-        # During fit: this rank's own reproducible stream (KDModelBase.rank_stream_seed); else the global RNG.
+        # During fit: this rank's own reproducible stream (KDModelBase.kd_random.seed); else the global RNG.
         # The sampler's generator is consumed by the sampler only (one permutation per pass), which is what
         # ResumableCycle saves and replays. The loader gets its own generator (seed + 1): every new loader iterator
         # draws its workers' base seed from it, and a resumed fit creates a new iterator where an uninterrupted one
         # reuses its persistent workers, so a shared generator would shift every later permutation after a resume.
-        seed = getattr(self, "rank_stream_seed", None)
+        seed = self.kd_random.seed
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
         loader_generator = torch.Generator().manual_seed(seed + 1) if seed is not None else None
         loader = DataLoader(
@@ -288,7 +288,7 @@ class MemKD(KDModelBase, AnomalibModule):
             generator=loader_generator,
         )
         self._exemplar_loader = loader
-        return self.resumable_cycle(loader, generator, name="exemplars")  # position saved in checkpoints
+        return self.kd_random.cycle(loader, generator, name="exemplars")  # position saved in checkpoints
 
     def _next_exemplars(self, batch: Batch | None = None) -> torch.Tensor:
         """Next exemplar images, none of them in ``batch``, on the model's device and pre-processed like ``batch.image``.

@@ -164,7 +164,7 @@ def main(name: str, root: Path, out: Path) -> None:
             "evaluated": recorder.paths,
             "scores": recorder.scores,
             "draws": draws,
-            "stream_seed_cleared": getattr(model, "rank_stream_seed", None) is None,
+            "stream_seed_cleared": model.kd_random.seed is None,
         },
         out / f"rank{engine.trainer.global_rank}.pt",
     )
