@@ -8,6 +8,7 @@ padded repeats dropped from evaluation batches, rank 0's BatchNorm buffers broad
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
 import math
@@ -232,11 +233,19 @@ def align_workspace(trainer: Any) -> None:  # noqa: ANN401
         own.rmdir()  # only succeeds while the folder is empty
 
 
+_IN_EXPORT = contextvars.ContextVar("anomalib_kd_rank_zero_export", default=False)
+
+
 def run_on_rank_zero(trainer: Any, export: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:  # noqa: ANN401
-    """Run ``export`` on rank 0 only; every rank waits for it and returns rank 0's result."""
-    if not _distributed(trainer):
+    """Run ``export`` on rank 0 only; every rank waits for it and returns rank 0's result. A nested export (anomalib's
+    ``to_openvino`` calls ``to_onnx``) runs directly: only rank 0 is inside, so a barrier there would never be met."""
+    if not _distributed(trainer) or _IN_EXPORT.get():
         return export(*args, **kwargs)
-    result = export(*args, **kwargs) if trainer.is_global_zero else None
+    token = _IN_EXPORT.set(True)
+    try:
+        result = export(*args, **kwargs) if trainer.is_global_zero else None
+    finally:
+        _IN_EXPORT.reset(token)
     trainer.strategy.barrier("anomalib_kd_export")
     return trainer.strategy.broadcast(result, src=0)
 

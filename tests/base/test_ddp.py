@@ -238,7 +238,7 @@ def test_rng_stream_is_private_and_continuous() -> None:
 def _synthesise(model, base_seed: int, rank: int) -> torch.Tensor:
     model.kd_random.start(rank_seed(base_seed, rank))  # what fit start does
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with model.rank_random(images.device):
+    with model.kd_random.activate(images.device):
         _, masks, _ = model.synthesizer(images)
     return masks
 
@@ -302,6 +302,34 @@ def test_padded_positions_are_each_kept_once() -> None:
                     assert sorted(kept) == list(range(num_samples)), case
     assert padded_positions_to_drop(6, 2, 3) == frozenset()
     assert padded_positions_to_drop(5, 2, None) == frozenset({5})
+
+
+def test_a_nested_export_under_ddp_waits_at_one_barrier(monkeypatch: pytest.MonkeyPatch) -> None:
+    """anomalib's ``to_openvino`` calls ``self.to_onnx``: under DDP only rank 0 is inside, so the nested export runs
+    directly. A second barrier there would never be met by the other ranks (a hang, before the fix)."""
+    from anomalib_kd_base import distributed
+
+    calls: list[str] = []
+    strategy = SimpleNamespace(barrier=lambda name: calls.append("barrier"),
+                               broadcast=lambda obj, src=0: calls.append("broadcast") or obj)  # fmt: skip
+    trainer = SimpleNamespace(world_size=2, is_global_zero=True, strategy=strategy)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+
+    def to_onnx() -> str:
+        calls.append("onnx")
+        return "model.onnx"
+
+    def to_openvino() -> str:
+        calls.append("openvino")
+        assert distributed.run_on_rank_zero(trainer, to_onnx) == "model.onnx"
+        return "model.xml"
+
+    assert distributed.run_on_rank_zero(trainer, to_openvino) == "model.xml"
+    assert calls == ["openvino", "onnx", "barrier", "broadcast"]
+    calls.clear()
+    trainer.is_global_zero = False  # another rank exports nothing, waits once and gets rank 0's result
+    assert distributed.run_on_rank_zero(trainer, to_openvino) is None
+    assert calls == ["barrier", "broadcast"]
 
 
 def test_select_batch_keeps_rows_in_place() -> None:
