@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib_kd_tools.proxy import PROXY_TEACHER
+from anomalib_kd_tools.synthetic import ALL_DEFECT_TYPES, PRODUCTS, make_texture_folder
 
 TEXTURES = "<texture-dir>"  # placeholder in a variant's overrides, replaced by the run's texture folder
 
@@ -103,18 +104,13 @@ def split_runnable(variants: Sequence[Variant]) -> tuple[list[Variant], dict[str
 
 def available_defects() -> tuple[str, ...]:
     """Defect families of the generator (:data:`anomalib_kd_tools.synthetic.ALL_DEFECT_TYPES`)."""
-    from anomalib_kd_tools import synthetic
-
-    return tuple(synthetic.ALL_DEFECT_TYPES)
+    return tuple(ALL_DEFECT_TYPES)
 
 
 def default_ablation_defects(available: Sequence[str] | None = None) -> tuple[str, ...]:
     available = tuple(available_defects() if available is None else available)
-    for preferred in UNLIKE_SYNTHESIS:
-        chosen = tuple(d for d in preferred if d in available)
-        if chosen:
-            return chosen
-    return available
+    chosen = (tuple(d for d in preferred if d in available) for preferred in UNLIKE_SYNTHESIS)
+    return next((defects for defects in chosen if defects), available)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,8 +148,6 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
             parser.error(f"--defects: unknown {unknown}; the generator has {list(available_defects())}")
     elif args.generated and args.ablation:
         args.defects = list(default_ablation_defects())
-    from anomalib_kd_tools.synthetic import PRODUCTS
-
     unknown = sorted(set(args.product or ()) - set(PRODUCTS))
     if unknown:
         parser.error(f"--product {' '.join(unknown)}: the generator has {list(PRODUCTS)}")
@@ -206,8 +200,6 @@ def write_textures(config: dict[str, Any]) -> None:
     spec = config.get("texture_spec")
     if not spec:
         return
-    from anomalib_kd_tools.synthetic import make_texture_folder
-
     root = Path(config["texture_dir"])
     marker = root / "textures.json"
     if not marker.exists() or json.loads(marker.read_text(encoding="utf-8")) != spec:
@@ -246,6 +238,3 @@ def mechanism_figures(model: Any, dataloader: Any, report: Any = None) -> tuple[
         except (TypeError, ValueError):
             continue
     return figures, "ok"
-
-
-__all__ = ["ABLATIONS", "PROXY_TEACHER", "Variant", "ablation_of", "mechanism_figures", "teacher_label", "variants_of"]

@@ -126,6 +126,3 @@ def write_plot(path: Path, rows: pd.DataFrame | Sequence[dict[str, Any]], config
     if panels:
         report.write_png(path, panels, f"Ablation: {quality_report.plot_title(rows, config)}")
     return bool(panels)
-
-
-__all__ = ["figures", "natural_key", "write_markdown", "write_plot"]

@@ -92,6 +92,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(full)
     with sigterm_as_interrupt():  # each subcommand catches KeyboardInterrupt, writes its tables and returns 130
         return COMMANDS[args.command].run(args, full[1:])
-
-
-__all__ = ["COMMANDS", "build_parser", "main", "parse"]

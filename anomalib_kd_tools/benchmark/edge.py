@@ -3,7 +3,7 @@
 The models are trained briefly on generated data, the *whole* AnomalibModule is exported, and each back-end -
 ``torch`` (eager fp32), ``ov-fp32`` (``INFERENCE_PRECISION_HINT=f32``), ``ov-fp16`` (FP16-compressed IR),
 ``ov-int8`` (NNCF PTQ, scoring in float: :func:`anomalib_kd_base.quantization.quantize_model`) and ``ov-default``
-(bf16 where the CPU has it) - is timed and scored (:func:`.job.image_auroc`, as ``quality``) into ``edge.md`` /
+(bf16 where the CPU has it) - is timed and scored (:func:`.job.auroc`, as ``quality``) into ``edge.md`` /
 ``.csv`` / ``.png`` / ``.json``; docs/benchmarks.md ("Edge benchmark") has the measured tables.
 """
 
@@ -16,20 +16,18 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
 from anomalib_kd_tools.benchmark import report, schema
-from anomalib_kd_tools.benchmark.timing import time_calls
+from anomalib_kd_tools.benchmark.timing import CallTimer
 
 if TYPE_CHECKING:
     import numpy as np
 
 MODELS = ("Aand", "MemKD", "ReverseDistillation", "Patchcore")
 BACKENDS = ("torch", "ov-fp32", "ov-fp16", "ov-int8", "ov-default")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 DESCRIPTION = (
     "Edge benchmark: CPU latency / throughput, size, image and pixel AUROC per precision, four models side by side."
 )
@@ -72,14 +70,13 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
 
 
 def build_model(name: str, args: argparse.Namespace):
-    """The model (one pre-processor for all four) and its extra Engine arguments."""
-    from anomalib.pre_processing import PreProcessor
-    from torchvision.transforms.v2 import Compose, Normalize, Resize
+    """The model and its extra Engine arguments. One pre-processor for all four: anomalib's default (antialiased
+    bilinear resize, ImageNet normalisation), so that the back-ends compare the models and not their resizes."""
+    from anomalib.models.components import AnomalibModule
 
     from anomalib_kd_tools.benchmark.ablation import model_class
 
-    resize = Resize((args.image_size, args.image_size), antialias=True)
-    pre_processor = PreProcessor(transform=Compose([resize, Normalize(IMAGENET_MEAN, IMAGENET_STD)]))
+    pre_processor = AnomalibModule.configure_pre_processor((args.image_size, args.image_size))
     common = {"backbone": args.backbone, "pre_trained": args.pre_trained, "pre_processor": pre_processor}
     kwargs = {
         "Aand": {"stage1_epochs": 1, "stage2_epochs": max(1, args.epochs - 1)},
@@ -89,35 +86,15 @@ def build_model(name: str, args: argparse.Namespace):
     return model_class(name)(**common, **kwargs), {"max_epochs": args.epochs} if name == "ReverseDistillation" else {}
 
 
-def load_split(root: Path, category: str, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(images [N, 3, H, W] in [0, 1], labels [N], masks [N, H, W])`` of a split (empty masks for good images)."""
+def load_split(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN401
+    """``(images [N, 3, H, W] in [0, 1], labels [N], masks [N, H, W])`` of an anomalib dataset, as its items read
+    them (the image files' size; empty masks for good images)."""
     import numpy as np
-    from PIL import Image
 
-    paths = sorted((root / category / split).rglob("*.png"))
-    images = np.stack([np.asarray(Image.open(p).convert("RGB"), np.float32).transpose(2, 0, 1) / 255 for p in paths])
-    labels = np.array([p.parent.name != "good" for p in paths])
-    masks = np.zeros((len(paths), *images.shape[-2:]), dtype=bool)
-    for i, p in enumerate(paths):
-        mask = root / category / "ground_truth" / p.parent.name / f"{p.stem}_mask.png"
-        if mask.exists():
-            masks[i] = np.asarray(Image.open(mask).convert("L")) > 127
-    return images, labels, masks
-
-
-def pixel_auroc(maps: np.ndarray, masks: np.ndarray) -> float:
-    """anomalib's pixel AUROC of ``maps`` (resized bilinearly to the masks' size when they differ) against ``masks``."""
-    import torch
-    import torch.nn.functional as F  # noqa: N812
-    from anomalib.metrics import AUROC
-    from types import SimpleNamespace
-
-    maps_t = torch.as_tensor(maps, dtype=torch.float32).reshape(len(maps), 1, *maps.shape[-2:])
-    if maps_t.shape[-2:] != masks.shape[-2:]:
-        maps_t = F.interpolate(maps_t, size=masks.shape[-2:], mode="bilinear", align_corners=False)
-    metric = AUROC(fields=["anomaly_map", "gt_mask"])
-    metric.update(SimpleNamespace(anomaly_map=maps_t[:, 0], gt_mask=torch.as_tensor(masks).int()))
-    return float(metric.compute())
+    items = [dataset[i] for i in range(len(dataset))]
+    images = np.stack([item.image.numpy() for item in items])
+    masks = np.stack([item.gt_mask.numpy().reshape(images.shape[-2:]) > 0 for item in items])
+    return images, np.array([bool(item.gt_label) for item in items]), masks
 
 
 def measure(call, outputs_of, data: tuple, args: argparse.Namespace) -> dict[str, float]:  # noqa: ANN001
@@ -125,20 +102,20 @@ def measure(call, outputs_of, data: tuple, args: argparse.Namespace) -> dict[str
     -> ``(scores, maps)`` as arrays)."""
     import numpy as np
 
-    from anomalib_kd_tools.benchmark.job import image_auroc
+    from anomalib_kd_tools.benchmark.job import auroc
 
     images, labels, masks = data
     single = images[:1]
-    latencies = pd.Series(time_calls(lambda: call(single), args.runs, args.warmup))
+    latencies = pd.Series(CallTimer(lambda: call(single)).calls(args.runs, args.warmup))
     batch = np.concatenate([images] * (args.throughput_batch // len(images) + 1))[: args.throughput_batch]
-    batch_times = pd.Series(time_calls(lambda: call(batch), args.throughput_runs, 1))
+    batch_times = pd.Series(CallTimer(lambda: call(batch)).calls(args.throughput_runs, 1))
     scores, maps = zip(*(outputs_of(call(images[i : i + 1])) for i in range(len(images))), strict=True)
     return {
         "p50_ms": 1000 * latencies.median(),
         "p95_ms": 1000 * latencies.quantile(0.95, interpolation="nearest"),  # a measured call, not an interpolation
         "throughput": args.throughput_batch / batch_times.median(),
-        "image_auroc": image_auroc(np.concatenate(scores), labels),  # anomalib's AUROC, as in quality
-        "pixel_auroc": pixel_auroc(np.concatenate(maps), masks),
+        "image_auroc": auroc(np.concatenate(scores), labels),  # anomalib's AUROC, as in quality
+        "pixel_auroc": auroc(np.concatenate(maps), masks, pixel=True),  # the maps are at the images' size
     }
 
 
@@ -164,8 +141,8 @@ def benchmark_model(name: str, args: argparse.Namespace, data_root: Path, work: 
     engine.fit(model, datamodule=datamodule)
     fit_s = time.perf_counter() - start
     model.eval()
-    data = load_split(data_root, "widget", "test")
-    train_images = load_split(data_root, "widget", "train")[0]
+    datamodule.setup()
+    data, train_images = load_split(datamodule.test_data), load_split(datamodule.train_data)[0]
     size = (args.image_size, args.image_size)
     params = sum(p.numel() for p in model.model.parameters())
     state_mb = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers())) / 2**20

@@ -45,6 +45,3 @@ def make_cells(models: Sequence[str], categories: Sequence[str], seeds: Sequence
 
     grid = {"category": {"grid": list(categories)}, "seed": {"grid": list(seeds)}, "model": {"grid": list(models)}}
     return [Cell(c["model"], c["category"], c["seed"]) for c in get_iterator_from_grid_dict(grid)]
-
-
-__all__ = ["GENERATED_CATEGORY", "MODELS", "Cell", "make_cells"]

@@ -20,7 +20,7 @@ from typing import Any
 
 from anomalib_kd_tools.benchmark.report import cpu_name
 from anomalib_kd_tools.benchmark.schema import MODELS
-from anomalib_kd_tools.benchmark.timing import time_calls
+from anomalib_kd_tools.benchmark.timing import CallTimer
 from anomalib_kd_tools.proxy import PROXY_TEACHER
 
 # Paper / reference schedule lengths (epochs). Patchcore: one pass (anomalib pins max_epochs=1).
@@ -39,15 +39,9 @@ def weights_tag(backbone: str, pre_trained: bool, model: Any = None) -> str:  # 
     provenance = getattr(getattr(model, "model", None), "teacher_provenance", None)
     if isinstance(provenance, dict) and provenance.get("weights_tag"):
         return str(provenance["weights_tag"])
-    if not pre_trained:
-        return "random-init"
-    try:
-        import timm
+    from anomalib_kd_base.weights import resolve_weights_tag
 
-        cfg = timm.models.get_pretrained_cfg(backbone)
-    except Exception:  # noqa: BLE001 - unknown names are reported when the model is built
-        return backbone
-    return f"{cfg.architecture}.{cfg.tag}" if cfg is not None and getattr(cfg, "tag", None) else backbone
+    return resolve_weights_tag(backbone) if pre_trained else "random-init"
 
 
 def build_model(spec: dict[str, Any]):  # noqa: ANN201
@@ -85,7 +79,8 @@ def build_model(spec: dict[str, Any]):  # noqa: ANN201
     elif name == "Aand":
         schedule = f"{kwargs['stage1_epochs']}+{kwargs['stage2_epochs']} epochs"
     else:
-        schedule = _epochs(kwargs.get("epochs", epochs))
+        n = kwargs.get("epochs", epochs)
+        schedule = f"{n} epoch{'' if n == 1 else 's'}"
     return model, {"max_epochs": epochs} if name == "ReverseDistillation" else {}, backbone, schedule
 
 
@@ -94,19 +89,18 @@ def scaled(epochs: int, spec: dict[str, Any]) -> int:
     return max(1, round(epochs * (spec.get("schedule_scale") or 1.0)))
 
 
-def _epochs(n: int) -> str:
-    return f"{n} epoch" if n == 1 else f"{n} epochs"
-
-
-def image_auroc(scores: Any, labels: Any) -> float:  # noqa: ANN401
-    """anomalib's image AUROC of ``scores`` (higher = more anomalous; one per image) against the 0/1 ``labels``: the
-    quality cells' metric, which ``edge`` calls too."""
+def auroc(values: Any, targets: Any, pixel: bool = False) -> float:  # noqa: ANN401
+    """anomalib's image AUROC of ``values`` (higher = more anomalous; one per image) against the 0/1 ``targets``, or
+    with ``pixel`` its pixel AUROC of maps against masks of the same size: the quality cells' metrics, edge's too."""
     import torch
     from anomalib.metrics import AUROC
 
-    metric = AUROC(fields=["pred_score", "gt_label"])
-    scores = torch.as_tensor(scores).detach().float().reshape(-1)
-    metric.update(SimpleNamespace(pred_score=scores, gt_label=torch.as_tensor(labels).reshape(-1).int()))
+    fields = ["anomaly_map", "gt_mask"] if pixel else ["pred_score", "gt_label"]
+    targets = torch.as_tensor(targets).int()
+    targets = targets if pixel else targets.reshape(-1)
+    values = torch.as_tensor(values).detach().float().reshape(targets.shape)
+    metric = AUROC(fields=fields)
+    metric.update(SimpleNamespace(**dict(zip(fields, (values, targets), strict=True))))
     return float(metric.compute())
 
 
@@ -171,8 +165,8 @@ def _timing_batches(datamodule: Any, size: int, batch: int):  # noqa: ANN401, AN
 
 def _speed(call: Callable[[Any], Any], one: Any, many: Any, spec: dict, cuda: bool = False, prefix: str = "") -> dict:  # noqa: ANN401
     """``{prefix}latency_bs1_ms`` (median) and ``{prefix}throughput_ips`` of ``call`` on the two timing batches."""
-    latency = statistics.median(time_calls(lambda: call(one), spec["timing_runs"], spec["warmup"], cuda))
-    batch_time = statistics.median(time_calls(lambda: call(many), max(3, spec["timing_runs"] // 4), 1, cuda))
+    latency = statistics.median(CallTimer(lambda: call(one), cuda).calls(spec["timing_runs"], spec["warmup"]))
+    batch_time = statistics.median(CallTimer(lambda: call(many), cuda).calls(max(3, spec["timing_runs"] // 4), 1))
     return {f"{prefix}latency_bs1_ms": 1000 * latency, f"{prefix}throughput_ips": spec["throughput_batch"] / batch_time}
 
 
@@ -344,6 +338,3 @@ def cell_entry(spec_path: str, result_path: str) -> int:
     tmp.write_text(json.dumps(row), encoding="utf-8")
     tmp.replace(result_path)
     return 0
-
-
-__all__ = ["build_model", "cell_entry", "image_auroc", "run_cell"]

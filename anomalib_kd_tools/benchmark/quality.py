@@ -118,10 +118,8 @@ def _write_generated(root: Path, spec: dict[str, Any]) -> None:
         options = {key: value for key, value in spec.items() if key != "products"}
         if "defects" in options:
             options["defects"] = tuple(options["defects"])
-        for product in spec.get("products") or ():
-            make_mvtec_like_dataset(root, **{**options, "category": product, "product": product})
-        if not spec.get("products"):
-            make_mvtec_like_dataset(root, **options)
+        for product in spec.get("products") or [None]:  # one category per product, or the default widget
+            make_mvtec_like_dataset(root, **options, **({"category": product, "product": product} if product else {}))
         marker.write_text(json.dumps(spec), encoding="utf-8")
 
 
@@ -256,6 +254,3 @@ def run(args: argparse.Namespace, argv: Sequence[str] | None = None) -> int:  # 
     if failures:
         console.print(f"[red]{len(failures)} cell(s) failed: {', '.join(failures)} (see {log_dir})[/red]")
     return 130 if interrupted else int(bool(failures))
-
-
-__all__ = ["RUN_CONFIG_KEYS", "add_arguments", "check_arguments", "run"]

@@ -158,8 +158,3 @@ def write_heatmaps(path: Path, rows: pd.DataFrame, config: dict[str, Any], count
              "0.5), one colour scale per row")
     draw_side_by_side(images, masks, maps, path, row_labels=[str(c[0]["labels"][k]) for c, k in picks], title=title)
     return True
-
-
-__all__ = [
-    "dataset_line", "finished_line", "hardware_line", "plot_title", "write_heatmaps", "write_markdown", "write_plot",
-]  # fmt: skip

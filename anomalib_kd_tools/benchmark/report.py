@@ -1,5 +1,5 @@
 """The one report writer of every subcommand: the same markdown header (:func:`header`), markdown tables
-(:mod:`.schema`'s ``to_markdown``) and PNG panels (:class:`Bars`, :class:`Scatter`, :func:`write_png`).
+(pandas' ``to_markdown``: :func:`markdown`) and PNG panels (:class:`Bars`, :class:`Scatter`, :func:`write_png`).
 
 The figure code lives here because anomalib's visualisation helpers draw images, anomaly maps and per-image metric
 plots, not bar charts over models.
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+from tabulate import DataRow, TableFormat
 
 from anomalib_kd_tools.benchmark import schema
 
@@ -69,9 +70,17 @@ def header(title: str, hardware: str, date: str, facts: Sequence[str] = (), comm
     return [*lines, ""]
 
 
+_ROW = DataRow("|", "|", "|")
+# tabulate's "pipe" table without its column alignment: cells as written and a plain ``|---|`` rule under the header
+PIPE = TableFormat(None, lambda widths, _: "|" + "---|" * len(widths), None, None, _ROW, _ROW, 1, None)
+
+
 def markdown(frame: pd.DataFrame) -> list[str]:
-    """The lines of a markdown table of ``frame`` (:func:`.schema.to_markdown`: pandas' ``to_markdown``)."""
-    return schema.to_markdown(frame).splitlines()
+    """The lines of a markdown table of ``frame`` (pandas' ``to_markdown``, no index): every cell as ``str`` gives it
+    (no number reformatting, no padding), under a ``|---|---|`` rule."""
+    cells = frame.astype(object).map(str)
+    text = cells.to_markdown(index=False, tablefmt=PIPE, stralign=None, numalign=None, disable_numparse=True)
+    return text.splitlines()
 
 
 def table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
@@ -172,9 +181,3 @@ def write_png(path: Path, panels: Sequence[Bars | Scatter], title: str,
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-__all__ = [
-    "INTERRUPTED", "Bars", "Scatter", "formatted", "hardware", "header", "markdown", "table", "today", "write_json",
-    "write_png", "write_text",
-]  # fmt: skip

@@ -129,6 +129,3 @@ class CellProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
         self._log.close()
-
-
-__all__ = ["CellProcess", "child_visible_devices", "resolve_devices", "run_schedule"]

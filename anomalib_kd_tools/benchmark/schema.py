@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from tabulate import DataRow, TableFormat
 
 MODELS = ("Patchcore", "ReverseDistillation", "Aand", "MemKD")  # the side-by-side models, in report order
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1")
@@ -168,22 +167,3 @@ def mean_std_table(rows: pd.DataFrame, by: Sequence[str] = ("model",), columns: 
     table = formatted(stats).rename(columns={**LABELS, **(labels or {})})
     table.insert(0, "seeds", stats["seeds", "n"])
     return table.reset_index()
-
-
-_ROW = DataRow("|", "|", "|")
-# tabulate's "pipe" table without its column alignment: cells as written and a plain ``|---|`` rule under the header
-PIPE = TableFormat(None, lambda widths, _: "|" + "---|" * len(widths), None, None, _ROW, _ROW, 1, None)
-
-
-def to_markdown(frame: pd.DataFrame) -> str:
-    """A markdown table of ``frame`` (pandas' ``to_markdown``, no index): every cell as ``str`` gives it (no number
-    reformatting, no padding), under a ``|---|---|`` rule."""
-    cells = frame.astype(object).map(str)
-    return cells.to_markdown(index=False, tablefmt=PIPE, stralign=None, numalign=None, disable_numparse=True)
-
-
-__all__ = [
-    "ABLATION_COLUMNS", "COLUMNS", "DIGITS", "LABELS", "METRICS", "MODELS", "NUMERIC", "aggregate", "append_row",
-    "cell_keys", "fmt", "format_mean_std", "formatted", "formatted_values", "mean_std_table", "read_csv",
-    "read_results", "to_markdown", "write_csv",
-]  # fmt: skip

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 
 from anomalib_kd_tools.benchmark import report, schema
-from anomalib_kd_tools.benchmark.timing import CallTimer, time_calls
+from anomalib_kd_tools.benchmark.timing import CallTimer
 
 TRAIN_CONFIGS = ("rd", "aand-s1", "aand-s1-sub", "aand-s2", "memkd")
 INFERENCE_MODELS = ("ReverseDistillation", "Aand", "MemKD")
@@ -335,7 +335,7 @@ def openvino_rows(name: str, module, args: argparse.Namespace) -> list[dict]:
         compiled = ov.Core().compile_model(str(onnx_path), "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
         for batch_size in (1, args.batch_size):
             images = torch.rand(batch_size, 3, args.image_size, args.image_size).numpy()
-            median = statistics.median(time_calls(lambda images=images: compiled(images), args.runs, warmup=2))
+            median = statistics.median(CallTimer(lambda images=images: compiled(images)).calls(args.runs, warmup=2))
             rows.append({"model": name, "variant": "openvino-fp32 (whole module)", "batch": batch_size,
                          "ms": 1000 * median, "img_per_s": batch_size / median})  # fmt: skip
     return rows

@@ -41,11 +41,3 @@ class CallTimer(Timer):
         if warmup:
             self._timeit(warmup)
         return [self._timeit(1) for _ in range(runs)]
-
-
-def time_calls(call: Callable[[], Any], runs: int, warmup: int = 0, cuda: bool = False) -> list[float]:
-    """Seconds of each of ``runs`` calls of ``call()`` after ``warmup`` untimed ones (``cuda``: synchronised)."""
-    return CallTimer(call, cuda).calls(runs, warmup)
-
-
-__all__ = ["CallTimer", "time_calls"]

@@ -23,7 +23,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, quality_report, runner, schema
+from anomalib_kd_tools.benchmark import cli, generator, job, main, quality, quality_report, report, runner, schema
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "benchmark"
 FOUR = ["Patchcore", "ReverseDistillation", "Aand", "MemKD"]
@@ -200,7 +200,7 @@ def test_the_side_by_side_table_is_one_call() -> None:
     memkd = table.set_index("model").loc["MemKD"]
     assert memkd["image AUROC"] == f"0.800 ± {statistics.stdev([0.9, 0.7]):.3f}" and memkd["seeds"] == 2
     assert memkd["latency bs1 ms"] == f"10.5 ± {statistics.stdev([10.0, 11.0]):.1f}"
-    lines = schema.to_markdown(table).splitlines()
+    lines = report.markdown(table)
     assert lines[0] == "| model | seeds | image AUROC | latency bs1 ms |"
     assert lines[2] == "| Patchcore | 2 | 0.960 ± 0.014 | 10.5 ± 0.7 |" and len(lines) == 6
 
@@ -209,10 +209,10 @@ def test_the_timer_makes_the_calls_it_is_asked_for() -> None:
     """torch.utils.benchmark.Timer under the options' counts: warm-up calls untimed, then one time per call."""
     import time
 
-    from anomalib_kd_tools.benchmark.timing import CallTimer, time_calls
+    from anomalib_kd_tools.benchmark.timing import CallTimer
 
     calls = []
-    times = time_calls(lambda: (calls.append(1), time.sleep(0.002)), runs=4, warmup=3)
+    times = CallTimer(lambda: (calls.append(1), time.sleep(0.002))).calls(runs=4, warmup=3)
     assert len(calls) == 7 and len(times) == 4
     assert all(0.002 <= t < 0.5 for t in times)
     timer = CallTimer(lambda: calls.append(1))
@@ -220,7 +220,7 @@ def test_the_timer_makes_the_calls_it_is_asked_for() -> None:
 
 
 def test_image_auroc_is_anomalibs_and_matches_the_rank_statistic() -> None:
-    """edge and quality share job.image_auroc (anomalib's AUROC); ties count one half, as in sklearn."""
+    """edge and quality share job.auroc (anomalib's AUROC); ties count one half, as in sklearn."""
     import numpy as np
     from sklearn.metrics import roc_auc_score
 
@@ -228,8 +228,16 @@ def test_image_auroc_is_anomalibs_and_matches_the_rank_statistic() -> None:
     scores = np.array([0.1, 0.4, 0.35, 0.8, 0.4, 0.2, 0.9], dtype=np.float32)  # one tie across the classes
     pairs = [(p, n) for p in scores[labels] for n in scores[~labels]]
     by_hand = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in pairs) / len(pairs)
-    assert job.image_auroc(scores, labels) == pytest.approx(by_hand, abs=1e-6) == roc_auc_score(labels, scores)
-    assert job.image_auroc(-scores, labels) == pytest.approx(1 - by_hand, abs=1e-6)
+    assert job.auroc(scores, labels) == pytest.approx(by_hand, abs=1e-6) == roc_auc_score(labels, scores)
+    assert job.auroc(-scores, labels) == pytest.approx(1 - by_hand, abs=1e-6)
+    # pixel AUROC (edge): maps [N, 1, H, W] or [N, H, W] against masks [N, H, W], every pixel a sample
+    rng = np.random.default_rng(0)
+    masks = rng.random((3, 8, 8)) > 0.7
+    maps = (masks + rng.normal(0, 0.8, masks.shape)).astype(np.float32)
+    expected = roc_auc_score(masks.reshape(-1), maps.reshape(-1))
+    assert 0.6 < expected < 0.95  # neither trivial nor chance: a swap of maps and masks would not give it
+    assert job.auroc(maps[:, None], masks, pixel=True) == pytest.approx(expected, abs=1e-6)
+    assert job.auroc(maps, masks, pixel=True) == pytest.approx(expected, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------- end to end
