@@ -87,8 +87,8 @@ def build_model(name: str, args: argparse.Namespace):
 
 
 def load_split(dataset: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # noqa: ANN401
-    """``(images [N, 3, H, W] in [0, 1], labels [N], masks [N, H, W])`` of an anomalib dataset, as its items read
-    them (the image files' size; empty masks for good images)."""
+    """``(images [N, 3, H, W] in [0, 1], labels [N], masks [N, H, W])`` of an anomalib dataset as its items give them
+    (after a fit, resized with the masks to the model's input size by the pre-processor; empty masks for good images)."""
     import numpy as np
 
     items = [dataset[i] for i in range(len(dataset))]
@@ -115,7 +115,7 @@ def measure(call, outputs_of, data: tuple, args: argparse.Namespace) -> dict[str
         "p95_ms": 1000 * latencies.quantile(0.95, interpolation="nearest"),  # a measured call, not an interpolation
         "throughput": args.throughput_batch / batch_times.median(),
         "image_auroc": auroc(np.concatenate(scores), labels),  # anomalib's AUROC, as in quality
-        "pixel_auroc": auroc(np.concatenate(maps), masks, pixel=True),  # the maps are at the images' size
+        "pixel_auroc": auroc(np.concatenate(maps), masks, pixel=True),  # maps and masks: the input size
     }
 
 

@@ -119,7 +119,8 @@ def _write_generated(root: Path, spec: dict[str, Any]) -> None:
         if "defects" in options:
             options["defects"] = tuple(options["defects"])
         for product in spec.get("products") or [None]:  # one category per product, or the default widget
-            make_mvtec_like_dataset(root, **options, **({"category": product, "product": product} if product else {}))
+            named = {"category": product, "product": product} if product else {}
+            make_mvtec_like_dataset(root, **{**options, **named})
         marker.write_text(json.dumps(spec), encoding="utf-8")
 
 

@@ -103,3 +103,25 @@ def test_a_static_batch_that_cannot_be_reshaped_runs_as_consecutive_calls() -> N
     batch = np.random.default_rng(0).random((6, 3, 4, 4)).astype(np.float32)
     np.testing.assert_allclose(call(batch)["pred_score"], batch.reshape(6, -1).sum(axis=1), rtol=1e-6)
     assert Compiled.calls == [2, 2, 2]
+
+
+def test_edge_reads_every_test_image_with_its_label_and_mask(tmp_path: Path) -> None:
+    """edge scores each image of the test folder once, with its label and mask, as anomalib's MVTecAD reads them."""
+    import numpy as np
+
+    from anomalib_kd_tools.benchmark.edge import load_split
+    from anomalib_kd_tools.fit import folder_datamodule
+    from anomalib_kd_tools.synthetic import make_mvtec_like_dataset
+
+    sizes = {"image_size": 32, "n_train": 4, "n_test_good": 3, "n_test_per_defect": 2}
+    make_mvtec_like_dataset(tmp_path, category="widget", seed=0, **sizes)
+    datamodule = folder_datamodule(tmp_path, "widget", 2, 0)
+    datamodule.setup()
+    images, labels, masks = load_split(datamodule.test_data)
+    files = sorted((tmp_path / "widget" / "test").rglob("*.png"))
+    assert images.shape == (len(files), 3, 32, 32) and images.dtype == np.float32
+    assert 0.0 <= images.min() < images.max() <= 1.0
+    assert labels.dtype == bool and labels.sum() == sum(f.parent.name != "good" for f in files) > 0
+    assert masks.shape == (len(files), 32, 32) and masks.dtype == bool
+    assert not masks[~labels].any() and all(mask.any() for mask in masks[labels])
+    assert len(load_split(datamodule.train_data)[0]) == 4
