@@ -115,6 +115,23 @@ def _export(trained, tmp_path: Path, export_type: ExportType, compression: Compr
     )
 
 
+@pytest.fixture(scope="module")
+def int8_ptq(trained, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One INT8_PTQ export of the trained model (made while its validation / test loaders raise: calibration reads the
+    training images only) and one ONNX export, shared by the INT8 tests."""
+    workdir = tmp_path_factory.mktemp(f"int8_{trained['name']}")
+    datamodule = trained["datamodule"]
+
+    def forbidden(*_args, **_kwargs):
+        raise AssertionError("INT8 calibration must not read the validation/test split")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(datamodule, "val_dataloader", forbidden)
+        patch.setattr(datamodule, "test_dataloader", forbidden)
+        xml_path = _export(trained, workdir / "ptq", ExportType.OPENVINO, CompressionType.INT8_PTQ)
+    return {"xml": xml_path, "onnx": _export(trained, workdir / "onnx", ExportType.ONNX)}
+
+
 def _openvino_outputs(xml_path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
     compiled = ov.Core().compile_model(str(xml_path), "CPU", F32)
     result = compiled(images)
@@ -226,11 +243,15 @@ def test_reduced_precision_within_tolerance(
     held_out,
     reference,
     tmp_path: Path,
+    request: pytest.FixtureRequest,
     compression: CompressionType,
     map_tolerance: float,
     min_label_agreement: float,
 ) -> None:
-    xml_path = _export(trained, tmp_path, ExportType.OPENVINO, compression)
+    if compression == CompressionType.INT8_PTQ:
+        xml_path = request.getfixturevalue("int8_ptq")["xml"]
+    else:
+        xml_path = _export(trained, tmp_path, ExportType.OPENVINO, compression)
     outputs = _openvino_outputs(xml_path, held_out["images"])
     error = _map_error(outputs, reference)
     agreement = float((_labels(outputs) == _labels(reference)).mean())
@@ -242,19 +263,12 @@ def test_reduced_precision_within_tolerance(
         assert any(op.get_element_type() == ov.Type.f16 for op in weights), "FP16 IR holds no f16 constant"
 
 
-def test_int8_ptq_quantizes_networks_not_the_anomaly_map_head(trained, tmp_path: Path, monkeypatch) -> None:
-    """Calibration uses training images only; FakeQuantize sits in the networks, never in the map head."""
+def test_int8_ptq_quantizes_networks_not_the_anomaly_map_head(int8_ptq) -> None:
+    """Calibration uses training images only (the ``int8_ptq`` export is made while the validation / test loaders
+    raise); FakeQuantize sits in the networks, never in the map head."""
     from anomalib_kd_base.quantization import float_node_names
 
-    datamodule = trained["datamodule"]
-
-    def forbidden(*_args, **_kwargs):
-        raise AssertionError("INT8 calibration must not read the validation/test split")
-
-    monkeypatch.setattr(datamodule, "val_dataloader", forbidden)
-    monkeypatch.setattr(datamodule, "test_dataloader", forbidden)
-    xml_path = _export(trained, tmp_path / "ptq", ExportType.OPENVINO, CompressionType.INT8_PTQ)
-    onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
+    xml_path, onnx_path = int8_ptq["xml"], int8_ptq["onnx"]
     head = set(float_node_names(onnx_path))
     assert len(head) > 10  # the map head and post-processor were found by their module scopes
 
@@ -281,14 +295,13 @@ def _downstream(model, names) -> list:
     return found
 
 
-def test_int8_ptq_keeps_everything_after_the_map_head_in_float(trained, tmp_path: Path) -> None:
+def test_int8_ptq_keeps_everything_after_the_map_head_in_float(int8_ptq) -> None:
     """No FakeQuantize anywhere downstream of the map head, including the ops OpenVINO renamed (the blur takes the
     output's name ``anomaly_map``, the sum of the up-sampled levels becomes ``Add_<n>``). Matched by ONNX node name
     only, NNCF put 8-bit quantizers on the up-sampled levels and on the blur's input."""
     from anomalib_kd_base.quantization import float_node_names
 
-    xml_path = _export(trained, tmp_path / "ptq", ExportType.OPENVINO, CompressionType.INT8_PTQ)
-    onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
+    xml_path, onnx_path = int8_ptq["xml"], int8_ptq["onnx"]
     head = float_node_names(onnx_path, ("anomaly_map_generator",))
     quantized = ov.Core().read_model(str(xml_path))
     after = _downstream(quantized, head)
@@ -297,12 +310,12 @@ def test_int8_ptq_keeps_everything_after_the_map_head_in_float(trained, tmp_path
     assert not fake_quantize, f"quantizers inside / after the map head: {fake_quantize}"
 
 
-def test_int8_float_scopes_match_the_exported_graph(trained, tmp_path: Path) -> None:
+def test_int8_float_scopes_match_the_exported_graph(int8_ptq) -> None:
     """Each float scope matches ONNX nodes (a renamed sub-module would silently send its ops back to INT8), and
     ``float_op_names`` holds every op that OpenVINO computes from the map head, the renamed ones included."""
     from anomalib_kd_base.quantization import FLOAT_SCOPES, float_node_names, float_op_names
 
-    onnx_path = _export(trained, tmp_path / "onnx", ExportType.ONNX)
+    onnx_path = int8_ptq["onnx"]
     for scope in FLOAT_SCOPES:
         assert len(float_node_names(onnx_path, (scope,))) >= 2, f"float scope {scope!r} matches no ONNX node"
     model = ov.convert_model(str(onnx_path))
